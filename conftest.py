@@ -1,0 +1,63 @@
+"""Suite-wide CLI options, CPU device simulation and shared fixtures.
+
+Every command-line option of the suite is declared here, so `pytest --help` is the one place to read them.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+DEFAULT_MESHES = ("1x1", "1x4")
+DEFAULT_DTYPES = ("float32", "bfloat16")
+DEFAULT_REFERENCES = ("meta", "hf")
+SIMULATED_CPU_DEVICES = 8
+
+pytest_plugins = ["parity.plugin"]
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("tp_llama", "tensor-parallel Llama 3.1 conformance")
+    group.addoption("--mesh", action="append", default=None, metavar="DxM",
+                    help=f"mesh data x model, repeatable (default: {' '.join(DEFAULT_MESHES)})")
+    group.addoption("--dtype", action="append", default=None, choices=DEFAULT_DTYPES,
+                    help=f"activation/weight dtype, repeatable (default: {' '.join(DEFAULT_DTYPES)})")
+    group.addoption("--reference", action="append", default=None, choices=("meta", "hf", "oracle"),
+                    help=f"reference implementation, repeatable (default: {' '.join(DEFAULT_REFERENCES)})")
+    group.addoption("--cpu-devices", type=int, default=SIMULATED_CPU_DEVICES, metavar="N",
+                    help="simulated CPU devices when JAX runs on the CPU (default: %(default)s); "
+                         "ignored when JAX_PLATFORMS selects an accelerator")
+    group.addoption("--tolerance-profile", default="default", choices=("strict", "default"),
+                    help="column of fixtures/tolerances.py to hold results to (default: %(default)s)")
+    group.addoption("--parity-json", default=None, metavar="PATH",
+                    help="write every parity record (metrics, bounds, verdict) and the environment as JSON")
+
+
+def _simulate_cpu_devices(count: int) -> None:
+    """Must run before any JAX backend starts; a real accelerator platform is left alone."""
+    platforms = os.environ.get("JAX_PLATFORMS", "cpu")
+    if platforms.split(",")[0] not in ("", "cpu"):
+        return
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def pytest_configure(config):
+    _simulate_cpu_devices(config.getoption("cpu_devices"))
+    for mesh in config.getoption("mesh") or ():
+        if not re.fullmatch(r"\d+x\d+", mesh):
+            raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
+
+
+def _chosen(config, name, default):
+    return list(dict.fromkeys(config.getoption(name) or default))
+
+
+def pytest_generate_tests(metafunc):
+    """Fixtures named `mesh`, `dtype` and `reference` are parametrized from the options, in that id order."""
+    config = metafunc.config
+    for name, default in (("reference", DEFAULT_REFERENCES), ("dtype", DEFAULT_DTYPES), ("mesh", DEFAULT_MESHES)):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, _chosen(config, name, default), scope="session")
