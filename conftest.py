@@ -61,3 +61,38 @@ def pytest_generate_tests(metafunc):
     for name, default in (("reference", DEFAULT_REFERENCES), ("dtype", DEFAULT_DTYPES), ("mesh", DEFAULT_MESHES)):
         if name in metafunc.fixturenames:
             metafunc.parametrize(name, _chosen(config, name, default), scope="session")
+
+
+# ---- shared fixtures ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from tp_llama.config import preset
+
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_config):
+    """The canonical Meta-layout weight set every conformance test shares."""
+    from fixtures.weights import make_weights
+
+    return make_weights(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tp_model(tiny_config, tiny_weights):
+    """tp_model(mesh, dtype) -> (TPLlama, placed params) for the tiny config, built once per session."""
+    from reference.convert import meta_to_jax
+    from tp_llama.model import TPLlama
+
+    built = {}
+    tree = meta_to_jax(tiny_weights)
+
+    def get(mesh: str, dtype: str):
+        if (mesh, dtype) not in built:
+            model = TPLlama.on_mesh(tiny_config, mesh, dtype)
+            built[mesh, dtype] = (model, model.place(tree))
+        return built[mesh, dtype]
+
+    return get
