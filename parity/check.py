@@ -1,0 +1,225 @@
+"""The assertion helpers every conformance test calls: compute metrics, look bounds up, record, judge.
+
+Tests never compute metrics or hold tolerances themselves (DESIGN.md section 2): they name a component and
+`fixtures.tolerances` decides. Every call leaves a record in the test's user_properties as
+("parity_record", record), which pytest-xdist carries to the controller with the test report.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from fixtures.tolerances import LOWER, UPPER, bounds_for, direction
+from parity import metrics as pm
+
+RECORD_KEY = "parity_record"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?=\.|$)")
+
+
+def layer_of(name: str | None) -> int | None:
+    """The layer number in a name like 'layers.3.attention_out', None when it names no layer."""
+    match = _LAYER.search(name or "")
+    return int(match.group(1)) if match else None
+
+
+def mesh_name(mesh: Any) -> str | None:
+    """'DxM' for a mesh given as a string, a (D, M) tuple or a jax.sharding.Mesh."""
+    if mesh is None or isinstance(mesh, str):
+        return mesh
+    shape = getattr(mesh, "shape", mesh)
+    sizes = shape.values() if isinstance(shape, Mapping) else shape
+    return "x".join(str(int(s)) for s in sizes)
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' / 'bfloat16' for a dtype given by name, numpy dtype or scalar type (jnp.bfloat16)."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+def passes(metric: str, value: float, bound: float) -> bool:
+    """Whether one value meets its bound in the metric's direction; NaN never passes."""
+    if direction(metric) == UPPER:
+        return value <= bound
+    if direction(metric) == LOWER:
+        return value >= bound
+    return True
+
+
+def budget_used(metric: str, value: float, bound: float) -> float:
+    """Share of the allowed error a value uses: 1.0 sits at the bound, above 1.0 fails.
+
+    Upper bounds: value / bound. Lower bounds (all of them similarities <= 1): (1 - value) / (1 - bound),
+    i.e. the distance from perfect agreement over the allowed distance. A zero allowance gives 0 or inf.
+    """
+    if math.isnan(value):
+        return math.inf
+    used, allowed = (value, bound) if direction(metric) == UPPER else (1.0 - value, 1.0 - bound)
+    if allowed <= 0.0:
+        return 0.0 if used <= 0.0 else math.inf
+    return max(used, 0.0) / allowed
+
+
+def format_value(metric: str, value: float) -> str:
+    """Errors in scientific notation; similarities with enough digits to see how far from 1 they are."""
+    return f"{value:.3e}" if direction(metric) != LOWER else f"{value:.7g}"
+
+
+def _failing(values: Mapping[str, float], bounds: Mapping[str, float]) -> list[str]:
+    """Metrics that have both a value and a bound and miss it, in the bounds' order."""
+    return [m for m, b in bounds.items()
+            if m in values and direction(m) in (UPPER, LOWER) and not passes(m, values[m], b)]
+
+
+def _failure_lines(record: Mapping[str, Any]) -> list[str]:
+    """The error if any (NaN/Inf, shapes), then one line per failing metric ('rel_l2 = 3.200e-03 > 1.000e-05')."""
+    lines = [record["error"]] if record.get("error") else []
+    for m in record["failed_metrics"]:
+        value, bound = record["metrics"][m], record["bounds"][m]
+        sign, kind = (">", "upper") if direction(m) == UPPER else ("<", "lower")
+        lines.append(f"{m} = {format_value(m, value)} {sign} {format_value(m, bound)} ({kind} bound)")
+    return lines
+
+
+def _worst_line(record: Mapping[str, Any]) -> str | None:
+    """Where |actual - expected| is largest, with both values there."""
+    worst = record.get("worst")
+    if not worst:
+        return None
+    return (f"worst |actual - expected| = {worst['abs_diff']:.3e} at index {tuple(record['worst_index'])}: "
+            f"actual = {worst['actual']:.6g}, expected = {worst['expected']:.6g}")
+
+
+def _scope_text(record: Mapping[str, Any], profile: str) -> str:
+    return (f"reference={record['reference']} dtype={record['dtype']} mesh={record['mesh']} "
+            f"profile={profile}")
+
+
+def _worst(a: np.ndarray, b: np.ndarray) -> tuple[list[int], dict[str, float] | None]:
+    """Worst index and the values of both sides there (None for empty arrays)."""
+    index = pm.worst_index(a, b)
+    if a.size == 0:
+        return list(index), None
+    va, vb = float(a[index]), float(b[index])
+    return list(index), {"actual": va, "expected": vb, "abs_diff": abs(va - vb) if va == va and vb == vb
+                         else math.nan}
+
+
+def _evaluate(nodeid: str, profile: str, *, component: str, actual: Any, expected: Any, reference: str | None,
+              dtype: Any, mesh: Any, layer: int | None, oracle: Any, logits: bool, name: str | None,
+              extra_metrics: Mapping[str, float] | None) -> dict[str, Any]:
+    """Build one record (metrics, bounds, verdict); never raises on a numerical failure."""
+    dtype, mesh = dtype_name(dtype), mesh_name(mesh)
+    bounds = bounds_for(component, dtype, profile, reference=reference, mesh=mesh)
+    record: dict[str, Any] = {
+        "test": nodeid, "component": component, "name": name,
+        "layer": layer if layer is not None else layer_of(name),
+        "reference": reference, "dtype": dtype, "mesh": mesh,
+        "metrics": {}, "bounds": {m: float(b) for m, b in bounds.items()},
+        "passed": False, "failed_metrics": [], "worst_index": [], "worst": None, "error": None,
+    }
+    a, b = pm.as_float64(actual), pm.as_float64(expected)
+    if a.shape != b.shape:
+        record["error"] = f"shape mismatch: actual {a.shape} vs expected {b.shape}"
+        return record
+    try:
+        values = pm.compute_metrics(a, b, oracle=oracle, logits=logits, dtype=dtype,
+                                    k=int(bounds.get("topk", pm.DEFAULT_TOPK)))
+    except ValueError as exc:  # e.g. an oracle of another shape
+        record["error"] = str(exc)
+        return record
+    values.update({m: float(v) for m, v in (extra_metrics or {}).items()})
+    record["metrics"] = values
+    record["worst_index"], record["worst"] = _worst(a, b)
+    record["error"] = pm.check_finite(a, b)
+    record["failed_metrics"] = _failing(values, bounds)
+    record["passed"] = not record["failed_metrics"] and record["error"] is None
+    return record
+
+
+def _context(request: Any) -> tuple[str, str, list]:
+    """Node id, tolerance profile and the user_properties list of the running test."""
+    profile = request.config.getoption("tolerance_profile", default=None) or "default"
+    return request.node.nodeid, profile, request.node.user_properties
+
+
+def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, reference: str | None,
+                  dtype: Any, mesh: Any, layer: int | None = None, oracle: Any = None, logits: bool = False,
+                  name: str | None = None, extra_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Compare `actual` (implementation) with `expected` (reference) under the table's bounds, record, judge.
+
+    noise_ratio is computed only with an `oracle` (float64 result of exact math), kl/top1/topk_overlap only
+    for `logits`; `extra_metrics` adds values computed elsewhere in parity.metrics (e.g. logprob_gap).
+    Only metrics that have both a value and a bound are judged; NaN/Inf on either side always fails.
+    Returns the record; raises AssertionError listing every failing metric and the worst index.
+    """
+    __tracebackhide__ = True
+    nodeid, profile, properties = _context(request)
+    record = _evaluate(nodeid, profile, component=component, actual=actual, expected=expected,
+                       reference=reference, dtype=dtype, mesh=mesh, layer=layer, oracle=oracle, logits=logits,
+                       name=name, extra_metrics=extra_metrics)
+    properties.append((RECORD_KEY, record))
+    if not record["passed"]:
+        raise AssertionError(failure_message(record, profile))
+    return record
+
+
+def failure_message(record: Mapping[str, Any], profile: str) -> str:
+    """The multi-line explanation of one failed record: what was compared, where, which bounds it missed."""
+    what = f"component '{record['component']}'"
+    if record.get("name"):
+        what += f", name '{record['name']}'"
+    if record.get("layer") is not None:
+        what += f", layer {record['layer']}"
+    lines = [f"parity failed for {what}", _scope_text(record, profile), *_failure_lines(record)]
+    worst = _worst_line(record)
+    if worst:
+        lines.append(worst)
+    return "\n  ".join(lines)
+
+
+def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any], expected: Mapping[str, Any],
+                       reference: str | None, dtype: Any, mesh: Any, oracle: Mapping[str, Any] | None = None,
+                       logits: bool = False) -> list[dict[str, Any]]:
+    """Check many named tensors (e.g. per-layer intermediates) at once, recording every one.
+
+    The reference's names set the order; a name missing on either side fails. The layer of each record is
+    parsed from its name ('layers.3.attention_out' -> 3). Fails once, listing every failing name, the first
+    failing one (in the reference's order, usually where a bug enters) named first.
+    """
+    __tracebackhide__ = True
+    nodeid, profile, properties = _context(request)
+    records, problems = [], []
+    for name in expected:
+        if name not in actual:
+            continue
+        record = _evaluate(nodeid, profile, component=component, actual=actual[name], expected=expected[name],
+                           reference=reference, dtype=dtype, mesh=mesh, layer=None,
+                           oracle=(oracle or {}).get(name), logits=logits, name=name, extra_metrics=None)
+        properties.append((RECORD_KEY, record))
+        records.append(record)
+        if not record["passed"]:
+            problems.append(_summary_line(record))
+    missing = [n for n in expected if n not in actual]
+    extra = [n for n in actual if n not in expected]
+    if missing:
+        problems.append(f"missing in actual: {', '.join(missing)}")
+    if extra:
+        problems.append(f"missing in expected: {', '.join(extra)}")
+    if problems:
+        failed = [r["name"] for r in records if not r["passed"]]
+        head = (f"parity failed for component '{component}': {len(failed)} of {len(records)} named tensors"
+                + (f", first failing '{failed[0]}'" if failed else ""))
+        scope = _scope_text({"reference": reference, "dtype": dtype_name(dtype), "mesh": mesh_name(mesh)}, profile)
+        raise AssertionError("\n  ".join([head, scope, *problems]))
+    return records
+
+
+def _summary_line(record: Mapping[str, Any]) -> str:
+    """One line per failing name for assert_parity_many."""
+    where = f" (layer {record['layer']})" if record.get("layer") is not None else ""
+    parts = _failure_lines(record)
+    worst = _worst_line(record)
+    return f"{record['name']}{where}: " + "; ".join(parts + ([worst] if worst else []))

@@ -1,0 +1,246 @@
+"""Hugging Face transformers' LlamaForCausalLM as an oracle (eager attention, PyTorch).
+
+The model is built from `transformers.LlamaConfig(**config.to_hf())` (rope_parameters with rope_type 'llama3'
+when the config scales RoPE; HF's llama3 inv_freq equals Meta's apply_scaling(freqs) bit for bit in float32)
+and loaded with `reference.convert.meta_to_hf(weights)`, whose wq/wk row permutation turns Meta's interleaved
+RoPE pairs into HF's rotate-half layout. Inputs and outputs are NumPy in Meta's conventions: q and k after
+RoPE (captured, or from `hf_rope`) are converted back to the interleaved layout, so they compare directly
+with Meta's and the NumPy oracle's.
+
+Numerics HF decides (kept, since this oracle is HF as users run it):
+- the model is built the way `from_pretrained(dtype=...)` builds it (`_from_config(dtype=...)`), which keeps
+  the rotary `inv_freq` buffer in float32; a plain `model.to(torch.bfloat16)` would round it to bfloat16;
+- RMSNorm normalises in float32 and casts back before the weight multiply (as Meta);
+- RoPE cos/sin are computed in float32 but cast to the activation dtype, and the rotation runs at that dtype
+  (Meta rotates in float32): at bfloat16 HF's phases are bfloat16;
+- the eager softmax runs in float32; the causal mask is additive finfo(dtype).min, not -inf; logits are left
+  at the run dtype (converted to float32 here).
+
+Positions: `HFReference.forward(tokens, start_pos)` is a fresh forward with position_ids = start_pos + arange(S)
+and no cache: the tokens attend only to each other, at shifted positions (compare with
+`oracle_forward(..., start_pos)` without a prefix). The component functions read `start_pos` the same way;
+`hf_attention` feeds several chunks through one DynamicCache.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import transformers
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama import modeling_llama
+
+from reference.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis, meta_to_hf
+from reference.layers import ATTENTION_KEYS, intermediate_names, layer_state
+from reference.torch_utils import load_module, to_numpy, to_torch, torch_dtype
+from tp_llama.config import LlamaConfig
+
+
+def hf_config(config: LlamaConfig) -> transformers.LlamaConfig:
+    """transformers.LlamaConfig for `config`, eager attention."""
+    return transformers.LlamaConfig(**config.to_hf(), attn_implementation="eager")
+
+
+def _positions(start_pos: int, seqlen: int) -> torch.Tensor:
+    return (start_pos + torch.arange(seqlen, dtype=torch.long))[None, :]
+
+
+def _to_hf_heads(x, td: torch.dtype) -> torch.Tensor:
+    """(B, S, heads, hd) Meta interleaved -> (B, heads, S, hd) HF halves, at dtype."""
+    return to_torch(interleaved_to_halves_last_axis(np.asarray(x)), td).transpose(1, 2)
+
+
+def _from_hf_heads(t: torch.Tensor) -> np.ndarray:
+    """(B, heads, S, hd) HF halves -> (B, S, heads, hd) Meta interleaved, float32 NumPy."""
+    return halves_to_interleaved_last_axis(to_numpy(t.transpose(1, 2)))
+
+
+def _hf_layer_state(layer_weights: Mapping[str, np.ndarray], config: LlamaConfig, keys=None) -> dict:
+    """Short-key Meta weights of one layer -> HF names relative to a LlamaDecoderLayer (q/k rows permuted)."""
+    state = meta_to_hf(layer_state(layer_weights, 0, keys), config)
+    return {name[len("model.layers.0."):]: value for name, value in state.items()}
+
+
+def _build(cls, hc: transformers.LlamaConfig, td: torch.dtype, *args):
+    """Construct an HF module with parameters created at dtype (as from_pretrained does; float32 buffers such as
+    inv_freq stay float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(td)
+    try:
+        return cls(hc, *args)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# ---- the full model ------------------------------------------------------------------------------
+
+
+class HFReference:
+    """HF LlamaForCausalLM at `dtype`, loaded with Meta-layout weights converted by `meta_to_hf`."""
+
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, np.ndarray], dtype: str):
+        self.config = config
+        self.dtype = str(dtype)
+        self.torch_dtype = torch_dtype(dtype)
+        self.hf_config = hf_config(config)
+        model = transformers.LlamaForCausalLM._from_config(self.hf_config, dtype=self.torch_dtype)
+        self.model = load_module(model, meta_to_hf(weights, config), self.torch_dtype, cast=False)
+        inv_freq = self.model.model.rotary_emb.inv_freq
+        if inv_freq.dtype != torch.float32:
+            raise RuntimeError(f"HF rotary inv_freq is {inv_freq.dtype}; expected float32 as from_pretrained keeps it")
+
+    def forward(self, tokens, start_pos: int = 0, capture: bool = False):
+        """Logits (B, S, V) float32 of a fresh forward (no cache) at position_ids start_pos + arange(S), plus the
+        named intermediates (reference/layers.py, q/k in Meta's interleaved layout) when `capture`."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+        kwargs = dict(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                      position_ids=_positions(start_pos, tokens.shape[1]), use_cache=False)
+        if not capture:
+            with torch.inference_mode():
+                return to_numpy(self.model(**kwargs).logits)
+        with self._capture() as store, torch.inference_mode():
+            logits = to_numpy(self.model(**kwargs).logits)
+        names = intermediate_names(self.config.n_layers)
+        missing = [n for n in names if n not in store]
+        if missing:
+            raise RuntimeError(f"HF reference: intermediates not captured: {missing}")
+        return logits, {n: store[n] for n in names}
+
+    __call__ = forward
+
+    @contextlib.contextmanager
+    def _capture(self):
+        """Forward hooks on HF's modules, and a temporary wrapper around modeling_llama.apply_rotary_pos_emb
+        (restored on exit) recording q and k after RoPE for the layer whose attention is running."""
+        inner, store, handles, current = self.model.model, {}, [], [None]
+
+        def save(name):
+            def hook(module, args, output):
+                store[name] = to_numpy(output)
+            return hook
+
+        def enter(i):
+            def hook(module, args):
+                current[0] = i
+            return hook
+
+        def leave(module, args, output):
+            current[0] = None
+
+        handles.append(inner.embed_tokens.register_forward_hook(save("embedding")))
+        for i, layer in enumerate(inner.layers):
+            p = f"layers.{i}."
+            handles += [
+                layer.input_layernorm.register_forward_hook(save(p + "attention_norm")),
+                layer.self_attn.register_forward_pre_hook(enter(i)),
+                layer.self_attn.register_forward_hook(leave),
+                layer.self_attn.o_proj.register_forward_hook(save(p + "attention_out")),
+                layer.post_attention_layernorm.register_forward_hook(save(p + "ffn_norm")),
+                layer.mlp.down_proj.register_forward_hook(save(p + "mlp_out")),
+                layer.register_forward_hook(save(p + "block_out")),
+            ]
+        handles += [inner.norm.register_forward_hook(save("final_norm")),
+                    self.model.lm_head.register_forward_hook(save("logits"))]
+
+        original = modeling_llama.apply_rotary_pos_emb
+
+        def recording_apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+            q_out, k_out = original(q, k, cos, sin, *args, **kwargs)
+            if current[0] is not None:
+                store[f"layers.{current[0]}.q_rope"] = _from_hf_heads(q_out)
+                store[f"layers.{current[0]}.k_rope"] = _from_hf_heads(k_out)
+            return q_out, k_out
+
+        modeling_llama.apply_rotary_pos_emb = recording_apply_rotary_pos_emb
+        try:
+            yield store
+        finally:
+            modeling_llama.apply_rotary_pos_emb = original
+            for h in handles:
+                h.remove()
+
+
+# ---- components, for isolated tests ----------------------------------------------------------------
+
+
+def hf_rms_norm(x, weight, eps: float, dtype: str) -> np.ndarray:
+    td = torch_dtype(dtype)
+    norm = load_module(modeling_llama.LlamaRMSNorm(np.shape(weight)[0], eps=eps), {"weight": weight}, td)
+    with torch.inference_mode():
+        return to_numpy(norm(to_torch(x, td)))
+
+
+def hf_rope(q, k, config: LlamaConfig, dtype: str, start_pos: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """LlamaRotaryEmbedding + apply_rotary_pos_emb at positions start_pos .. start_pos+S-1. q (B,S,H,hd) and
+    k (B,S,KV,hd) in and out in Meta's interleaved layout (converted to HF's halves and back)."""
+    td = torch_dtype(dtype)
+    rotary = modeling_llama.LlamaRotaryEmbedding(hf_config(config))  # float32 inv_freq, as in the model
+    q_t, k_t = _to_hf_heads(q, td), _to_hf_heads(k, td)
+    with torch.inference_mode():
+        cos, sin = rotary(q_t, _positions(start_pos, q_t.shape[2]))
+        q_out, k_out = modeling_llama.apply_rotary_pos_emb(q_t, k_t, cos, sin)
+    return _from_hf_heads(q_out), _from_hf_heads(k_out)
+
+
+def _run_layer(module, hc: transformers.LlamaConfig, x_chunks: Sequence, td: torch.dtype, start_pos: int,
+               attention_only: bool) -> list[np.ndarray]:
+    """Feed chunks through one LlamaAttention or LlamaDecoderLayer (layer_idx 0) sharing a DynamicCache, with
+    the mask LlamaModel builds (create_causal_mask) and RoPE at start_pos + tokens before the chunk."""
+    rotary = modeling_llama.LlamaRotaryEmbedding(hc)
+    cache = transformers.DynamicCache(config=hc) if len(x_chunks) > 1 else None
+    outputs, offset = [], 0
+    with torch.inference_mode():
+        for x in x_chunks:
+            h = to_torch(x, td)
+            positions = _positions(start_pos + offset, h.shape[1])
+            # the mask is sized from the cache (offsets by cache length, not by position): build it before the
+            # layer appends this chunk, as LlamaModel does
+            mask = create_causal_mask(config=hc, inputs_embeds=h, attention_mask=None, cache=cache,
+                                      position_ids=positions)
+            embeddings = rotary(h, positions)
+            if attention_only:
+                out, _ = module(h, position_embeddings=embeddings, attention_mask=mask, cache=cache)
+            else:
+                out = module(h, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None,
+                             position_embeddings=embeddings)
+            outputs.append(to_numpy(out))
+            offset += h.shape[1]
+    return outputs
+
+
+def hf_attention(x_chunks: Sequence, layer_weights: Mapping[str, np.ndarray], config: LlamaConfig, dtype: str,
+                 start_pos: int = 0) -> list[np.ndarray]:
+    """HF LlamaAttention (eager) with wq..wo from Meta-layout `layer_weights`; chunks one after another through
+    a DynamicCache (one chunk: no cache). Returns o_proj's output per chunk."""
+    td = torch_dtype(dtype)
+    hc = hf_config(config)
+    attention = _build(modeling_llama.LlamaAttention, hc, td, 0)
+    state = {name[len("self_attn."):]: v for name, v in _hf_layer_state(layer_weights, config, ATTENTION_KEYS).items()}
+    load_module(attention, state, td, cast=False)
+    return _run_layer(attention, hc, x_chunks, td, start_pos, attention_only=True)
+
+
+def hf_feed_forward(x, w1, w2, w3, dtype: str) -> np.ndarray:
+    """HF LlamaMLP, down(silu(gate x) * up x), with Meta-layout (out, in) weights w1=gate, w3=up, w2=down."""
+    td = torch_dtype(dtype)
+    hidden, dim = np.shape(w1)
+    hc = transformers.LlamaConfig(hidden_size=dim, intermediate_size=hidden, num_attention_heads=1,
+                                  num_key_value_heads=1, hidden_act="silu", mlp_bias=False)
+    mlp = load_module(modeling_llama.LlamaMLP(hc), {"gate_proj.weight": w1, "up_proj.weight": w3,
+                                                    "down_proj.weight": w2}, td)
+    with torch.inference_mode():
+        return to_numpy(mlp(to_torch(x, td)))
+
+
+def hf_block(x, layer_weights: Mapping[str, np.ndarray], config: LlamaConfig, dtype: str,
+             start_pos: int = 0) -> np.ndarray:
+    """HF LlamaDecoderLayer on x (B,S,D), first token at position start_pos, no earlier context."""
+    td = torch_dtype(dtype)
+    hc = hf_config(config)
+    layer = _build(modeling_llama.LlamaDecoderLayer, hc, td, 0)
+    load_module(layer, _hf_layer_state(layer_weights, config), td, cast=False)
+    return _run_layer(layer, hc, [x], td, start_pos, attention_only=False)[0]

@@ -1,0 +1,293 @@
+"""Meta's official Llama 3 model (pip package llama-models, `llama_models.llama3.model`) as an oracle.
+
+Everything here runs Meta's own modules and functions, unmodified, at the requested dtype ('float32' or
+'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises in
+float32 then casts back before the weight multiply; RoPE rotates in float32 complex64 with float32 phases;
+attention scores are formed at the run dtype and the softmax runs in float32; logits are `.float()`-ed).
+Inputs and outputs are NumPy; outputs are float32 arrays that hold exactly the values computed at the run
+dtype (bfloat16 values are exactly representable in float32).
+
+Meta's modules are fairscale model-parallel layers; they need `torch.distributed` and fairscale's model
+parallel groups. `ensure_model_parallel()` sets both up once per process (gloo on loopback, world size 1,
+model-parallel size 1), idempotently; every public entry point calls it.
+
+Positions and the KV cache:
+- `MetaReference.forward(tokens, start_pos)` is Meta's `Transformer.forward`: it writes the chunk's keys and
+  values into Meta's KV cache at `start_pos` and attends to every cached position before it, so
+  `forward(prefix, 0)` then `forward(next, len(prefix))` is Meta's decode loop. A call at `start_pos > 0`
+  without the earlier calls attends to whatever the cache holds there (zeros for a fresh model).
+- The component functions (`meta_attention`, `meta_block`) take `start_pos` as the RoPE position of the first
+  token and start the module's KV cache at slot 0: the chunks form a sequence whose first token sits at
+  absolute position `start_pos` with no earlier context. That is how the HF and NumPy oracles read
+  `start_pos` too, and it lets a test exercise positions > 8192 without a prefix of that length.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import io
+import socket
+import threading
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from reference.layers import ATTENTION_KEYS, intermediate_names, layer_state
+from reference.torch_utils import load_module, to_numpy, to_torch, torch_dtype
+from tp_llama.config import LlamaConfig
+
+_INIT_LOCK = threading.Lock()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_model_parallel() -> None:
+    """Initialise torch.distributed (gloo, loopback, world size 1) and fairscale model parallel size 1, once.
+
+    Safe to call any number of times. Each pytest-xdist worker is its own process and picks its own free port
+    (bind to port 0), so workers never collide; a port lost to a race between probing and binding is retried.
+    """
+    import torch.distributed as dist
+    import fairscale.nn.model_parallel.initialize as fs_init
+
+    with _INIT_LOCK:
+        if not dist.is_initialized():
+            error = None
+            for _ in range(5):
+                try:
+                    dist.init_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                            world_size=1, rank=0, timeout=datetime.timedelta(seconds=60))
+                    break
+                except (RuntimeError, OSError) as err:  # port taken between probe and bind
+                    error = err
+            else:
+                raise RuntimeError(f"could not initialise torch.distributed on loopback: {error}") from error
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"Meta reference needs a world size of 1; torch.distributed already runs with "
+                               f"{dist.get_world_size()} ranks in this process")
+        if not fs_init.model_parallel_is_initialized():
+            # fairscale prints three "> initializing ..." lines on rank 0; keep test output clean.
+            with contextlib.redirect_stdout(io.StringIO()):
+                fs_init.initialize_model_parallel(1)
+        if fs_init.get_model_parallel_world_size() != 1:
+            raise RuntimeError("fairscale model parallel is already initialised with a size other than 1")
+
+
+def _meta():
+    """The llama_models module, imported after the process group exists (its layers query fairscale)."""
+    ensure_model_parallel()
+    from llama_models.llama3 import model
+
+    return model
+
+
+def model_args(config: LlamaConfig, max_batch_size: int, max_seq_len: int):
+    """Meta ModelArgs from our config (every params.json field ModelArgs knows) plus the cache sizes."""
+    from llama_models.llama3.args import ModelArgs
+
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    params = {k: v for k, v in config.to_params().items() if k in known}
+    params.update(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    return ModelArgs(**params)
+
+
+def meta_causal_mask(seqlen: int, start_pos: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The additive causal mask exactly as `Transformer.forward` builds it: None for one token, else
+    (seqlen, start_pos + seqlen) with zeros over the cached prefix and -inf above the diagonal, at h's dtype."""
+    if seqlen <= 1:
+        return None
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=like.device)
+    mask = torch.triu(mask, diagonal=1)
+    return torch.hstack([torch.zeros((seqlen, start_pos), device=like.device), mask]).type_as(like)
+
+
+def _freqs_cis(config: LlamaConfig, end: int) -> torch.Tensor:
+    m = _meta()
+    return m.precompute_freqs_cis(config.head_dim, end, config.rope_theta, config.use_scaled_rope)
+
+
+# ---- the full model ---------------------------------------------------------------------------
+
+
+class MetaReference:
+    """Meta's `Transformer` at `dtype`, loaded with Meta-layout weights.
+
+    `max_seq_len` sizes Meta's KV cache (max_batch_size x max_seq_len x n_kv_heads x head_dim per layer, for
+    keys and for values) and its RoPE table (2 x max_seq_len positions); None means `config.max_seq_len`.
+    """
+
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, np.ndarray], dtype: str,
+                 max_batch_size: int = 4, max_seq_len: int | None = None):
+        m = _meta()
+        self.config = config
+        self.dtype = str(dtype)
+        self.torch_dtype = torch_dtype(dtype)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = config.max_seq_len if max_seq_len is None else max_seq_len
+        self.model = load_module(m.Transformer(model_args(config, max_batch_size, self.max_seq_len)),
+                                 weights, self.torch_dtype)
+
+    def forward(self, tokens, start_pos: int = 0, capture: bool = False):
+        """Meta's `Transformer.forward(tokens, start_pos)`; logits (B, S, V) float32, plus the named
+        intermediates of this chunk (see reference/layers.py) when `capture`."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+        bsz, seqlen = tokens.shape
+        if bsz > self.max_batch_size or start_pos + seqlen > self.max_seq_len:
+            raise ValueError(f"batch {bsz} at positions [{start_pos}, {start_pos + seqlen}) exceeds the KV cache "
+                             f"({self.max_batch_size} x {self.max_seq_len})")
+        tokens_t = torch.from_numpy(tokens.astype(np.int64))
+        if not capture:
+            return to_numpy(self.model.forward(tokens_t, start_pos))
+        with self._capture() as store:
+            logits = to_numpy(self.model.forward(tokens_t, start_pos))
+        names = intermediate_names(self.config.n_layers)
+        missing = [n for n in names if n not in store]
+        if missing:
+            raise RuntimeError(f"Meta reference: intermediates not captured: {missing}")
+        return logits, {n: store[n] for n in names}
+
+    __call__ = forward
+
+    def reset_cache(self) -> None:
+        """Zero Meta's KV caches (a fresh model's state)."""
+        with torch.inference_mode():  # after a forward the caches may be inference tensors
+            for layer in self.model.layers:
+                layer.attention.cache_k.zero_()
+                layer.attention.cache_v.zero_()
+
+    @contextlib.contextmanager
+    def _capture(self):
+        """Forward hooks on Meta's modules, and a temporary wrapper around `apply_rotary_emb` (restored on exit)
+        that records q and k after RoPE for the layer whose Attention is running."""
+        m = _meta()
+        model, store, handles, current = self.model, {}, [], [None]
+
+        def save(name):
+            def hook(module, args, output):
+                store[name] = to_numpy(output)
+            return hook
+
+        def enter(i):
+            def hook(module, args):
+                current[0] = i
+            return hook
+
+        def leave(module, args, output):
+            current[0] = None
+
+        handles.append(model.tok_embeddings.register_forward_hook(save("embedding")))
+        for i, layer in enumerate(model.layers):
+            p = f"layers.{i}."
+            handles += [
+                layer.attention_norm.register_forward_hook(save(p + "attention_norm")),
+                layer.attention.register_forward_pre_hook(enter(i)),
+                layer.attention.register_forward_hook(leave),
+                layer.attention.wo.register_forward_hook(save(p + "attention_out")),
+                layer.ffn_norm.register_forward_hook(save(p + "ffn_norm")),
+                layer.feed_forward.w2.register_forward_hook(save(p + "mlp_out")),
+                layer.register_forward_hook(save(p + "block_out")),
+            ]
+        handles += [model.norm.register_forward_hook(save("final_norm")),
+                    model.output.register_forward_hook(save("logits"))]
+
+        original = m.apply_rotary_emb
+
+        def recording_apply_rotary_emb(xq, xk, freqs_cis):
+            xq_out, xk_out = original(xq, xk, freqs_cis)
+            if current[0] is not None:
+                store[f"layers.{current[0]}.q_rope"] = to_numpy(xq_out)
+                store[f"layers.{current[0]}.k_rope"] = to_numpy(xk_out)
+            return xq_out, xk_out
+
+        m.apply_rotary_emb = recording_apply_rotary_emb
+        try:
+            yield store
+        finally:
+            m.apply_rotary_emb = original
+            for h in handles:
+                h.remove()
+
+
+# ---- components, for isolated tests ------------------------------------------------------------
+
+
+def meta_rms_norm(x, weight, eps: float, dtype: str) -> np.ndarray:
+    """Meta's RMSNorm(x) with `weight`, at dtype."""
+    m, td = _meta(), torch_dtype(dtype)
+    norm = load_module(m.RMSNorm(np.shape(weight)[0], eps=eps), {"weight": weight}, td)
+    with torch.inference_mode():
+        return to_numpy(norm(to_torch(x, td)))
+
+
+def meta_rope(q, k, config: LlamaConfig, dtype: str, start_pos: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Meta's apply_rotary_emb on q (B,S,H,hd) and k (B,S,KV,hd) (interleaved layout) at positions
+    start_pos .. start_pos+S-1, with precompute_freqs_cis(use_scaled=config.use_scaled_rope)."""
+    m, td = _meta(), torch_dtype(dtype)
+    seqlen = np.shape(q)[1]
+    freqs = _freqs_cis(config, start_pos + seqlen)[start_pos:start_pos + seqlen]
+    with torch.inference_mode():
+        q_out, k_out = m.apply_rotary_emb(to_torch(q, td), to_torch(k, td), freqs_cis=freqs)
+    return to_numpy(q_out), to_numpy(k_out)
+
+
+def _run_chunks(module, x_chunks: Sequence, config: LlamaConfig, td: torch.dtype, start_pos: int) -> list:
+    """Feed chunks one after another through a Meta Attention or TransformerBlock: chunk c goes to cache slot
+    `offset` (tokens before it), RoPE position start_pos + offset, with Transformer.forward's mask."""
+    total = sum(np.shape(x)[1] for x in x_chunks)
+    freqs = _freqs_cis(config, start_pos + total)
+    outputs, offset = [], 0
+    with torch.inference_mode():
+        for x in x_chunks:
+            h = to_torch(x, td)
+            seqlen = h.shape[1]
+            fc = freqs[start_pos + offset:start_pos + offset + seqlen]
+            outputs.append(to_numpy(module(h, offset, fc, meta_causal_mask(seqlen, offset, h))))
+            offset += seqlen
+    return outputs
+
+
+def _chunk_args(x_chunks: Sequence, config: LlamaConfig):
+    shapes = [np.shape(x) for x in x_chunks]
+    if not shapes or any(len(s) != 3 or s[0] != shapes[0][0] or s[2] != config.dim for s in shapes):
+        raise ValueError(f"x_chunks must be a non-empty list of (B, S_i, {config.dim}) arrays, got {shapes}")
+    return model_args(config, max_batch_size=shapes[0][0], max_seq_len=sum(s[1] for s in shapes))
+
+
+def meta_attention(x_chunks: Sequence, layer_weights: Mapping[str, np.ndarray], config: LlamaConfig, dtype: str,
+                   start_pos: int = 0) -> list[np.ndarray]:
+    """Meta's Attention module (wq, wk, wv, wo from `layer_weights`, Meta layout) over `x_chunks`, one after
+    another, so chunk 2+ read the KV cache the earlier chunks wrote. Returns wo's output per chunk."""
+    m, td = _meta(), torch_dtype(dtype)
+    attention = m.Attention(_chunk_args(x_chunks, config))
+    load_module(attention, {f"{k}.weight": layer_weights[k] for k in ATTENTION_KEYS}, td)
+    return _run_chunks(attention, x_chunks, config, td, start_pos)
+
+
+def meta_feed_forward(x, w1, w2, w3, dtype: str) -> np.ndarray:
+    """Meta's FeedForward, w2(silu(w1 x) * w3 x), with Meta-layout (out, in) weights."""
+    m, td = _meta(), torch_dtype(dtype)
+    dim, hidden = np.shape(w1)[1], np.shape(w1)[0]
+    # FeedForward derives its width: int(2*hidden_dim/3) rounded up to multiple_of. With multiple_of=hidden
+    # and hidden_dim=hidden, 0 < int(2*hidden/3) <= hidden rounds up to exactly `hidden`.
+    ff = m.FeedForward(dim=dim, hidden_dim=hidden, multiple_of=hidden, ffn_dim_multiplier=None)
+    load_module(ff, {"w1.weight": w1, "w2.weight": w2, "w3.weight": w3}, td)
+    with torch.inference_mode():
+        return to_numpy(ff(to_torch(x, td)))
+
+
+def meta_block(x, layer_weights: Mapping[str, np.ndarray], config: LlamaConfig, dtype: str,
+               start_pos: int = 0) -> np.ndarray:
+    """Meta's TransformerBlock on x (B,S,D), first token at RoPE position start_pos, no earlier context."""
+    m, td = _meta(), torch_dtype(dtype)
+    block = m.TransformerBlock(0, _chunk_args([x], config))
+    state = {name[len("layers.0."):]: value for name, value in layer_state(layer_weights, 0).items()}
+    load_module(block, state, td)
+    return _run_chunks(block, [x], config, td, start_pos)[0]
