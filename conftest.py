@@ -32,6 +32,17 @@ def pytest_addoption(parser):
                     help="column of fixtures/tolerances.py to hold results to (default: %(default)s)")
     group.addoption("--parity-json", default=None, metavar="PATH",
                     help="write every parity record (metrics, bounds, verdict) and the environment as JSON")
+    group.addoption("--parity-report", default=None, metavar="PATH",
+                    help="write the self-contained HTML parity report (matrix, depth chart, records, environment)")
+    group.addoption("--parity-baseline", default=None, metavar="PATH",
+                    help="fail the run when a case that passed in this baseline fails, or a metric worsens past "
+                         "the slack of fixtures/tolerances.py (committed: fixtures/parity_baseline.json)")
+    group.addoption("--parity-update-baseline", action="store_true", default=False,
+                    help="rewrite the --parity-baseline file from this run instead of judging against it")
+    group.addoption("--checkpoint-dir", default=None, metavar="DIR",
+                    help="test this checkpoint (Meta params.json + consolidated.NN.pth, or HF config.json + "
+                         "*.safetensors; read lazily) instead of the synthetic tiny weights where a test takes "
+                         "`model_weights`")
 
 
 def _simulate_cpu_devices(count: int) -> None:
@@ -49,6 +60,13 @@ def pytest_configure(config):
     for mesh in config.getoption("mesh") or ():
         if not re.fullmatch(r"\d+x\d+", mesh):
             raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
+    if config.getoption("checkpoint_dir"):
+        from tp_llama.checkpoint import CheckpointError, load_checkpoint
+
+        try:  # metadata only: a bad checkpoint stops the run with one line, before any test
+            load_checkpoint(config.getoption("checkpoint_dir"))
+        except CheckpointError as err:
+            raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
 
 
 def _chosen(config, name, default):
@@ -75,9 +93,9 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_weights(tiny_config):
     """The canonical Meta-layout weight set every conformance test shares."""
-    from fixtures.weights import make_weights
+    from fixtures.weights import canonical_weights
 
-    return make_weights(tiny_config, seed=0)
+    return canonical_weights("tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +114,15 @@ def tp_model(tiny_config, tiny_weights):
         return built[mesh, dtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def model_weights(request):
+    """(config, Meta-layout weights): the --checkpoint-dir checkpoint (tensors read from disk on access), or the
+    synthetic tiny preset and its canonical weights."""
+    directory = request.config.getoption("checkpoint_dir")
+    if directory:
+        from tp_llama.checkpoint import load_checkpoint
+
+        return load_checkpoint(directory)
+    return request.getfixturevalue("tiny_config"), request.getfixturevalue("tiny_weights")

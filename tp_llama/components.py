@@ -66,9 +66,12 @@ def rope(model: TPLlama, q, k, start_pos: int = 0) -> tuple[np.ndarray, np.ndarr
 
 
 def attention(model: TPLlama, params, x_chunks: Sequence, layer: int = 0, start_pos: int = 0) -> list[np.ndarray]:
-    """The layer's attention over consecutive chunks; chunks after the first read the KV cache."""
+    """The layer's attention over consecutive chunks; chunks after the first read the KV cache.
+
+    The first token sits at RoPE position start_pos and cache slot 0, with no earlier context.
+    """
     b = np.shape(x_chunks[0])[0]
-    total = start_pos + sum(np.shape(x)[1] for x in x_chunks)
+    total = sum(np.shape(x)[1] for x in x_chunks)
     module = Attention(model.dims)
     cache_spec = spec(ACTIVATION_AXES["kv_cache"])
     layer_specs = param_specs(model.config)[f"layers_{layer}"]["attention"]
@@ -78,17 +81,16 @@ def attention(model: TPLlama, params, x_chunks: Sequence, layer: int = 0, start_
         return module.apply({"params": w}, x, cos, sin, layers.causal_mask(slots, valid), cache, index)
 
     cache = model.init_cache(b, total)[layer]
-    outputs, index = [], start_pos
+    outputs, slot = [], 0
     for x in x_chunks:
         s = np.shape(x)[1]
-        slots = _positions(b, s, index)
-        valid = jnp.broadcast_to(jnp.arange(total) < index + s, (b, total))
+        valid = jnp.broadcast_to(jnp.arange(total) < slot + s, (b, total))
         out, cache = _run(model, local, (layer_specs, HIDDEN, TOKENS, TOKENS, TOKENS, (cache_spec, cache_spec),
                                          spec(())), (HIDDEN, (cache_spec, cache_spec)),
-                          _layer(params, layer)["attention"], jnp.asarray(x, model.dtype), slots, valid, slots, cache,
-                          jnp.int32(index))
+                          _layer(params, layer)["attention"], jnp.asarray(x, model.dtype),
+                          _positions(b, s, start_pos + slot), valid, _positions(b, s, slot), cache, jnp.int32(slot))
         outputs.append(to_numpy(out))
-        index += s
+        slot += s
     return outputs
 
 

@@ -1,0 +1,134 @@
+"""Inputs and cached reference results for the layer-by-layer conformance tests.
+
+Every reference result depends only on (component, case, reference, dtype), never on the mesh, so each is
+computed once per process and shared by all meshes. Inputs are rounded to the run dtype before anyone sees
+them, and the float64 oracle runs on the same rounded inputs and weights: its distance to each side then
+measures only that side's arithmetic.
+"""
+from __future__ import annotations
+
+import functools
+
+import ml_dtypes
+import numpy as np
+
+from fixtures.weights import canonical_weights
+from reference import hf, meta, oracle
+from reference.layers import layer_weights
+from tp_llama.config import preset
+
+CONFIG = preset("tiny")
+BATCH = 2
+
+
+def rounded(x, dtype: str) -> np.ndarray:
+    """x as float32 holding values exactly representable in `dtype`."""
+    x = np.asarray(x, np.float32)
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32) if dtype == "bfloat16" else x
+
+
+@functools.lru_cache(maxsize=2)
+def weights(dtype: str) -> dict[str, np.ndarray]:
+    """The canonical weights as the run dtype sees them (what the oracle computes with)."""
+    return {k: rounded(v, dtype) for k, v in canonical_weights("tiny").items()}
+
+
+def layer(dtype: str, index: int) -> dict[str, np.ndarray]:
+    return layer_weights(weights(dtype), index)
+
+
+@functools.lru_cache(maxsize=32)
+def activations(dtype: str, seq: int, seed: int, spread: bool = False) -> np.ndarray:
+    """(BATCH, seq, dim) inputs; with `spread`, each position is scaled log-uniformly over [1e-3, 10] so that
+    RMSNorm's eps matters for the small rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((BATCH, seq, CONFIG.dim)).astype(np.float32)
+    if spread:
+        x *= 10.0 ** rng.uniform(-3, 1, size=(BATCH, seq, 1)).astype(np.float32)
+    return rounded(x, dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def heads(dtype: str, seq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """q (BATCH, seq, n_heads, head_dim) and k (BATCH, seq, n_kv_heads, head_dim) for RoPE."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((BATCH, seq, CONFIG.n_heads, CONFIG.head_dim)).astype(np.float32)
+    k = rng.standard_normal((BATCH, seq, CONFIG.n_kv_heads, CONFIG.head_dim)).astype(np.float32)
+    return rounded(q, dtype), rounded(k, dtype)
+
+
+def tokens(batch: int, seq: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, size=(batch, seq), dtype=np.int32)
+
+
+_COMPONENTS = {
+    "meta": (meta.meta_rms_norm, meta.meta_rope, meta.meta_attention, meta.meta_feed_forward, meta.meta_block),
+    "hf": (hf.hf_rms_norm, hf.hf_rope, hf.hf_attention, hf.hf_feed_forward, hf.hf_block),
+}
+
+
+def _reference(name: str):
+    if name not in _COMPONENTS:
+        raise ValueError(f"--reference {name}: component references are {sorted(_COMPONENTS)} (the oracle is "
+                         "always consulted for noise_ratio)")
+    return _COMPONENTS[name]
+
+
+# ---- cached (reference result, oracle result) per case --------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def rms_norm(reference: str, dtype: str, layer_index: int, which: str):
+    x = activations(dtype, 16, seed=11, spread=True)
+    w = layer(dtype, layer_index)[which]
+    return (_reference(reference)[0](x, w, CONFIG.norm_eps, dtype), oracle.oracle_rms_norm(x, w, CONFIG.norm_eps))
+
+
+@functools.lru_cache(maxsize=None)
+def rope(reference: str, dtype: str, start_pos: int):
+    q, k = heads(dtype, 16, seed=12)
+    return (_reference(reference)[1](q, k, CONFIG, dtype, start_pos=start_pos),
+            oracle.oracle_rope(q, k, CONFIG, start_pos=start_pos))
+
+
+def attention_chunks(dtype: str, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    x = activations(dtype, sum(sizes), seed=13)
+    edges = np.cumsum(sizes)[:-1]
+    return np.split(x, edges, axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def attention(reference: str, dtype: str, layer_index: int, sizes: tuple[int, ...], start_pos: int):
+    chunks = attention_chunks(dtype, sizes)
+    lw = layer(dtype, layer_index)
+    return (_reference(reference)[2](chunks, lw, CONFIG, dtype, start_pos=start_pos),
+            oracle.oracle_attention(chunks, lw, CONFIG, start_pos=start_pos))
+
+
+@functools.lru_cache(maxsize=None)
+def feed_forward(reference: str, dtype: str, layer_index: int):
+    x = activations(dtype, 16, seed=14)
+    lw = layer(dtype, layer_index)
+    return (_reference(reference)[3](x, lw["w1"], lw["w2"], lw["w3"], dtype),
+            oracle.oracle_feed_forward(x, lw["w1"], lw["w2"], lw["w3"]))
+
+
+@functools.lru_cache(maxsize=None)
+def block(reference: str, dtype: str, layer_index: int, start_pos: int):
+    x = activations(dtype, 16, seed=15)
+    lw = layer(dtype, layer_index)
+    return (_reference(reference)[4](x, lw, CONFIG, dtype, start_pos=start_pos),
+            oracle.oracle_block(x, lw, CONFIG, start_pos=start_pos))
+
+
+@functools.lru_cache(maxsize=None)
+def full_forward(reference: str, dtype: str, batch: int, seq: int):
+    """(logits, intermediates) of the reference and of the oracle for a fresh sequence from position 0."""
+    toks = tokens(batch, seq, seed=16)
+    if reference == "meta":
+        result = meta.MetaReference(CONFIG, canonical_weights("tiny"), dtype, max_batch_size=batch,
+                                    max_seq_len=seq).forward(toks, 0, capture=True)
+    elif reference == "hf":
+        result = hf.HFReference(CONFIG, canonical_weights("tiny"), dtype).forward(toks, 0, capture=True)
+    else:
+        raise ValueError(f"--reference {reference}: full-model references are meta and hf")
+    return result, oracle.oracle_forward(CONFIG, weights(dtype), toks, 0, capture=True)
