@@ -1,0 +1,451 @@
+"""Tokenizer conformance: Meta's tiktoken tokenizer and the HF fast tokenizer converted from the same file.
+
+Generation parity is only meaningful if both references read the same ids, so this module holds the HF
+conversion (reference/tokenizer.py) to Meta's `Tokenizer` id for id: on a fixed multilingual corpus, on
+hypothesis-generated text, on special tokens written as text, on BOS/EOS, and on inputs long enough for Meta's
+encoder to cut them. The one genuine difference (Meta's 400k-character / 25k-run cuts) is pinned, not hidden.
+
+Fixture names avoid `mesh`, `dtype` and `reference`, which conftest parametrizes.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reference import tokenizer as rt
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures and helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meta_tok():
+    return rt.meta_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    return rt.hf_tokenizer()
+
+
+def _show(tokenizer_decode, ids, at):
+    window = ids[max(0, at - 3):at + 4]
+    return f"{window} = {[tokenizer_decode([i]) for i in window]!r}"
+
+
+def assert_same_ids(text, meta_ids, hf_ids, meta_tok, what="encode"):
+    """Fail with the first diverging position, the ids around it on each side, and what they decode to."""
+    __tracebackhide__ = True
+    if meta_ids == hf_ids:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(meta_ids, hf_ids)) if a != b), min(len(meta_ids), len(hf_ids)))
+    shown = text if len(text) <= 120 else text[:117] + "..."
+    pytest.fail(
+        f"{what}: Meta and HF ids differ for {shown!r} ({len(text)} chars)\n"
+        f"  lengths: Meta {len(meta_ids)}, HF {len(hf_ids)}; first difference at position {at}\n"
+        f"  Meta: {_show(meta_tok.decode, meta_ids, at)}\n"
+        f"  HF:   {_show(meta_tok.decode, hf_ids, at)}",
+        pytrace=False,
+    )
+
+
+def meta_ids(meta_tok, text, **kwargs):
+    kwargs.setdefault("bos", False)
+    kwargs.setdefault("eos", False)
+    return meta_tok.encode(text, **kwargs)
+
+
+def hf_ids(text, **kwargs):
+    kwargs.setdefault("bos", False)
+    kwargs.setdefault("eos", False)
+    return rt.hf_encode(text, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fixed corpus: each entry names what it is there to exercise
+# ---------------------------------------------------------------------------------------------------------------
+
+PYTHON_SOURCE = '''\
+def fibonacci(n: int) -> list[int]:
+    """Return the first n Fibonacci numbers."""
+    a, b = 0, 1
+    out = []
+    for _ in range(n):
+        out.append(a)
+        a, b = b, a + b
+    return out
+
+
+class Cache(dict):
+\tdef __missing__(self, key):  # tab-indented on purpose
+\t\tvalue = self[key] = key ** 2
+\t\treturn value
+
+if __name__ == "__main__":
+    print(fibonacci(10), {k: v for k, v in Cache().items()})  \n'''
+
+CORPUS = {
+    "empty": "",
+    "english": "The quick brown fox jumps over the lazy dog. It's what we'd've done; they'll say I'm right.",
+    "english_contractions_upper": "IT'S, YOU'RE, WE'VE, I'M, HE'LL, SHE'D, DON'T -- Won't 'S 'T 'Tis O'REILLY'S 'LLAMA"
+                                  " IT'SON THEY'REAM I'Mane",  # contraction rule is case-insensitive
+    "python_code": PYTHON_SOURCE,
+    "json_and_markup": '{"key": [1, 2.5e-3, null], "html": "<a href=\\"x\\">&amp;</a>"}\n<div class="c">x</div>',
+    "emoji": "Good job! 👍🏽 🎉🎉🎉 I ❤️ it 🔥💯",
+    "emoji_zwj_sequences": "family 👨‍👩‍👧‍👦, rainbow flag 🏳️‍🌈, astronaut 🧑🏿‍🚀, flags 🇯🇵🇫🇷🇺🇸, keycap 1️⃣",
+    "chinese": "我们今天去公园散步，天气非常好。机器学习是人工智能的一个分支。",
+    "japanese": "東京は日本の首都です。ひらがなとカタカナ、そして漢字を混ぜて書きます。ｶﾀｶﾅ（半角）",
+    "korean": "안녕하세요. 한국어 형태소 분석은 어렵습니다! 띄어쓰기  두 칸.",
+    "arabic": "مرحبا بالعالم! هذه جملة عربية مع أرقام ١٢٣٤٥ و 67890.",
+    "hebrew": "שלום עולם, זהו משפט בעברית עם ניקוד: בְּרֵאשִׁית.",
+    "bidi_mixed": "English עברית العربية English 123 ٤٥٦",
+    "devanagari": "नमस्ते दुनिया। हिन्दी में संयुक्ताक्षर: क्ष त्र ज्ञ श्र, और अंक १२३४५।",
+    # words that are single late-rank tokens BPE merges alone cannot reach (tiktoken returns them whole)
+    "vietnamese": "Việt Nam: nhiều việc hợp tác, điều ngoài ý muốn, tất nhiên.",
+    "turkish_czech_persian": "Bu önemli ektedir. Známe jeho dům. ایران و تهران",
+    "thai_no_spaces": "ภาษาไทยไม่มีการเว้นวรรคระหว่างคำ",
+    "cyrillic_greek": "Съешь же ещё этих мягких французских булок. Ελληνικά: αβγ ΑΒΓ ς.",
+    "latin_diacritics_nfc_nfd": "café naïve façade Ångström — and decomposed: cafe\u0301 nai\u0308ve A\u030angstro\u0308m",
+    "whitespace_runs": "a  b   c    d\t\te\t \tf\n\ng\n\n\n\nh",
+    "crlf_and_cr": "line one\r\nline two\r\n\r\nline four\rold mac\r\n",
+    "trailing_spaces": "trailing spaces   \nand tabs\t\t\nand at the end   ",
+    "leading_whitespace": "   \t\n  indented start",
+    "only_whitespace": " \t \n\r\n  \u00a0\u3000 ",
+    "unicode_spaces": "no\u00a0break\u2002en\u2003em\u2009thin\u200bzero\u3000ideographic\u2028line\u2029para",
+    "digit_runs": "1 12 123 1234 12345 123456 1234567 3.14159265358979 0x7fff 1,000,000 2024-06-30 007",
+    "digits_other_scripts": "٠١٢٣٤٥٦٧٨٩ ०१२३४५६७८९ ０１２３４ ①②③ ½ ²³ Ⅻ",
+    "punctuation_runs": "Wait... what?!?! ---> <=> :: ;; \"quoted\" 'single' «guillemets» „low“ (((nested)))",
+    "special_tokens_as_text": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                              "<|reserved_special_token_17|><|python_tag|><|image|>",
+    "almost_special_tokens": "<|begin_of_text| <|eot_id |<|> <||> <|unknown_special|> |>",
+    "control_chars": "nul\x00bell\x07esc\x1b[0mdel\x7f\u200e\u200f\ufeffbom",
+    "astral_plane": "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝐁𝐨𝐥𝐝 𓀀𓀁 𠀀𠀁 \U000f0000 \U0010fffd",
+    "replacement_and_noncharacters": "\ufffd\ufffe\uffff\U0001fffe",
+}
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_corpus_ids_match_meta(name, meta_tok, hf_tok):
+    text = CORPUS[name]
+    assert_same_ids(text, meta_ids(meta_tok, text), hf_ids(text), meta_tok)
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_corpus_round_trips(name, meta_tok, hf_tok):
+    text = CORPUS[name]
+    ids = meta_ids(meta_tok, text)
+    assert meta_tok.decode(ids) == text, "Meta: decode(encode(x)) != x"
+    assert rt.hf_decode(rt.hf_encode(text, bos=False, eos=False)) == text, "HF: decode(encode(x)) != x"
+
+
+def test_whole_corpus_with_bos_eos(meta_tok, hf_tok):
+    text = "\n\n".join(CORPUS.values())
+    assert_same_ids(text, meta_ids(meta_tok, text, bos=True, eos=True), hf_ids(text, bos=True, eos=True), meta_tok)
+
+
+def test_digit_runs_split_into_groups_of_at_most_three(meta_tok, hf_tok):
+    """Llama 3's split regex cuts numbers into 1-3 digit pieces, left to right, on both sides."""
+    for text, pieces in [("1234567", ["123", "456", "7"]), ("12345", ["123", "45"]),
+                         ("x 2024!", ["x", " ", "202", "4", "!"]), ("١٢٣٤", None)]:
+        meta = meta_ids(meta_tok, text)
+        hf = hf_ids(text)
+        assert_same_ids(text, meta, hf, meta_tok)
+        decoded = [meta_tok.decode([i]) for i in hf]
+        if pieces is not None:
+            assert decoded == pieces, f"{text!r} -> {decoded}, expected {pieces}"
+        assert all(sum(c.isdigit() for c in piece) <= 3 for piece in decoded), decoded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# special tokens, BOS and EOS
+# ---------------------------------------------------------------------------------------------------------------
+
+# Llama 3 / 3.1 ids as Meta's Tokenizer and model cards define them.
+EXPECTED_IDS = {
+    "<|begin_of_text|>": 128000,
+    "<|end_of_text|>": 128001,
+    "<|finetune_right_pad_id|>": 128004,
+    "<|step_id|>": 128005,
+    "<|start_header_id|>": 128006,
+    "<|end_header_id|>": 128007,
+    "<|eom_id|>": 128008,
+    "<|eot_id|>": 128009,
+    "<|python_tag|>": 128010,
+    "<|image|>": 128011,
+    "<|reserved_special_token_0|>": 128002,
+    "<|reserved_special_token_2|>": 128012,
+    "<|reserved_special_token_245|>": 128255,
+}
+
+
+def test_meta_special_token_ids(meta_tok):
+    assert len(meta_tok.special_tokens) == 256
+    assert meta_tok.n_words == 128256
+    for name, token_id in EXPECTED_IDS.items():
+        assert meta_tok.special_tokens[name] == token_id, name
+    assert (meta_tok.bos_id, meta_tok.eos_id, meta_tok.eot_id, meta_tok.eom_id, meta_tok.pad_id,
+            meta_tok.python_tag_id) == (128000, 128001, 128009, 128008, 128004, 128010)
+    assert sorted(meta_tok.stop_tokens) == [128001, 128008, 128009]
+
+
+def test_hf_special_tokens_match_meta(meta_tok, hf_tok):
+    added = hf_tok.backend_tokenizer.get_added_tokens_decoder()
+    assert {token_id: token.content for token_id, token in added.items()} == \
+        {token_id: name for name, token_id in meta_tok.special_tokens.items()}, "HF added tokens vs Meta's specials"
+    assert all(token.special and not token.normalized and not token.lstrip and not token.rstrip
+               for token in added.values())
+    for name, token_id in meta_tok.special_tokens.items():
+        assert hf_tok.convert_tokens_to_ids(name) == token_id, name
+        assert hf_tok.convert_ids_to_tokens(token_id) == name, token_id
+    assert len(hf_tok) == meta_tok.n_words == 128256
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == \
+        (meta_tok.bos_id, meta_tok.eos_id, meta_tok.pad_id)
+
+
+def test_hf_base_vocab_is_meta_ranks(meta_tok, hf_tok):
+    """Every BPE rank has the same id, and every id (special or not) decodes to the same text on both sides."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    ranks = rt.read_tiktoken_ranks(rt.PACKAGED_TOKENIZER_PATH)
+    assert len(ranks) == 128000
+    vocab = hf_tok.backend_tokenizer.get_vocab(with_added_tokens=False)
+    assert vocab == {"".join(table[b] for b in token): rank for token, rank in ranks.items()}
+    all_ids = [[i] for i in range(meta_tok.n_words)]
+    hf_text = hf_tok.backend_tokenizer.decode_batch(all_ids, skip_special_tokens=False)
+    bad = [i for (i,), text in zip(all_ids, hf_text) if meta_tok.decode([i]) != text]
+    assert not bad, f"{len(bad)} ids decode differently, first {bad[:5]}"
+
+
+def test_every_vocab_token_text_encodes_alike(meta_tok, hf_tok):
+    """The text of every BPE token that is valid UTF-8, encoded alone: catches merges or shortcuts that differ
+    for any single token (several hundred late tokens are only reachable whole, not by merging)."""
+    ranks = rt.read_tiktoken_ranks(rt.PACKAGED_TOKENIZER_PATH)
+    texts = []
+    for token in ranks:
+        try:
+            texts.append(token.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    assert len(texts) > 120_000
+    hf = hf_tok.backend_tokenizer
+    hf.encode_special_tokens = True
+    try:
+        encoded = hf.encode_batch(texts, add_special_tokens=False)
+    finally:
+        hf.encode_special_tokens = hf_tok.split_special_tokens
+    bad = [text for text, enc in zip(texts, encoded) if enc.ids != meta_tok.model.encode_ordinary(text)]
+    assert not bad, f"{len(bad)} token texts encode differently, e.g. {bad[:5]!r}"
+
+
+@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("eos", [False, True])
+@pytest.mark.parametrize("text", ["", "Hello, world!", "<|begin_of_text|>already there", "  x\n"])
+def test_bos_eos_like_meta(text, bos, eos, meta_tok, hf_tok):
+    meta = meta_ids(meta_tok, text, bos=bos, eos=eos)
+    assert_same_ids(text, meta, hf_ids(text, bos=bos, eos=eos), meta_tok, f"encode(bos={bos}, eos={eos})")
+    assert (meta[:1] == [128000]) == bos
+    assert (meta[-1:] == [128001]) == eos
+
+
+def test_hf_adds_bos_through_its_template_and_never_eos(hf_tok):
+    """hf_encode's BOS comes from the post-processor template; plain HF calls get the same default."""
+    with_template = hf_tok("Hello").input_ids
+    without = hf_tok("Hello", add_special_tokens=False).input_ids
+    assert with_template == [128000] + without
+    assert hf_tok("").input_ids == [128000]
+    assert 128001 not in with_template
+
+
+def test_special_token_text_is_plain_text_by_default(meta_tok, hf_tok):
+    """Meta's encode defaults to allowed_special=set(), disallowed_special=(): special text is not special."""
+    text = CORPUS["special_tokens_as_text"]
+    meta = meta_ids(meta_tok, text)
+    assert max(meta) < 128000, "Meta's default encodes special-token text as ordinary text"
+    assert_same_ids(text, meta, hf_ids(text), meta_tok)
+    # HF's own default differs (it matches added tokens); hf_encode is what follows Meta
+    assert 128000 in hf_tok(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("allowed", ["all", frozenset({"<|eot_id|>", "<|start_header_id|>"}), frozenset()],
+                         ids=["all", "subset", "none"])
+def test_allowed_special_like_meta(allowed, meta_tok, hf_tok):
+    text = CORPUS["special_tokens_as_text"] + " tail <|eot_id|><|eot_id|>x"
+    meta = meta_ids(meta_tok, text, allowed_special=allowed)
+    hf = hf_ids(text, allowed_special=allowed)
+    assert_same_ids(text, meta, hf, meta_tok, f"encode(allowed_special={allowed!r})")
+    expected_specials = {meta_tok.special_tokens[name] for name in
+                         (meta_tok.special_tokens if allowed == "all" else allowed) if name in text}
+    assert {i for i in hf if i >= 128000} == expected_specials
+
+
+def test_disallowed_special_raises_like_meta(meta_tok, hf_tok):
+    text = "hello <|eot_id|>"
+    with pytest.raises(ValueError):
+        meta_tok.encode(text, bos=False, eos=False, disallowed_special="all")
+    with pytest.raises(ValueError, match="disallowed special token"):
+        rt.hf_encode(text, bos=False, eos=False, disallowed_special="all")
+    # allowed wins over disallowed="all", as in tiktoken
+    allowed = {"<|eot_id|>"}
+    assert rt.hf_encode(text, bos=False, eos=False, allowed_special=allowed, disallowed_special="all") == \
+        meta_tok.encode(text, bos=False, eos=False, allowed_special=allowed, disallowed_special="all")
+
+
+def test_empty_string(meta_tok, hf_tok):
+    assert meta_ids(meta_tok, "") == hf_ids("") == []
+    assert meta_tok.encode("", bos=True, eos=True) == rt.hf_encode("", bos=True, eos=True) == [128000, 128001]
+    assert meta_tok.decode([]) == rt.hf_decode([]) == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# long inputs and Meta's chunking
+# ---------------------------------------------------------------------------------------------------------------
+
+def _ordinary_text(n_chars: int) -> str:
+    body = "\n\n".join(v for k, v in CORPUS.items() if k not in ("empty", "special_tokens_as_text"))
+    return (body * (n_chars // len(body) + 1))[:n_chars]
+
+
+def test_long_input_ids_match(meta_tok, hf_tok):
+    """150k characters of the corpus: Meta hands it to tiktoken in one piece (no cut fires) and ids agree."""
+    text = _ordinary_text(150_000)
+    assert rt.meta_encode_chunks(text) == [text]
+    assert_same_ids(text, meta_ids(meta_tok, text, bos=True, eos=True), hf_ids(text, bos=True, eos=True), meta_tok)
+
+
+def test_input_over_400k_chars_cut_between_pretokens_ids_match(meta_tok, hf_tok):
+    """Meta cuts at 400,000 characters; when the cut falls between pre-tokens ("\\n" | "The") ids still agree."""
+    text = _ordinary_text(399_999) + "\n" + "The end of a very long document. " * 1_000
+    chunks = rt.meta_encode_chunks(text)
+    assert len(chunks) == 2 and len(chunks[0]) == 400_000
+    assert_same_ids(text, meta_ids(meta_tok, text), hf_ids(text), meta_tok)
+
+
+# Inputs whose pre-tokens Meta's cuts split. HF encodes the text whole, so ids differ near the cut: a genuine,
+# documented difference. Encoding Meta's chunks one by one (`chunk_like_meta=True`) reproduces Meta exactly.
+MISMATCH_INPUTS = {
+    "30k_digits": lambda: "7" * 30_000,            # 25,000-run cut: 25,000 % 3 != 0 shifts the digit groups
+    "30k_spaces": lambda: " " * 30_000 + "x",      # 25,000-run cut splits a whitespace pre-token
+    "450k_words": lambda: "a " * 225_000,          # 400,000-character cut leaves "a " | "a", HF sees "a", " a"
+}
+
+
+@pytest.mark.parametrize("name", list(MISMATCH_INPUTS))
+def test_meta_chunking_is_the_only_difference(name, meta_tok, hf_tok):
+    text = MISMATCH_INPUTS[name]()
+    meta = meta_ids(meta_tok, text)
+    assert len(rt.meta_encode_chunks(text)) > 1
+    assert_same_ids(text, meta, hf_ids(text, chunk_like_meta=True), meta_tok, "encode(chunk_like_meta=True)")
+    assert hf_ids(text) != meta, (
+        "Meta's chunked encode now agrees with whole-text HF here: update the 'Meta's chunking' notes in "
+        "reference/tokenizer.py and this test")
+    assert meta_tok.decode(meta) == rt.hf_decode(hf_ids(text)) == text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hypothesis
+# ---------------------------------------------------------------------------------------------------------------
+
+_HYPOTHESIS = dict(deadline=None, max_examples=min(100, settings.default.max_examples),
+                   suppress_health_check=[HealthCheck.too_slow])
+if os.environ.get("CI"):
+    _HYPOTHESIS["derandomize"] = True
+FUZZ = settings(**_HYPOTHESIS)
+
+# pieces that stress the split regex: contractions, digit runs, whitespace kinds, scripts, joiners, specials
+_PIECES = ["'s", "'T", "'ll", "'D", "'RE", "'", "s", "t", "ON", "A", " ", "  ", "\t", "\n", "\r\n", "\r", "\u00a0", "\u3000",
+           "\u2028", "0", "1", "9", "12", "٣", "७", "a", "Z", "é", "e\u0301", "ß", "日本", "한", "ع", "ש", "क्ष",
+           "!", ".", "...", "-", "_", "(", "<|", "|>", "<|eot_id|>", "<|begin_of_text|>", "😀", "👍🏽",
+           "\u200d", "👨‍👩‍👧", "🇫🇷", "\ufe0f", "\x00", "\x7f", "\U0010fffd"]
+
+texts = st.one_of(
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=200),
+    st.lists(st.sampled_from(_PIECES), max_size=60).map("".join),
+)
+
+
+@FUZZ
+@given(text=texts)
+def test_random_text_ids_match_and_round_trip(text):
+    meta_tok = rt.meta_tokenizer()
+    meta = meta_ids(meta_tok, text)
+    assert_same_ids(text, meta, hf_ids(text), meta_tok)
+    assert meta_tok.decode(meta) == text
+    assert rt.hf_decode(hf_ids(text)) == text
+
+
+@FUZZ
+@given(ids=st.lists(st.one_of(st.integers(0, 128255), st.integers(0, 255), st.integers(128000, 128255)),
+                    max_size=24))
+def test_random_ids_decode_alike(ids):
+    """Arbitrary id sequences, including cut UTF-8 (streamed generation) and specials, decode the same."""
+    assert rt.hf_decode(ids) == rt.meta_tokenizer().decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading: the file format check and the cache
+# ---------------------------------------------------------------------------------------------------------------
+
+def _first_lines(n, _lines=[]):
+    if not _lines:
+        _lines.extend(rt.PACKAGED_TOKENIZER_PATH.read_text().splitlines()[:1000])
+    return _lines[:n]
+
+
+BAD_FILES = {
+    "sentencepiece": (b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x0b\n\x03<s>\x15\x00\x00\x00\x00\x18\x03"
+                      b"\n\x0c\n\x04\xe2\x96\x81t\x15\x00\x00\x80\xbf", "SentencePiece"),
+    "hf_tokenizer_json": (json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}).encode(), "JSON"),
+    "git_lfs_pointer": (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 2183982\n", "LFS"),
+    "empty": (b"", "empty"),
+    "not_base64": (("\n".join(_first_lines(300)) + "\nnot*base64! 300\n").encode(), "line 301.*not base64"),
+    "three_fields": (("\n".join(_first_lines(300)) + "\nIQ== 300 extra\n").encode(), "line 301 has 3 fields"),
+    "rank_gap": (("\n".join(_first_lines(300)[:150] + _first_lines(300)[151:])).encode(), "rank 150 is missing"),
+    "duplicate_rank": (("\n".join(_first_lines(300)) + "\nIUFB 299\n").encode(), "rank 299 used twice"),
+    "missing_bytes": (("\n".join(_first_lines(200))).encode(), "single-byte tokens are missing"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_non_tiktoken_file_is_rejected_clearly(name, tmp_path):
+    content, reason = BAD_FILES[name]
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=reason) as info:
+        rt.load_meta_tokenizer(path)
+    message = str(info.value)
+    assert str(path) in message and "tiktoken BPE" in message, message
+    assert isinstance(info.value, rt.TokenizerFileError)
+
+
+def test_small_valid_tiktoken_file_loads(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_text("\n".join(_first_lines(1000)) + "\n")
+    tok = rt.load_meta_tokenizer(path, vocab_size=1256)
+    assert tok.bos_id == 1000 and tok.n_words == 1256
+    assert tok.decode(tok.encode("hello world", bos=False, eos=False)) == "hello world"
+
+
+def test_vocab_size_mismatch_is_reported():
+    with pytest.raises(ValueError, match=r"128256 ids .* vocab_size=32000"):
+        rt.load_meta_tokenizer(rt.PACKAGED_TOKENIZER_PATH, vocab_size=32000)
+    with pytest.raises(FileNotFoundError):
+        rt.load_meta_tokenizer("/nonexistent/tokenizer.model")
+
+
+def test_cold_build_and_disk_cache(tmp_path, meta_tok, hf_tok):
+    """A from-scratch conversion into an empty cache equals the session's tokenizer, and reloads from disk."""
+    fresh = rt.hf_tokenizer(cache_dir=tmp_path)
+    entries = list((tmp_path / "tokenizer").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file(), entries
+    reloaded = rt._load_cached(entries[0])
+    text = "\n".join(CORPUS.values())
+    expected = meta_ids(meta_tok, text, bos=True, eos=True)
+    for tok in (fresh, reloaded):
+        assert rt.hf_encode(text, bos=True, eos=True, tokenizer=tok) == expected
+        assert tok.backend_tokenizer.get_vocab() == hf_tok.backend_tokenizer.get_vocab()
