@@ -16,14 +16,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("layer_index", [0, 1], ids=lambda i: f"layer{i}")
-def test_attention(request, tp_model, reference, dtype, mesh, case, layer_index):
+def check_attention(request, model, params, reference, dtype, mesh, case, layer_index):
     sizes, start_pos = CASES[case]
-    model, params = tp_model(mesh, dtype)
     actual = components.attention(model, params, support.attention_chunks(dtype, sizes), layer=layer_index,
                                   start_pos=start_pos)
     expected, exact = support.attention(reference, dtype, layer_index, sizes, start_pos)
     for chunk, (a, e, o) in enumerate(zip(actual, expected, exact)):
         assert_parity(request, component="attention", name=f"{case}.chunk{chunk}", layer=layer_index, actual=a,
                       expected=e, oracle=o, reference=reference, dtype=dtype, mesh=mesh)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("layer_index", [0, 1], ids=lambda i: f"layer{i}")
+def test_attention(request, tp_model, reference, dtype, mesh, case, layer_index):
+    check_attention(request, *tp_model(mesh, dtype), reference, dtype, mesh, case, layer_index)

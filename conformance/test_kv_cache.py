@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from parity import assert_parity
+
 from fixtures.weights import make_tokens
 from tp_llama.generate import greedy_generate
 from tp_llama.model import to_numpy
@@ -23,17 +25,18 @@ def _prefill_then_decode(model, params, tokens, prefill_len):
     return np.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize("run_dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mesh_text", ["1x1", "1x4", "2x4"])
-def test_prefill_plus_decode_equals_full_forward(request, tp_model, tiny_config, mesh_text, run_dtype):
-    from parity import assert_parity
-
-    model, params = tp_model(mesh_text, run_dtype)
-    tokens = make_tokens(tiny_config, 2, 24, seed=3)
+def check_kv_cache(request, model, params, dtype, mesh):
+    tokens = make_tokens(model.config, 2, 24, seed=3)
     full = to_numpy(model.forward(params, tokens))
     stepped = _prefill_then_decode(model, params, tokens, prefill_len=16)
     assert_parity(request, component="kv_cache", name="logits", actual=stepped, expected=full, reference="self",
-                  dtype=run_dtype, mesh=mesh_text, logits=True)
+                  dtype=dtype, mesh=mesh, logits=True)
+
+
+@pytest.mark.parametrize("run_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mesh_text", ["1x1", "1x4", "2x4"])
+def test_prefill_plus_decode_equals_full_forward(request, tp_model, mesh_text, run_dtype):
+    check_kv_cache(request, *tp_model(mesh_text, run_dtype), run_dtype, mesh_text)
 
 
 def test_batched_prompts_of_different_lengths_match_one_at_a_time(tp_model, tiny_config):

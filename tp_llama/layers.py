@@ -83,8 +83,19 @@ def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
     return (t[None, None, :] <= q_slots[:, :, None]) & kv_valid[:, None, :]
 
 
-def attention_softmax(scores: jax.Array) -> jax.Array:
-    return jax.nn.softmax(scores.astype(F32), axis=-1)
+def score_divisor(head_dim: int) -> float:
+    """Scores are q.k / sqrt(head_dim)."""
+    return math.sqrt(head_dim)
+
+
+def attention_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked softmax over keys, computed in float32 from scores at the activation dtype (as Meta does)."""
+    return jax.nn.softmax(jnp.where(mask, scores.astype(F32), MASK_VALUE), axis=-1)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+    """Store new keys or values (b, s, kv, d) at cache slots index .. index+s-1."""
+    return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -92,9 +103,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     b, s, h, d = q.shape
     qg = group_query_heads(q, k.shape[2])
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32).astype(q.dtype)
-    scores = scores / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None, :, :], scores.astype(F32), MASK_VALUE)
-    probs = attention_softmax(scores).astype(q.dtype)
+    scores = scores / score_divisor(d)
+    probs = attention_softmax(scores, mask[:, None, None, :, :]).astype(q.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=F32).astype(q.dtype)
     return out.reshape(b, s, h * d)
 

@@ -27,9 +27,14 @@ HEAD_TAPS = {"q_rope": "q_heads", "k_rope": "kv_heads"}
 TAP_PREFIX = "tap_"
 
 
-def all_reduce(x: jax.Array) -> jax.Array:
-    """Sum partial results over the model axis (after wo, w2 and the embedding lookup)."""
+def all_reduce(x: jax.Array, site: str) -> jax.Array:
+    """Sum partial results over the model axis; `site` ('embedding', 'wo' or 'w2') names the caller."""
     return jax.lax.psum(x, MODEL)
+
+
+def vocab_shard_start(local_vocab: int) -> jax.Array:
+    """First vocab id held by this device: shards are laid out in model-axis order."""
+    return jax.lax.axis_index(MODEL) * local_vocab
 
 
 def tap(module: nn.Module, name: str, value: jax.Array) -> None:
@@ -91,11 +96,10 @@ class VocabParallelEmbed(nn.Module):
     @nn.compact
     def __call__(self, tokens, dtype):
         table = self.param("embedding", _SHAPE_ONLY, (self.dims.vocab, self.dims.config.dim))
-        first = jax.lax.axis_index(MODEL) * self.dims.vocab
-        local = tokens - first
+        local = tokens - vocab_shard_start(self.dims.vocab)
         mine = (local >= 0) & (local < self.dims.vocab)
         rows = jnp.take(table, jnp.clip(local, 0, self.dims.vocab - 1), axis=0)
-        return all_reduce(jnp.where(mine[..., None], rows, 0).astype(jnp.float32)).astype(dtype)
+        return all_reduce(jnp.where(mine[..., None], rows, 0).astype(jnp.float32), "embedding").astype(dtype)
 
 
 class Attention(nn.Module):
@@ -113,11 +117,10 @@ class Attention(nn.Module):
         tap(self, "q_rope", q)
         tap(self, "k_rope", k)
         if cache is not None:
-            k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k, cache_index, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v, cache_index, axis=1)
-            k, v, cache = k_cache, v_cache, (k_cache, v_cache)
+            cache = (layers.write_cache(cache[0], k, cache_index), layers.write_cache(cache[1], v, cache_index))
+            k, v = cache
         out = layers.attention(q, k, v, mask)
-        return all_reduce(Linear(heads * hd, dim, name="wo")(out)).astype(x.dtype), cache
+        return all_reduce(Linear(heads * hd, dim, name="wo")(out), "wo").astype(x.dtype), cache
 
 
 class FeedForward(nn.Module):
@@ -128,7 +131,7 @@ class FeedForward(nn.Module):
         dim, hidden = self.dims.config.dim, self.dims.hidden
         gate = Linear(dim, hidden, name="w1")(x).astype(x.dtype)
         up = Linear(dim, hidden, name="w3")(x).astype(x.dtype)
-        return all_reduce(Linear(hidden, dim, name="w2")(layers.swiglu(gate, up))).astype(x.dtype)
+        return all_reduce(Linear(hidden, dim, name="w2")(layers.swiglu(gate, up)), "w2").astype(x.dtype)
 
 
 class Block(nn.Module):

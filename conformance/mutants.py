@@ -1,0 +1,205 @@
+"""Planted bugs: realistic mistakes patched into the JAX model at test time (its source never changes).
+
+Each mutant replaces one function of tp_llama.layers or tp_llama.model with a wrong version. The suite must
+kill every one: `python -m conformance.mutants` runs pytest once per mutant (`pytest --mutant NAME`) and
+prints which tests killed it; conformance/test_mutants.py checks a fast subset in the default run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import re
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from tp_llama import layers, model
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+_original_rope_frequencies = layers.rope_frequencies
+_original_all_reduce = model.all_reduce
+_original_write_cache = layers.write_cache
+
+
+def _rope_without_scaling(head_dim, theta, scaled):
+    return _original_rope_frequencies(head_dim, theta, False)
+
+
+def _rope_angles_in_bf16(positions, freqs):
+    angles = positions.astype(BF16)[..., None] * freqs.astype(BF16)
+    return jnp.cos(angles).astype(F32), jnp.sin(angles).astype(F32)
+
+
+def _rotate_half(x, cos, sin):
+    """HF's rotate-half applied to weights in Meta's interleaved layout."""
+    half = x.shape[-1] // 2
+    xf = x.astype(F32)
+    x0, x1 = xf[..., :half], xf[..., half:]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).astype(x.dtype)
+
+
+def _rms_norm_without_upcast(x, weight, eps):
+    normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.asarray(eps, x.dtype))
+    return normed * weight.astype(x.dtype)
+
+
+def _rms_norm_llama2_eps(x, weight, eps):
+    xf = x.astype(F32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def _rms_norm_without_weight(x, weight, eps):
+    xf = x.astype(F32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _kv_groups_interleaved(q, n_kv_heads):
+    """Query head h reads kv head h % n_kv (jnp.tile order) instead of h // group (repeat order)."""
+    b, s, h, d = q.shape
+    return q.reshape(b, s, h // n_kv_heads, n_kv_heads, d).swapaxes(2, 3)
+
+
+def _softmax_in_activation_dtype(scores, mask):
+    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1)
+
+
+def _causal_mask_sees_next(q_slots, kv_valid):
+    t = jnp.arange(kv_valid.shape[-1])
+    return (t[None, None, :] <= q_slots[:, :, None] + 1) & kv_valid[:, None, :]
+
+
+def _swiglu_swapped(gate, up):
+    return layers.silu_f32(up) * gate
+
+
+def _skip_reduce_at(site):
+    return lambda x, where: x if where == site else _original_all_reduce(x, where)
+
+
+def _reduce_twice_at(site):
+    def reduce(x, where):
+        once = _original_all_reduce(x, where)
+        return _original_all_reduce(once, where) if where == site else once
+    return reduce
+
+
+def _vocab_shards_reversed(local_vocab):
+    return (jax.lax.psum(1, model.MODEL) - 1 - jax.lax.axis_index(model.MODEL)) * local_vocab
+
+
+def _decode_writes_one_slot_late(cache, new, index):
+    return _original_write_cache(cache, new, index + (new.shape[1] == 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    description: str
+    target: object
+    attribute: str
+    replacement: Callable
+
+
+MUTANTS: dict[str, Mutant] = {m.name: m for m in [
+    Mutant("rope_unscaled", "RoPE without the Llama 3.1 frequency scaling", layers, "rope_frequencies",
+           _rope_without_scaling),
+    Mutant("rope_bf16_phases", "RoPE angles computed in bfloat16", layers, "rope_angles", _rope_angles_in_bf16),
+    Mutant("rope_rotate_half", "rotate-half applied to the interleaved layout", layers, "apply_rope", _rotate_half),
+    Mutant("rmsnorm_no_upcast", "RMSNorm computed in the activation dtype", layers, "rms_norm",
+           _rms_norm_without_upcast),
+    Mutant("rmsnorm_eps", "RMSNorm with eps 1e-6 (Llama 2's) instead of the config's 1e-5", layers, "rms_norm",
+           _rms_norm_llama2_eps),
+    Mutant("rmsnorm_no_weight", "RMSNorm without its weight", layers, "rms_norm", _rms_norm_without_weight),
+    Mutant("kv_group_order", "kv heads repeated in tile order instead of repeat order", layers,
+           "group_query_heads", _kv_groups_interleaved),
+    Mutant("softmax_bf16", "attention softmax in the activation dtype", layers, "attention_softmax",
+           _softmax_in_activation_dtype),
+    Mutant("attention_scale", "scores divided by head_dim instead of sqrt(head_dim)", layers, "score_divisor",
+           lambda head_dim: float(head_dim)),
+    Mutant("causal_off_by_one", "causal mask lets each token see the next one", layers, "causal_mask",
+           _causal_mask_sees_next),
+    Mutant("gate_up_swapped", "SwiGLU gate (w1) and up (w3) swapped", layers, "swiglu", _swiglu_swapped),
+    Mutant("missing_psum_wo", "no all-reduce after the attention output projection", model, "all_reduce",
+           _skip_reduce_at("wo")),
+    Mutant("missing_psum_w2", "no all-reduce after the MLP down projection", model, "all_reduce",
+           _skip_reduce_at("w2")),
+    Mutant("double_psum_w2", "the MLP all-reduce applied twice", model, "all_reduce", _reduce_twice_at("w2")),
+    Mutant("vocab_shards_reversed", "vocab shards of the embedding taken in reverse order", model,
+           "vocab_shard_start", _vocab_shards_reversed),
+    Mutant("decode_cache_slot", "decode writes the KV cache one slot late", layers, "write_cache",
+           _decode_writes_one_slot_late),
+]}
+
+
+def apply(name: str) -> Callable[[], None]:
+    """Plant mutant `name`; returns the function that removes it."""
+    if name not in MUTANTS:
+        raise ValueError(f"unknown mutant {name!r}; choose one of: {', '.join(MUTANTS)}")
+    mutant = MUTANTS[name]
+    original = getattr(mutant.target, mutant.attribute)
+    setattr(mutant.target, mutant.attribute, mutant.replacement)
+    return lambda: setattr(mutant.target, mutant.attribute, original)
+
+
+@contextlib.contextmanager
+def planted(name: str):
+    undo = apply(name)
+    try:
+        yield MUTANTS[name]
+    finally:
+        undo()
+
+
+# ---- the runner -----------------------------------------------------------------------------
+
+FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def run_one(name: str, pytest_args: list[str], all_killers: bool) -> tuple[list[str], float, str]:
+    """Run pytest with the mutant planted; the killers are the tests that failed."""
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--mutant", name, "-p", "no:cacheprovider",
+               *([] if all_killers else ["-x"]), *pytest_args]
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True)
+    elapsed = time.monotonic() - start
+    killers = FAILED_LINE.findall(done.stdout)
+    if done.returncode not in (0, 1) or (done.returncode == 1 and not killers):
+        return [], elapsed, f"pytest exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    return killers, elapsed, ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance.mutants",
+                                     description="Run the suite once per planted bug and report which tests "
+                                                 "killed it. Exit 1 when any bug survives.")
+    parser.add_argument("--only", action="append", choices=sorted(MUTANTS), help="mutants to run (repeatable)")
+    parser.add_argument("--all-killers", action="store_true",
+                        help="run every test per mutant instead of stopping at the first failure")
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (default: the default test selection)")
+    args = parser.parse_args(argv)
+    names = args.only or list(MUTANTS)
+    print(f"{'mutant':24} {'verdict':9} {'time':>7}  killed by")
+    survivors = 0
+    for name in names:
+        killers, elapsed, problem = run_one(name, args.pytest_args, args.all_killers)
+        verdict = "killed" if killers else ("ERROR" if problem else "SURVIVED")
+        survivors += not killers
+        first = killers[0] if killers else (problem.splitlines()[0] if problem else "-")
+        more = f" (+{len(killers) - 1} more)" if len(killers) > 1 else ""
+        print(f"{name:24} {verdict:9} {elapsed:6.1f}s  {first}{more}", flush=True)
+        if problem:
+            print(problem, file=sys.stderr)
+    print(f"{len(names) - survivors} of {len(names)} planted bugs killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

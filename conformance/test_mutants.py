@@ -1,0 +1,68 @@
+"""A fast subset of the planted-bug catalogue, killed in-process by the same checks the suite runs.
+
+Each case plants one bug from conformance/mutants.py, runs one component check on a fresh model (compiled
+functions are never shared with the unplanted runs) and requires the check to fail on the component the bug
+lives in. A missing all-reduce is stopped earlier, by JAX itself: shard_map refuses to return as replicated a
+value that was never summed over the model axis. `python -m conformance.mutants` runs the whole catalogue against the whole suite.
+"""
+import types
+
+import pytest
+
+from conformance import mutants
+from conformance.test_attention import check_attention
+from conformance.test_kv_cache import check_kv_cache
+from conformance.test_mlp import check_mlp
+from conformance.test_rmsnorm import check_rmsnorm
+from conformance.test_rope import check_rope
+from tp_llama.model import TPLlama
+
+PARITY = AssertionError
+REPLICATION = ValueError  # raised by jax.shard_map's replication check
+
+# mutant -> (mesh, dtype, check, its arguments after (request, model, params, reference, dtype, mesh),
+#            expected failure, text it must contain). kv grouping needs 1x1: on 1x4 each device holds one kv head.
+FAST = {
+    "rope_unscaled": ("1x4", "float32", check_rope, (9000,), PARITY, "component 'rope'"),
+    "rmsnorm_eps": ("1x4", "float32", check_rmsnorm, (0, "attention_norm"), PARITY, "component 'rmsnorm'"),
+    "rmsnorm_no_upcast": ("1x4", "bfloat16", check_rmsnorm, (0, "attention_norm"), PARITY, "component 'rmsnorm'"),
+    "kv_group_order": ("1x1", "float32", check_attention, ("prefill", 0), PARITY, "component 'attention'"),
+    "softmax_bf16": ("1x1", "bfloat16", check_attention, ("cached", 0), PARITY, "component 'attention'"),
+    "gate_up_swapped": ("1x4", "float32", check_mlp, (0,), PARITY, "component 'mlp'"),
+    "missing_psum_wo": ("1x4", "float32", check_attention, ("prefill", 1), REPLICATION, "replicat"),
+}
+
+
+def scratch_request(config):
+    """A stand-in for pytest's request whose records stay out of the run's parity JSON."""
+    return types.SimpleNamespace(config=config, node=types.SimpleNamespace(nodeid="mutant", user_properties=[]))
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_planted_bug_is_killed(request, tp_model, name):
+    mesh_text, run_dtype, check, args, failure, text = FAST[name]
+    model, params = tp_model(mesh_text, run_dtype)
+    fresh = TPLlama(model.config, model.mesh, run_dtype)
+    with mutants.planted(name), pytest.raises(failure, match=text):
+        check(scratch_request(request.config), fresh, params, "meta", run_dtype, mesh_text, *args)
+
+
+def test_decode_only_bug_is_killed_by_the_cache_check(request, tp_model):
+    model, params = tp_model("1x4", "float32")
+    with mutants.planted("decode_cache_slot"), pytest.raises(AssertionError, match="component 'kv_cache'"):
+        check_kv_cache(scratch_request(request.config), TPLlama(model.config, model.mesh, "float32"), params,
+                       "float32", "1x4")
+
+
+def test_unplanted_checks_pass(request, tp_model):
+    """The same checks on the same fresh models pass without a bug: the failures above are the bugs'."""
+    for mesh_text, run_dtype, check, args, _, _ in FAST.values():
+        model, params = tp_model(mesh_text, run_dtype)
+        check(scratch_request(request.config), TPLlama(model.config, model.mesh, run_dtype), params, "meta",
+              run_dtype, mesh_text, *args)
+
+
+def test_catalogue_is_complete():
+    assert len(mutants.MUTANTS) >= 12
+    for mutant in mutants.MUTANTS.values():
+        assert hasattr(mutant.target, mutant.attribute), f"{mutant.name} patches a missing {mutant.attribute}"
