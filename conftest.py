@@ -28,6 +28,9 @@ def pytest_addoption(parser):
     group.addoption("--cpu-devices", type=int, default=SIMULATED_CPU_DEVICES, metavar="N",
                     help="simulated CPU devices when JAX runs on the CPU (default: %(default)s); "
                          "ignored when JAX_PLATFORMS selects an accelerator")
+    group.addoption("--mutant", default=None, metavar="NAME",
+                    help="plant one bug from conformance/mutants.py into the model for this run "
+                         "(python -m conformance.mutants runs them all)")
     group.addoption("--tolerance-profile", default="default", choices=("strict", "default"),
                     help="column of fixtures/tolerances.py to hold results to (default: %(default)s)")
     group.addoption("--parity-json", default=None, metavar="PATH",
@@ -57,6 +60,14 @@ def _simulate_cpu_devices(count: int) -> None:
 
 def pytest_configure(config):
     _simulate_cpu_devices(config.getoption("cpu_devices"))
+    mutant = config.getoption("mutant")
+    if mutant:
+        from conformance import mutants
+
+        try:
+            config.add_cleanup(mutants.apply(mutant))
+        except ValueError as err:
+            raise pytest.UsageError(f"--mutant: {err}") from None
     for mesh in config.getoption("mesh") or ():
         if not re.fullmatch(r"\d+x\d+", mesh):
             raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
