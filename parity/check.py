@@ -16,6 +16,7 @@ from fixtures.tolerances import LOWER, UPPER, bounds_for, direction
 from parity import metrics as pm
 
 RECORD_KEY = "parity_record"
+NOT_CHECKED_KEY = "parity_not_checked"  # kept apart from records: neither passed nor failed
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?=\.|$)")
 
 
@@ -147,11 +148,14 @@ def _context(request: Any) -> tuple[str, str, list]:
 
 def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, reference: str | None,
                   dtype: Any, mesh: Any, layer: int | None = None, oracle: Any = None, logits: bool = False,
-                  name: str | None = None, extra_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+                  name: str | None = None, extra_metrics: Mapping[str, float] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compare `actual` (implementation) with `expected` (reference) under the table's bounds, record, judge.
 
     noise_ratio is computed only with an `oracle` (float64 result of exact math), kl/top1/topk_overlap only
     for `logits`; `extra_metrics` adds values computed elsewhere in parity.metrics (e.g. logprob_gap).
+    `extra` adds JSON-serialisable fields to the record under keys the schema declares (e.g. 'generation':
+    the two token streams); it may not replace a standard field.
     Only metrics that have both a value and a bound are judged; NaN/Inf on either side always fails.
     Returns the record; raises AssertionError listing every failing metric and the worst index.
     """
@@ -160,6 +164,10 @@ def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, r
     record = _evaluate(nodeid, profile, component=component, actual=actual, expected=expected,
                        reference=reference, dtype=dtype, mesh=mesh, layer=layer, oracle=oracle, logits=logits,
                        name=name, extra_metrics=extra_metrics)
+    clash = sorted(set(extra or {}) & set(record))
+    if clash:
+        raise ValueError(f"assert_parity(extra=...): {clash} would replace standard record fields; rename them")
+    record.update(extra or {})
     properties.append((RECORD_KEY, record))
     if not record["passed"]:
         raise AssertionError(failure_message(record, profile))
@@ -215,6 +223,21 @@ def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any
         scope = _scope_text({"reference": reference, "dtype": dtype_name(dtype), "mesh": mesh_name(mesh)}, profile)
         raise AssertionError("\n  ".join([head, scope, *problems]))
     return records
+
+
+def record_not_checked(request: Any, *, component: str, names: list[str], reason: str, reference: str | None,
+                       dtype: Any, mesh: Any) -> list[dict[str, Any]]:
+    """Note named tensors that were not compared (e.g. intermediates an --impl adapter does not provide).
+
+    Each goes to user_properties as (NOT_CHECKED_KEY, entry), never as a parity record, so it counts neither as
+    passed nor as failed; the calling test should end skipped with `reason`, not passed.
+    """
+    nodeid, _, properties = _context(request)
+    entries = [{"test": nodeid, "component": component, "name": name, "layer": layer_of(name),
+                "reference": reference, "dtype": dtype_name(dtype), "mesh": mesh_name(mesh), "reason": reason}
+               for name in names]
+    properties.extend((NOT_CHECKED_KEY, entry) for entry in entries)
+    return entries
 
 
 def _summary_line(record: Mapping[str, Any]) -> str:

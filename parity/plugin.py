@@ -8,6 +8,11 @@ user_properties list as it was then, so only records not yet seen for that node 
 Device kind and count: the controller never starts a JAX backend for them (on an accelerator that would
 grab the devices the workers need). They come from whichever process already initialised a backend: the
 controller itself without xdist, or the xdist workers, which send them in `workeroutput` when they finish.
+Seeds that fixtures declare with `note_seed` travel the same way.
+
+At the end the controller judges the run against --parity-baseline (parity.baseline), which can turn a
+green run red, and only then writes --parity-json and the --parity-report HTML, so both carry the final
+exit status.
 """
 from __future__ import annotations
 
@@ -18,16 +23,25 @@ import math
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fixtures.tolerances import LOWER, UPPER, direction
+from parity import baseline as pb
 from parity.check import RECORD_KEY, budget_used, format_value
 
 VERSIONED = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models", "fairscale", "tiktoken", "numpy",
              "pytest", "pytest-xdist")
 _WORKER_KEY = "parity_devices"
+_SEEDS_KEY = "parity_seeds"
+_SEEDS = pytest.StashKey[dict]()
+
+
+def note_seed(config: pytest.Config, name: str, value: Any) -> None:
+    """Declare a seed the run used (e.g. of the canonical weights) so the JSON and the report show it."""
+    config.stash.setdefault(_SEEDS, {})[name] = value
 
 
 def package_versions(names=VERSIONED) -> dict[str, str | None]:
@@ -89,10 +103,29 @@ class ParityCollector:
         self.tests: dict[str, dict[str, Any]] = {}
         self._seen: dict[str, int] = {}
         self.devices: list[dict[str, Any]] = []
+        self.seeds: dict[str, Any] = {}
         self.start = time.perf_counter()
         self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.wall_time = None
         self.json_path = config.getoption("parity_json", default=None)
+        self.report_path = config.getoption("parity_report", default=None)
+        self.report_error: str | None = None
+        self.baseline_path = config.getoption("parity_baseline", default=None)
+        self.update_baseline = bool(config.getoption("parity_update_baseline", default=False))
+        self.baseline = self._load_baseline()
+        self.gate: pb.GateResult | None = None
+        self.baseline_written: int | None = None
+
+    def _load_baseline(self) -> dict[str, Any] | None:
+        """The baseline to judge against, read before any test runs so a bad path fails in a second."""
+        if self.update_baseline and not self.baseline_path:
+            raise pytest.UsageError("--parity-update-baseline needs --parity-baseline PATH: the file to rewrite")
+        if not self.baseline_path or self.update_baseline:
+            return None
+        try:
+            return pb.load_baseline(self.baseline_path)
+        except pb.BaselineError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
     # ---- collection -------------------------------------------------------------------------------------
     @pytest.hookimpl
@@ -123,9 +156,10 @@ class ParityCollector:
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """xdist controller: keep the device info a worker reported when it finished."""
-        info = getattr(node, "workeroutput", {}).get(_WORKER_KEY)
-        if info:
-            self.devices.append(info)
+        output = getattr(node, "workeroutput", {})
+        if output.get(_WORKER_KEY):
+            self.devices.append(output[_WORKER_KEY])
+        self.seeds.update(output.get(_SEEDS_KEY, {}))
 
     # ---- output -----------------------------------------------------------------------------------------
     def environment(self) -> dict[str, Any]:
@@ -138,10 +172,19 @@ class ParityCollector:
             "versions": package_versions(),
             "devices": devices,
             "tolerance_profile": self.config.getoption("tolerance_profile", default=None) or "default",
+            "seeds": self._seeds(),
             "xdist_workers": getattr(self.config.option, "numprocesses", None) or 0,
             "started_at": self.started_at,
             "wall_time_s": self.wall_time,
         }
+
+    def _seeds(self) -> dict[str, Any]:
+        """Seeds noted by fixtures here or on the workers, and hypothesis's if one was given."""
+        seeds = {**self.seeds, **self.config.stash.get(_SEEDS, {})}
+        hypothesis_seed = self.config.getoption("hypothesis_seed", default=None)
+        if hypothesis_seed is not None:
+            seeds["hypothesis"] = hypothesis_seed
+        return seeds
 
     def document(self, exitstatus: int) -> dict[str, Any]:
         return json_safe({"environment": self.environment(), "exitstatus": int(exitstatus),
@@ -149,17 +192,54 @@ class ParityCollector:
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """Runs before the terminal summary (the terminal reporter wraps this hook), so the file exists then."""
+        """Runs before the terminal summary (the terminal reporter wraps this hook), so the files exist then.
+
+        A baseline regression turns exit status 0 into 1 (tests failed) through session.exitstatus, which is
+        what pytest returns. A report that cannot be written must not pass unnoticed: exit status 3.
+        """
         self.wall_time = round(time.perf_counter() - self.start, 3)
+        document = self.document(exitstatus)
+        if self.baseline is not None:
+            self.gate = pb.compare(self.baseline, document, self.baseline_path)
+            if not self.gate.passed and session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if self.report_path:
+            self._write_report(session, {**document, "exitstatus": int(session.exitstatus)})
+        document["exitstatus"] = int(session.exitstatus)
         if self.json_path:
+            Path(self.json_path).parent.mkdir(parents=True, exist_ok=True)
             with open(self.json_path, "w", encoding="utf-8") as handle:
-                json.dump(self.document(exitstatus), handle, indent=1, allow_nan=False)
+                json.dump(document, handle, indent=1, allow_nan=False)
+        if self.update_baseline and session.exitstatus != pytest.ExitCode.INTERRUPTED:
+            self.baseline_written = len(pb.write_baseline(self.baseline_path, document)["cases"])
+
+    def _write_report(self, session: pytest.Session, document: dict[str, Any]) -> None:
+        from parity.report import write_report
+
+        try:
+            write_report(self.report_path, document, self.gate)
+        except Exception as exc:  # noqa: BLE001 - said in the summary and the exit status, not an INTERNALERROR
+            self.report_error = f"{type(exc).__name__}: {exc}"
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.records and not self.json_path:
+        """Every run that ran tests ends with the verdict, the worst case per component and where the report is."""
+        if self.config.option.collectonly:
             return
-        for line in summary_lines(self.records, list(self.tests.values()), self.json_path):
+        lines = summary_lines(self.records, list(self.tests.values()), self.json_path, self.gate)
+        if self.report_error:
+            lines.append(f"parity report NOT written to {self.report_path}: {self.report_error}")
+        elif self.report_path:
+            lines.append(f"parity report: {self.report_path}")
+        else:
+            lines.append("parity report: not written (add --parity-report PATH for the HTML report)")
+        if self.baseline_written is not None:
+            lines.append(f"parity baseline rewritten: {self.baseline_path} ({self.baseline_written} cases)")
+        elif self.update_baseline:
+            lines.append(f"parity baseline NOT rewritten: the run was interrupted, {self.baseline_path} is unchanged")
+        for line in lines:
             terminalreporter.write_line(line)
 
 
@@ -178,20 +258,23 @@ def worst_per_component(records: list[dict[str, Any]]) -> dict[str, tuple[float,
     return worst
 
 
-def summary_lines(records: list[dict], tests: list[dict], json_path: str | None) -> list[str]:
-    """The terminal summary: verdict, record counts, worst case per component, JSON path."""
+def summary_lines(records: list[dict], tests: list[dict], json_path: str | None,
+                  gate: pb.GateResult | None = None) -> list[str]:
+    """The terminal summary: verdict, record counts, worst case per component, baseline gate, JSON path."""
     failed_records = [r for r in records if not r["passed"]]
     bad_tests = [t for t in tests if t["outcome"] in ("failed", "error")]
-    verdict = "PASS" if not bad_tests else "FAIL"
+    regressions = f"; {len(gate.regressions)} baseline regressions" if gate and not gate.passed else ""
+    verdict = "PASS" if not bad_tests and not regressions else "FAIL"
     lines = ["", "=" * 20 + " parity summary " + "=" * 20,
-             f"verdict: {verdict} ({len(bad_tests)} failed/error of {len(tests)} tests)",
+             f"verdict: {verdict} ({len(bad_tests)} failed/error of {len(tests)} tests{regressions})",
              f"records: {len(records) - len(failed_records)} passed, {len(failed_records)} failed"]
     outcomes = {t["nodeid"]: t["outcome"] for t in tests}
     caught = [r for r in failed_records if outcomes.get(r["test"]) in ("passed", "xfailed")]
     if caught:
         lines.append(f"  ({len(caught)} failed records belong to tests that passed or xfailed, "
                      f"e.g. planted-bug checks)")
-    worst = worst_per_component(records)
+    judged = [r for r in records if r["passed"] or outcomes.get(r["test"]) not in ("passed", "xfailed")]
+    worst = worst_per_component(judged)  # planted bugs a test caught are not the run's worst case
     if worst:
         lines.append("worst per component (share of bound used; > 1 fails):")
     for component, (used, metric, record) in sorted(worst.items()):
@@ -200,6 +283,8 @@ def summary_lines(records: list[dict], tests: list[dict], json_path: str | None)
         lines.append(f"  {component:<14} {metric} = {value} (bound {bound}, {used:.3g}x)  {label}")
     for record in [r for r in failed_records if r.get("error")][:5]:
         lines.append(f"  error in {record['test']} [{record.get('name')}]: {record['error'].splitlines()[0]}")
+    if gate is not None:
+        lines += pb.summary_lines(gate)
     if json_path:
         lines.append(f"parity JSON: {json_path}")
     return lines
@@ -207,12 +292,14 @@ def summary_lines(records: list[dict], tests: list[dict], json_path: str | None)
 
 @pytest.hookimpl
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """xdist worker: hand the device info of this worker's backend (if it started one) to the controller."""
+    """xdist worker: hand the device info of this worker's backend (if it started one) and the seeds its
+    fixtures noted to the controller."""
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         info = device_info()
         if info:
             workeroutput[_WORKER_KEY] = info
+        workeroutput[_SEEDS_KEY] = dict(session.config.stash.get(_SEEDS, {}))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,0 +1,554 @@
+"""The HTML parity report: what the generated file contains, section by section, and that the plugin writes it
+under pytest-xdist even when tests fail or error.
+
+`sample_document()` builds a --parity-json document from records made by the real `assert_parity` (so their
+shape is the plugin's), covering every case the page must show: passes, failures, a NaN, a planted bug caught
+by its test, layered records with noise_ratio, logits, a generation record with token streams, and tests that
+error, skip and xfail. The browser test renders the same document. (No argument here may be named `mesh`,
+`dtype` or `reference`: the repo conftest parametrizes those.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fixtures.tolerances import bounds_for
+from parity import assert_parity
+from parity import report as pr
+from parity.check import RECORD_KEY
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ["verdict", "matrix", "depth", "records", "generation", "environment"]
+ENV_PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models", "fairscale", "tiktoken")
+
+
+# ---- the sample document --------------------------------------------------------------------------------
+
+def _records(nodeid: str, checks: list[dict]) -> list[dict]:
+    """Run assert_parity for each check under a stand-in request; keep every record, failing ones included."""
+    options = {"tolerance_profile": "default"}
+    request = SimpleNamespace(config=SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)),
+                              node=SimpleNamespace(nodeid=nodeid, user_properties=[]))
+    for check in checks:
+        try:
+            assert_parity(request, **check)
+        except AssertionError:
+            pass
+    return [value for key, value in request.node.user_properties if key == RECORD_KEY]
+
+
+def _scaled(rel: float, oracle_rel: float | None = None, logits: bool = False) -> dict:
+    """actual = x * (1 + rel): rel_l2 is exactly |rel| and pcc/cosine exactly 1, so margins are known by hand.
+
+    With oracle_rel, the reference is x * (1 + oracle_rel) and the oracle x, so noise_ratio = rel / oracle_rel.
+    """
+    x = np.random.default_rng(7).standard_normal((3, 32))
+    if oracle_rel is None:
+        return dict(actual=x * (1 + rel), expected=x, logits=logits)
+    return dict(actual=x * (1 + rel), expected=x * (1 + oracle_rel), oracle=x, logits=logits)
+
+
+def bound(component: str, dt: str, metric: str, ref: str = "meta", mesh_text: str = "1x4") -> float:
+    """The table's current bound, so the sample's margins stay what these tests expect when the table moves."""
+    return bounds_for(component, dt, "default", reference=ref, mesh=mesh_text)[metric]
+
+
+def _scope(component, ref, dt, mesh_text, **kw):
+    return dict(component=component, reference=ref, dtype=dt, mesh=mesh_text, **kw)
+
+
+LAYERED = "conformance/test_intermediate.py::test_every_layer"
+PLANTED = "conformance/test_mutations.py::test_planted_bug_is_caught"
+FAILING = "conformance/test_mlp.py::test_mlp[meta-float32-1x4]"
+GEN = "conformance/test_generation.py::test_greedy[meta-float32-1x4]"
+GEN_SAME = "conformance/test_generation.py::test_mesh_generates_like_single_chip[long-float32-1x4]"
+TOKENS_IMPL = [11, 42, 42, 7, 99, 3]
+TOKENS_REF = [11, 42, 42, 8, 5, 3]
+
+
+def sample_document() -> dict:
+    """A --parity-json document exercising every section of the report."""
+    records = []
+    records += _records("conformance/test_mlp.py::test_mlp[meta-float32-1x1]", [
+        {**_scope("mlp", "meta", "float32", "1x1"), **_scaled(0.5 * bound("mlp", "float32", "rel_l2"))}])
+    records += _records(FAILING, [
+        {**_scope("mlp", "meta", "float32", "1x4"), **_scaled(3 * bound("mlp", "float32", "rel_l2"))}])  # fails
+    records += _records("conformance/test_mlp.py::test_mlp[hf-bfloat16-1x4]", [
+        {**_scope("mlp", "hf", "bfloat16", "1x4"), **_scaled(0.05 * bound("mlp", "bfloat16", "rel_l2", "hf"))}])
+    records += _records("conformance/test_rope.py::test_rope[meta-float32-1x4]", [
+        {**_scope("rope", "meta", "float32", "1x4", name="q"), "actual": np.array([1.0, np.nan]),
+         "expected": np.array([1.0, 2.0])}])                                    # NaN: error, fails
+    records += _records(PLANTED, [  # bugs planted on purpose and caught by their test: not failures of the run
+        {**_scope("attention", "hf", "float32", "1x4", name="planted"), **_scaled(0.5)},
+        {**_scope("intermediate", "meta", "float32", "1x1", name="layers.3.block_out"), **_scaled(0.5)}])
+    records += _records("conformance/test_logits.py::test_logits[meta-float32-1x4]", [
+        {**_scope("logits", "meta", "float32", "1x4"), **_scaled(0.1 * bound("logits", "float32", "rel_l2"),
+                                                                 logits=True)}])
+    checks = []
+    for ref, share in (("meta", 0.01), ("hf", 0.02)):
+        for dt in ("float32", "bfloat16"):
+            for mesh_text, mesh_factor in (("1x1", 1.0), ("1x4", 1.5)):
+                for layer in range(4):
+                    rel = share * bound("intermediate", dt, "rel_l2", ref, mesh_text) * mesh_factor * (layer + 1)
+                    ratio = bound("intermediate", dt, "noise_ratio", ref, mesh_text) * (0.2 + 0.05 * layer)
+                    checks.append({**_scope("intermediate", ref, dt, mesh_text, name=f"layers.{layer}.block_out"),
+                                   **_scaled(rel, oracle_rel=rel / ratio)})
+    records += _records(LAYERED, checks)
+    gap = 0.2 * bound("generation", "float32", "logprob_gap")
+    generation = _records(GEN, [{**_scope("generation", "meta", "float32", "1x4", name="greedy"),
+                                 **_scaled(0.0, logits=True), "extra_metrics": {"logprob_gap": gap}}])
+    generation[0]["generation"] = {
+        "case": "short", "start_pos": 0, "actual_engine": "tp_llama 1x4", "expected_engine": "meta", "rows": [
+            {"prompt": 0, "prompt_length": 5, "actual_tokens": TOKENS_IMPL, "expected_tokens": TOKENS_REF,
+             "first_divergence": 3, "topk_actual": [[7, -0.69], [8, -0.70], [2, -3.1]],
+             "topk_expected": [[8, -0.68], [7, -0.71]],
+             "actual_text": "The cat cat sat on.", "expected_text": "The cat cat sits here."},
+            {"prompt": 1, "prompt_length": 3, "actual_tokens": [5, 6], "expected_tokens": [5, 6],
+             "first_divergence": -1, "topk_actual": None, "topk_expected": None}]}
+    same = _records(GEN_SAME, [{**_scope("generation", "1x1", "float32", "1x4", name="greedy"),
+                                **_scaled(0.0, logits=True)}])
+    same[0]["generation"] = {
+        "case": "long", "start_pos": 8, "actual_engine": "tp_llama 1x4", "expected_engine": "tp_llama 1x1",
+        "rows": [{"prompt": 0, "prompt_length": 4, "actual_tokens": [9, 9, 1], "expected_tokens": [9, 9, 1],
+                  "first_divergence": -1, "topk_actual": None, "topk_expected": None}]}
+    records += same
+    records += generation
+    nodeids = list(dict.fromkeys(r["test"] for r in records))
+    tests = [{"nodeid": n, "outcome": "passed", "message": None} for n in nodeids]
+    for test in tests:
+        if test["nodeid"] == FAILING:
+            test.update(outcome="failed", message="AssertionError: parity failed for component 'mlp'")
+        if "test_rope" in test["nodeid"]:
+            test.update(outcome="failed", message="AssertionError: actual has 1 NaN/Inf of 2")
+    tests += [
+        {"nodeid": "conformance/test_block.py::test_block[meta-float32-1x4]", "outcome": "error",
+         "message": "RuntimeError: fixture broke <script>alert(1)</script>"},
+        {"nodeid": "conformance/test_block.py::test_block_slow", "outcome": "skipped", "message": "needs -m slow"},
+        {"nodeid": "conformance/test_block.py::test_known_gap", "outcome": "xfailed", "message": "known gap"},
+    ]
+    environment = {
+        "python": "3.11.7", "implementation": "CPython", "platform": "Linux-6.1-x86_64-with-glibc2.36",
+        "versions": {"jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.8", "torch": "2.13.0+cpu",
+                     "transformers": "5.24.0", "llama-models": "0.3.0", "fairscale": "0.4.13", "tiktoken": "0.14.0",
+                     "numpy": "2.4.6", "pytest": "9.2.0", "pytest-xdist": None},
+        "devices": {"platform": "cpu", "kind": "cpu", "count": 8, "process_count": 1},
+        "tolerance_profile": "default", "seeds": {"weights": 0}, "xdist_workers": 2,
+        "started_at": "2026-11-28T12:00:00+00:00", "wall_time_s": 123.4,
+    }
+    from parity.plugin import json_safe
+
+    return json.loads(json.dumps(json_safe({"environment": environment, "exitstatus": 1, "records": records,
+                                            "tests": tests})))
+
+
+# ---- a small DOM over the stdlib parser ----------------------------------------------------------------------
+
+VOID = {"meta", "br", "input", "link", "img", "hr", "col", "source", "wbr", "area", "base", "embed", "track"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict, parent: "Node | None"):
+        self.tag, self.attrs, self.parent, self.children = tag, attrs, parent, []
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    def iter(self):
+        for child in self.children:
+            if isinstance(child, Node):
+                yield child
+                yield from child.iter()
+
+    def all(self, tag: str | None = None, cls: str | None = None, **attrs) -> list["Node"]:
+        return [n for n in self.iter() if (tag is None or n.tag == tag) and (cls is None or cls in n.classes())
+                and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+    def one(self, tag: str | None = None, cls: str | None = None, **attrs) -> "Node":
+        found = self.all(tag, cls, **attrs)
+        assert len(found) == 1, f"expected one <{tag} class={cls} {attrs}>, found {len(found)}"
+        return found[0]
+
+
+class _Builder(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = self.node = Node("#document", {}, None)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, {k: v or "" for k, v in attrs}, self.node)
+        self.node.children.append(node)
+        if tag not in VOID:
+            self.node = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.node.children.append(Node(tag, {k: v or "" for k, v in attrs}, self.node))
+
+    def handle_endtag(self, tag):
+        node = self.node
+        while node is not None and node.tag != tag:
+            node = node.parent
+        assert node is not None, f"stray </{tag}>"
+        self.node = node.parent
+
+    def handle_data(self, data):
+        self.node.children.append(data)
+
+
+def parse(html: str) -> Node:
+    builder = _Builder()
+    builder.feed(html)
+    builder.close()
+    assert builder.node is builder.root, f"unclosed <{builder.node.tag}>"
+    return builder.root
+
+
+@pytest.fixture(scope="module")
+def document():
+    return sample_document()
+
+
+@pytest.fixture(scope="module")
+def page(document):
+    return pr.render(document)
+
+
+@pytest.fixture(scope="module")
+def dom(page):
+    return parse(page)
+
+
+def squash(s: str) -> str:
+    return re.sub(r"\s+", " ", s).strip()
+
+
+# ---- content ---------------------------------------------------------------------------------------------------
+
+def test_sections_come_in_the_issue_order(dom):
+    assert [n.attrs["id"] for n in dom.all("section")] == SECTIONS
+
+
+def test_page_is_self_contained(page, dom):
+    """Nothing is fetched: no external resource reference, and a CSP that forbids any network access."""
+    assert not dom.all("link") and not dom.all("img") and not dom.all("iframe")
+    assert all("src" not in s.attrs for s in dom.all("script"))
+    for node in dom.iter():
+        for attr in ("href", "src", "xlink:href"):
+            value = node.attrs.get(attr)
+            assert value is None or value.startswith(("#", "data:")), f"<{node.tag} {attr}={value!r}>"
+    assert "@import" not in page and not re.search(r"url\(\s*['\"]?(?!#|data:)", page)
+    csp = dom.one("meta", http_equiv="Content-Security-Policy").attrs["content"]
+    assert "default-src 'none'" in csp
+    assert dom.one("head").one("style").text().strip() and dom.one("script").text().strip()
+
+
+def test_verdict_counts_and_every_problem_with_its_message(dom, document):
+    verdict = dom.one("p", cls="verdict")
+    assert verdict.attrs["data-verdict"] == "FAIL" and "fail" in verdict.classes()
+    head = squash(verdict.text())
+    assert f"{len(document['tests'])} tests: 7 passed, 2 failed, 1 error, 1 xfailed, 1 skipped" in head
+    assert "pytest exit status 1" in head
+    counts = squash(dom.one("table", cls="counts").text())
+    failing = sum(not r["passed"] for r in document["records"])
+    assert f"{len(document['records']) - failing} pass" in counts
+    assert "2 fail" in counts and "2 expected fail" in counts  # planted bugs are not failures of the run
+    problems = {li.attrs["data-nodeid"]: squash(li.text()) for li in dom.one("ul", cls="problems").all("li")}
+    bad = {t["nodeid"]: t for t in document["tests"] if t["outcome"] in ("failed", "error")}
+    assert problems.keys() == bad.keys()
+    for nodeid, test in bad.items():
+        assert test["outcome"] in problems[nodeid] and squash(test["message"]) in problems[nodeid]
+    quiet = squash(dom.one("ul", cls="quiet").text())
+    assert "needs -m slow" in quiet and "known gap" in quiet
+
+
+def test_messages_are_escaped(page):
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def _cells(dom) -> dict[tuple[str, str, str, str], Node]:
+    return {(c.attrs["data-component"], c.attrs["data-reference"], c.attrs["data-dtype"], c.attrs["data-mesh"]): c
+            for c in dom.one("table", cls="matrix").all("td", cls="cell")}
+
+
+def test_matrix_cells_colour_and_worst_margin(dom, document):
+    cells = _cells(dom)
+    expected_keys = {(r["component"], r["reference"], r["dtype"], r["mesh"]) for r in document["records"]}
+    assert cells.keys() == expected_keys
+    fail = cells["mlp", "meta", "float32", "1x4"]
+    assert "fail" in fail.classes() and squash(fail.one("b").text()) == "3×"  # rel_l2 = 3 x its bound
+    assert "rel_l2" in fail.text() and "1 fail" in fail.text()
+    ok = cells["mlp", "meta", "float32", "1x1"]
+    assert "pass" in ok.classes() and squash(ok.one("b").text()) == "0.5×"
+    assert squash(cells["rope", "meta", "float32", "1x4"].one("b").text()) == "∞"  # NaN
+    mixed = cells["intermediate", "meta", "float32", "1x1"]
+    assert "pass" in mixed.classes() and "1 failing as expected" in mixed.attrs["title"]
+    assert squash(mixed.one("b").text()) != "∞" and float(squash(mixed.one("b").text())[:-1]) < 1
+    planted = cells["attention", "hf", "float32", "1x4"]
+    assert "expected-fail" in planted.classes() and "1 failing as expected" in planted.attrs["title"]
+    assert squash(planted.one("b").text()) == "caught"
+    assert squash(planted.one("span").text()) == "1 rec · 1 expected fail"
+    worst = max(r["metrics"][m] / r["bounds"][m] for r in document["records"] for m in ("rel_l2", "noise_ratio")
+                if r["component"] == "intermediate" and r["reference"] == "hf" and r["dtype"] == "bfloat16"
+                and r["mesh"] == "1x4")
+    assert worst == pytest.approx(0.35)  # noise_ratio at layer 3: 0.2 + 0.05 * 3 of its bound
+    assert squash(cells["intermediate", "hf", "bfloat16", "1x4"].one("b").text()) == f"{worst:.2g}×"
+    header = [squash(th.text()) for th in dom.one("table", cls="matrix").one("thead").all("th")]
+    assert header[:4] == ["component", "reference", "float32", "bfloat16"]
+    assert dom.one("table", cls="matrix").all("td", cls="empty"), "combinations without records show as empty"
+
+
+def test_depth_chart_has_one_line_per_reference_and_dtype(dom, document):
+    svg = dom.one("figure", cls="chart").one("svg")
+    for metric in ("rel_l2", "noise_ratio"):
+        for ref in ("meta", "hf"):
+            for dt in ("float32", "bfloat16"):
+                line = svg.one("g", id=f"depth-{metric}-{ref}-{dt}")
+                assert line.all("path"), f"line {metric} {ref} {dt} has no path"
+    assert "rel_l2 per layer" in svg.text() and "noise_ratio per layer" in svg.text()
+    rows = {tuple(squash(td.text()) for td in tr.all("td")[:3]): squash(tr.all("td")[3].text())
+            for tr in dom.one("table", cls="depth-data").one("tbody").all("tr")}
+    layered = [r for r in document["records"] if r["layer"] is not None and r["reference"] == "hf"
+               and r["dtype"] == "float32"]
+    worst3 = max(r["metrics"]["rel_l2"] for r in layered if r["layer"] == 3)  # the 1x4 mesh, 1.5x worse
+    assert f"3: {worst3:.3e}" in rows["rel_l2", "hf", "float32"]
+    meta3 = max(r["metrics"]["rel_l2"] for r in document["records"] if r["test"] == LAYERED and r["layer"] == 3
+                and r["reference"] == "meta" and r["dtype"] == "float32")
+    assert f"3: {meta3:.3e}" in rows["rel_l2", "meta", "float32"]  # the planted 0.5 at layer 3 is left out
+    assert len(rows) == 8
+
+
+def test_records_table_lists_every_record_with_scope_and_bounds(dom, document):
+    body = dom.one("table", id="record-table").one("tbody")
+    rows = body.all("tr")
+    assert len(rows) == len(document["records"])
+    for row, record in zip(rows, document["records"]):
+        assert row.attrs["data-component"] == record["component"]
+        assert row.attrs["data-reference"] == record["reference"] and row.attrs["data-mesh"] == record["mesh"]
+        assert record["test"] in row.text()
+    failing = next(r for r in rows if r.attrs["data-outcome"] == "fail" and r.attrs["data-component"] == "mlp")
+    failed_metric = squash(failing.one("span", cls="failed").text())
+    limit = bound("mlp", "float32", "rel_l2")
+    assert failed_metric == f"rel_l2 {3 * limit:.3e} ≤ {limit:.3e} 3×"
+    nan_row = next(r for r in rows if r.attrs["data-component"] == "rope")
+    assert "NaN/Inf" in nan_row.one("div", cls="error").text() and nan_row.attrs["data-outcome"] == "fail"
+    planted = [r.attrs["data-outcome"] for r in rows if PLANTED in r.text()]
+    assert planted == ["expected fail", "expected fail"]
+
+
+def test_filters_offer_every_value_of_each_field(dom, document):
+    selects = {s.attrs["data-filter"]: [o.attrs["value"] for o in s.all("option")] for s in dom.all("select")}
+    assert list(selects) == ["component", "reference", "dtype", "mesh", "outcome"]
+    assert selects["dtype"] == ["", "float32", "bfloat16"]
+    assert selects["mesh"] == ["", "1x1", "1x4"]
+    assert set(selects["component"][1:]) == {r["component"] for r in document["records"]}
+    assert set(selects["outcome"][1:]) == {"pass", "fail", "expected fail"}
+    headers = dom.one("table", id="record-table").one("thead").all("th")
+    assert {squash(h.text()) for h in headers if "data-sort" in h.attrs} >= {"component", "layer", "margin", "mesh"}
+
+
+def test_generation_streams_side_by_side_with_divergence_and_topk(dom):
+    cases = dom.one("section", id="generation").all("details", cls="generation")
+    assert [GEN in c.text() for c in cases] == [True, False]  # streams that part come first
+    parted, same = cases
+    assert "open" not in parted.attrs and "open" not in same.attrs  # only failing records are unfolded
+    assert "1 of 2 prompts part" in squash(parted.one("summary").text())
+    assert "1 prompts, streams identical" in squash(same.one("summary").text())
+    first, second = parted.all("div", cls="prompt")
+    assert "first divergence at step 3" in squash(first.one("h4").text())
+    assert "identical for 2 steps" in squash(second.one("h4").text())
+    stream = first.one("table", cls="stream")
+    assert [squash(th.text()) for th in stream.all("th")] == ["step", "tp_llama 1x4", "meta"]
+    steps = stream.one("tbody").all("tr")
+    assert [[squash(td.text()) for td in tr.all("td")] for tr in steps] == [
+        [str(i), str(a), str(b)] for i, (a, b) in enumerate(zip(TOKENS_IMPL, TOKENS_REF))]
+    assert [tr.attrs["class"] for tr in steps] == ["", "", "", "diverge", "after", "after"]
+    topk = first.one("table", cls="topk")
+    assert "step 3" in topk.one("caption").text()
+    rows = [[squash(td.text()) for td in tr.all("td")] for tr in topk.one("tbody").all("tr")]
+    assert rows == [["1", "7", "-0.6900", "8", "-0.6800"], ["2", "8", "-0.7000", "7", "-0.7100"],
+                    ["3", "2", "-3.1000", "", ""]]
+    marked = [squash(td.text()) for td in topk.all("td", cls="other-choice")]
+    assert marked == ["8", "7"]  # each side's list marks the token the other side chose
+    decoded = squash(first.one("dl", cls="decoded").text())
+    assert "The cat cat sat on." in decoded and "The cat cat sits here." in decoded
+    assert not second.all("table")  # identical streams: just their length
+
+
+def test_long_streams_show_a_window_around_the_divergence():
+    row = {"prompt": 0, "prompt_length": 3, "actual_tokens": list(range(500)),
+           "expected_tokens": list(range(100)) + [0] * 400, "first_divergence": 100,
+           "topk_actual": [[100, -0.1]], "topk_expected": [[0, -0.1]]}
+    record = {"test": "t.py::g", "passed": False, "generation": {
+        "case": "long", "start_pos": 0, "actual_engine": "a", "expected_engine": "b", "rows": [row]}}
+    (case,) = pr.generation_cases([record], {"t.py::g": "failed"})
+    (prompt,) = case["prompts"]
+    assert [s["step"] for s in prompt["steps"]] == list(range(100 - pr.STEPS_BEFORE, 101 + pr.STEPS_AFTER))
+    assert (prompt["hidden_before"], prompt["hidden_after"]) == (96, 500 - 109)
+    html = pr.render({"environment": {}, "records": [{**record, "component": "generation", "reference": "b",
+                                                      "dtype": "float32", "mesh": "1x1", "metrics": {},
+                                                      "bounds": {}, "name": None, "layer": None, "error": None}],
+                      "tests": [{"nodeid": "t.py::g", "outcome": "failed", "message": "m"}]})
+    stream = parse(html).one("table", cls="stream")
+    elided = [squash(tr.text()) for tr in stream.all("tr", cls="elided")]
+    assert elided == ["steps 0 to 95: identical", "391 more steps"]
+    assert "open" in parse(html).one("details", cls="generation").attrs  # a failing record opens itself
+
+
+def test_sample_document_follows_the_json_schema(document):
+    """The sample is what --parity-json writes, generation records included, so the report reads real shapes."""
+    from parity.schema import validate
+
+    assert validate(document) == []
+
+
+def test_environment_names_versions_devices_and_run_settings(dom):
+    env = dom.one("section", id="environment")
+    versions = {squash(tr.one("th").text()): squash(tr.one("td").text())
+                for tr in env.one("table", cls="versions").all("tr") if tr.all("td")}
+    for package in ENV_PACKAGES:
+        assert versions[package] not in ("", "not installed")
+    assert versions["pytest-xdist"] == "not installed"
+    settings = {squash(tr.one("th").text()): squash(tr.one("td").text())
+                for tr in env.all("table")[0].all("tr")}
+    assert settings["devices"] == "8 x cpu (cpu)"
+    assert settings["meshes in records"] == "1x1, 1x4"
+    assert settings["tolerance profile"] == "default" and settings["seeds"] == "weights=0"
+    assert settings["wall time"] == "123.4 s" and settings["platform"].startswith("Linux")
+
+
+def test_empty_run_still_renders_and_says_what_is_missing():
+    html = pr.render({"environment": {}, "records": [], "tests": []})
+    dom = parse(html)
+    assert [n.attrs["id"] for n in dom.all("section")] == SECTIONS
+    text = squash(dom.text())
+    assert "No parity records in this run" in text and "no curve to draw" in text
+    assert "No generation record" in text and "not recorded" in text
+    assert dom.one("p", cls="verdict").attrs["data-verdict"] == "PASS"
+
+
+def test_baseline_regressions_turn_the_verdict_red():
+    from parity.baseline import GateResult, Regression
+
+    gate = GateResult(path="fixtures/parity_baseline.json", compared=3,
+                      regressions=[Regression("worsened", "t.py::x [mlp] reference=meta", "rel_l2 = 2e-06 > limit")])
+    dom = parse(pr.render({"environment": {}, "records": [],
+                           "tests": [{"nodeid": "t.py::x", "outcome": "passed", "message": None}]}, gate))
+    assert dom.one("p", cls="verdict").attrs["data-verdict"] == "FAIL"
+    assert "FAIL against fixtures/parity_baseline.json: 1 regressions" in squash(dom.one(id="gate").text())
+    assert "t.py::x [mlp] reference=meta" in dom.one("ul", cls="regressions").text()
+
+
+def test_margins():
+    record = {"metrics": {"rel_l2": 2e-6, "pcc": 0.99998, "max_abs": 5.0}, "bounds": {"rel_l2": 1e-5, "pcc": 0.99999},
+              "error": None}
+    used, metric = pr.record_margin(record)
+    assert metric == "pcc" and used == pytest.approx(2.0)  # (1 - 0.99998) / (1 - 0.99999)
+    assert pr.record_margin({**record, "error": "shape mismatch"}) == (math.inf, "error")
+    assert pr.margin_text(math.inf) == "∞" and pr.margin_text(0.1234) == "0.12×"
+
+
+# ---- the plugin writes it -------------------------------------------------------------------------------------
+
+INNER_CONFTEST = """
+pytest_plugins = ["parity.plugin"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tolerance-profile", default="default")
+    parser.addoption("--parity-json", default=None)
+    parser.addoption("--parity-report", default=None)
+    parser.addoption("--parity-baseline", default=None)
+    parser.addoption("--parity-update-baseline", action="store_true", default=False)
+"""
+
+INNER_TESTS = """
+import numpy as np
+import pytest
+
+from parity import assert_parity
+
+X = np.linspace(-1, 1, 24).reshape(2, 3, 4)
+
+
+@pytest.fixture(scope="session")
+def weights(request):
+    from parity.plugin import note_seed
+
+    note_seed(request.config, "weights", 17)
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_pass(request, weights, i):
+    assert_parity(request, component="rmsnorm", actual=X, expected=X, reference="meta", dtype="float32",
+                  mesh="1x4", name=f"layers.{i % 2}.out")
+
+
+def test_scale_bug(request):
+    assert_parity(request, component="mlp", actual=2 * X, expected=X, reference="hf", dtype="float32", mesh="1x1")
+
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+
+def test_error(broken):
+    pass
+
+
+def test_plain_failure():
+    assert 1 == 2, "not a parity failure"
+"""
+
+
+def _inner(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(test_inner=INNER_TESTS)
+
+
+def test_plugin_writes_the_report_under_xdist_with_failures(pytester, monkeypatch):
+    _inner(pytester, monkeypatch)
+    report, out = pytester.path / "sub" / "parity.html", pytester.path / "out" / "parity.json"  # folders made
+    result = pytester.runpytest_subprocess("-n", "2", f"--parity-report={report}", f"--parity-json={out}")
+    result.assert_outcomes(passed=6, failed=2, errors=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*parity summary*", "verdict: FAIL (3 failed/error of 9 tests)",
+                                 "*worst per component*", f"parity report: {report}"])
+    dom = parse(report.read_text(encoding="utf-8"))
+    document = json.loads(out.read_text())
+    assert len(dom.one("table", id="record-table").one("tbody").all("tr")) == len(document["records"]) == 7
+    problems = {li.attrs["data-nodeid"]: squash(li.text()) for li in dom.one("ul", cls="problems").all("li")}
+    assert set(problems) == {"test_inner.py::test_scale_bug", "test_inner.py::test_error",
+                             "test_inner.py::test_plain_failure"}
+    assert "fixture broke" in problems["test_inner.py::test_error"]
+    assert "not a parity failure" in problems["test_inner.py::test_plain_failure"]
+    assert f"rel_l2 = 1.000e+00 > {bound('mlp', 'float32', 'rel_l2', 'hf', '1x1'):.3e}" in problems[
+        "test_inner.py::test_scale_bug"]
+    assert squash(dom.one("p", cls="verdict").text()).startswith("FAIL")
+    assert document["environment"]["seeds"] == {"weights": 17}  # noted on a worker, shipped to the controller
+    assert "weights=17" in dom.one("section", id="environment").text()
+
+
+def test_summary_says_when_no_report_is_written_and_why_one_failed(pytester, monkeypatch):
+    _inner(pytester, monkeypatch)
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "-k", "test_pass")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["verdict: PASS (0 failed/error of 6 tests)",
+                                 "parity report: not written (add --parity-report PATH for the HTML report)"])
+    folder = pytester.path / "a_folder"
+    folder.mkdir()
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "-k", "test_pass", f"--parity-report={folder}")
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR  # a green run without its report must not look green
+    result.stdout.fnmatch_lines([f"parity report NOT written to {folder}: IsADirectoryError*"])

@@ -1,0 +1,205 @@
+"""The baseline gate: compare a run's parity records with a stored run, so CI fails on numerical regressions.
+
+A case is one parity record, keyed by (test node id, name or else component, layer, reference, dtype, mesh);
+a test that records the same key twice gets occurrence 2, 3, ... in call order. A run regresses when
+- a case that passed in the baseline fails now (crossing a table bound always counts), or
+- a metric that fixtures.tolerances.SLACK lists worsens past `slack_limit(metric, baseline value)`, or
+- a test that passed in the baseline fails or errors now without any failing case to name (e.g. a setup error).
+Cases in only one of the two runs are counted, never judged: a narrower selection (`--mesh 2x4`) or a new test
+must not fail the gate, and `--parity-update-baseline` takes new cases in.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from fixtures.tolerances import SLACK, UPPER, direction, slack_limit
+
+FORMAT = "tp_llama-parity-baseline/1"
+KEY_FIELDS = ("test", "name", "layer", "reference", "dtype", "mesh", "occurrence")
+_BAD_TEST_OUTCOMES = ("failed", "error")
+
+
+class BaselineError(ValueError):
+    """A baseline file that is missing or malformed; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Regression:
+    """One regressed case (or test): `label` names it, `detail` says what got worse and by how much."""
+
+    kind: str  # "failed" (passed before, fails now), "worsened" (a metric past its slack), "test"
+    label: str
+    detail: str
+
+
+@dataclass
+class GateResult:
+    """What comparing one run with a baseline found; `regressions` empty means the gate passes."""
+
+    path: str
+    regressions: list[Regression] = field(default_factory=list)
+    compared: int = 0
+    new: int = 0
+    missing: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions
+
+
+def keyed(records: Iterable[Mapping[str, Any]]) -> dict[tuple, Mapping[str, Any]]:
+    """Records by case key; repeats of one key within a test are told apart by their occurrence number."""
+    out: dict[tuple, Mapping[str, Any]] = {}
+    counts: dict[tuple, int] = {}
+    for record in records:
+        base = (record["test"], record.get("name") or record["component"], record.get("layer"),
+                record.get("reference"), record.get("dtype"), record.get("mesh"))
+        counts[base] = counts.get(base, 0) + 1
+        out[(*base, counts[base])] = record
+    return out
+
+
+def case_label(key: tuple) -> str:
+    """'node id [name] layer=1 reference=meta dtype=float32 mesh=1x4' for one case key."""
+    test, name, layer, reference, dtype, mesh, occurrence = key
+    parts = [f"{test} [{name}]"]
+    if layer is not None:
+        parts.append(f"layer={layer}")
+    parts += [f"reference={reference}", f"dtype={dtype}", f"mesh={mesh}"]
+    if occurrence > 1:
+        parts.append(f"occurrence={occurrence}")
+    return " ".join(parts)
+
+
+def _number(value: Any) -> float:
+    """A metric as a float; the JSON strings 'NaN' / 'Infinity' / '-Infinity' included."""
+    return float(value)
+
+
+def make_baseline(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The baseline file's content for one run's --parity-json document: every case's verdict and gated metrics,
+    and the tests that passed (only a passing test can regress by failing)."""
+    cases = []
+    for key, record in keyed(document["records"]).items():
+        case = dict(zip(KEY_FIELDS, key))
+        case["component"] = record["component"]
+        case["passed"] = bool(record["passed"])
+        case["metrics"] = {m: v for m, v in record["metrics"].items() if m in SLACK}
+        cases.append(case)
+    environment = document.get("environment", {})
+    return {
+        "format": FORMAT,
+        "tolerance_profile": environment.get("tolerance_profile"),
+        "versions": environment.get("versions", {}),
+        "passed_tests": sorted(t["nodeid"] for t in document.get("tests", []) if t["outcome"] == "passed"),
+        "cases": cases,
+    }
+
+
+def write_baseline(path: str | Path, document: Mapping[str, Any]) -> dict[str, Any]:
+    """Rewrite the baseline at `path` from this run (one case per line pair, so diffs stay reviewable)."""
+    from parity.plugin import json_safe
+
+    content = json_safe(make_baseline(document))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(content, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    return content
+
+
+def load_baseline(path: str | Path) -> dict[str, Any]:
+    """Read and check a baseline file; BaselineError says which file is wrong and how to make a good one."""
+    fix = f"write one with: pytest --parity-baseline {path} --parity-update-baseline"
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BaselineError(f"--parity-baseline {path}: no such file; {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"--parity-baseline {path}: not JSON ({exc}); {fix}") from None
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        found = content.get("format") if isinstance(content, dict) else type(content).__name__
+        raise BaselineError(f"--parity-baseline {path}: format {found!r}, expected {FORMAT!r}; {fix}")
+    missing = [k for k in ("cases", "passed_tests") if not isinstance(content.get(k), list)]
+    if missing:
+        raise BaselineError(f"--parity-baseline {path}: no list {' or '.join(map(repr, missing))}; {fix}")
+    for number, case in enumerate(content["cases"]):
+        missing = [k for k in (*KEY_FIELDS, "passed", "metrics") if k not in case]
+        if missing:
+            raise BaselineError(f"--parity-baseline {path}: case {number} lacks {', '.join(missing)}; {fix}")
+    return content
+
+
+def _case_key(case: Mapping[str, Any]) -> tuple:
+    return tuple(case[k] for k in KEY_FIELDS)
+
+
+def _worsened(metric: str, old: float, new: float) -> str | None:
+    """Why `new` is a regression from `old` for one metric, or None when it is within the table's slack."""
+    if not math.isfinite(old):
+        return None  # the baseline already failed here; the verdict check covers it
+    limit = slack_limit(metric, old)
+    upper = direction(metric) == UPPER
+    if math.isfinite(new) and (new <= limit if upper else new >= limit):
+        return None
+    slack = SLACK[metric]
+    allowed = (f"x{slack['factor']:g} + {slack['absolute']:g}" if upper else f"- {slack['absolute']:g}")
+    sign = ">" if upper else "<"
+    return f"{metric} = {new:.4g} {sign} limit {limit:.4g} (baseline {old:.4g}, slack {allowed})"
+
+
+def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str = "baseline") -> GateResult:
+    """Judge one run (a --parity-json document) against a loaded baseline."""
+    result = GateResult(path=str(path))
+    old_cases = {_case_key(c): c for c in baseline["cases"]}
+    new_cases = keyed(document["records"])
+    result.new = len(new_cases.keys() - old_cases.keys())
+    result.missing = len(old_cases.keys() - new_cases.keys())
+    named_tests = set()
+    for key in sorted(new_cases.keys() & old_cases.keys(), key=repr):
+        old, record = old_cases[key], new_cases[key]
+        result.compared += 1
+        found = _case_regressions(key, old, record)
+        result.regressions += found
+        if found:
+            named_tests.add(key[0])
+    passed_before = set(baseline["passed_tests"])
+    for test in document.get("tests", []):
+        nodeid = test["nodeid"]
+        if nodeid in passed_before and test["outcome"] in _BAD_TEST_OUTCOMES and nodeid not in named_tests:
+            first_line = (test.get("message") or "no message").splitlines()[0]
+            result.regressions.append(Regression("test", nodeid, f"passed in the baseline, {test['outcome']} now: "
+                                                                  f"{first_line}"))
+    run_profile = document.get("environment", {}).get("tolerance_profile")
+    if baseline.get("tolerance_profile") not in (None, run_profile):
+        result.notes.append(f"baseline was taken under tolerance profile {baseline['tolerance_profile']!r}, "
+                            f"this run uses {run_profile!r}")
+    return result
+
+
+def _case_regressions(key: tuple, old: Mapping[str, Any], record: Mapping[str, Any]) -> list[Regression]:
+    label = case_label(key)
+    if old["passed"] and not record["passed"]:
+        why = record.get("error") or ", ".join(record.get("failed_metrics") or []) or "failed"
+        return [Regression("failed", label, f"passed in the baseline, fails now: {why}")]
+    found = []
+    for metric, old_value in old["metrics"].items():
+        if metric not in record["metrics"] or metric not in SLACK:
+            continue
+        why = _worsened(metric, _number(old_value), _number(record["metrics"][metric]))
+        if why:
+            found.append(Regression("worsened", label, why))
+    return found
+
+
+def summary_lines(result: GateResult) -> list[str]:
+    """The terminal lines of the gate: the outcome, then each regressed case by name."""
+    counts = f"{result.compared} cases compared, {result.new} new, {result.missing} in the baseline not run"
+    lines = [f"baseline {result.path}: {'PASS' if result.passed else 'FAIL'} "
+             f"({len(result.regressions)} regressions; {counts})"]
+    lines += [f"  note: {note}" for note in result.notes]
+    lines += [f"  REGRESSED {r.label}: {r.detail}" for r in result.regressions]
+    return lines
