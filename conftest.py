@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 DEFAULT_MESHES = ("1x1", "1x4")
 DEFAULT_DTYPES = ("float32", "bfloat16")
@@ -15,6 +16,15 @@ DEFAULT_REFERENCES = ("meta", "hf")
 SIMULATED_CPU_DEVICES = 8
 
 pytest_plugins = ["parity.plugin"]
+
+# Hypothesis profiles, registered at import so that hypothesis's own `--hypothesis-profile NAME` (applied in its
+# pytest_configure, after this file is imported) can pick one. Without it: `ci` under CI=true, else `dev`.
+# Model-level properties run a share of max_examples (conformance/strategies.py: model_settings).
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True, max_examples=100,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "dev")
 
 
 def pytest_addoption(parser):
@@ -46,6 +56,19 @@ def pytest_addoption(parser):
                     help="test this checkpoint (Meta params.json + consolidated.NN.pth, or HF config.json + "
                          "*.safetensors; read lazily) instead of the synthetic tiny weights where a test takes "
                          "`model_weights`")
+    group.addoption("--impl", default=None, metavar="MODULE:ATTR",
+                    help="the JAX Llama implementation conformance/test_impl.py checks, through the adapter protocol "
+                         "of tp_llama/adapter.py (default: the built-in tp_llama.adapter:TPLlamaAdapter)")
+    group.addoption("--distributed", action="store_true", default=False,
+                    help="join a JAX multi-controller run, one pytest per process (jax.distributed.initialize); "
+                         "what the three options below leave out JAX detects (TPU pod, SLURM, Open MPI)")
+    group.addoption("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="process 0's coordinator for a multi-process run (env JAX_COORDINATOR_ADDRESS)")
+    group.addoption("--num-processes", type=int, default=None, metavar="N",
+                    help="processes in a multi-process run (env JAX_NUM_PROCESSES)")
+    group.addoption("--process-id", type=int, default=None, metavar="I",
+                    help="this process's index 0..N-1 in a multi-process run (env JAX_PROCESS_ID); process 0 "
+                         "writes the parity files")
 
 
 def _simulate_cpu_devices(count: int) -> None:
@@ -58,8 +81,45 @@ def _simulate_cpu_devices(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
+def _join_multiprocess_run(config) -> None:
+    """One pytest per process, joined by jax.distributed before any backend starts. Every mesh must span the
+    devices of all processes (each takes part in every computation and gather), and only process 0 writes the
+    parity files, so records are written once."""
+    from tp_llama import distributed
+    from tp_llama.shardings import parse_mesh
+
+    try:
+        chosen = distributed.settings(config.getoption("coordinator_address"), config.getoption("num_processes"),
+                                      config.getoption("process_id"), auto=config.getoption("distributed"))
+    except ValueError as err:
+        raise pytest.UsageError(str(err)) from None
+    if chosen is None:
+        return
+    if getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
+        raise pytest.UsageError("a multi-process run is one pytest per process: drop -n (pytest-xdist)")
+    distributed.initialize(chosen)
+    import jax
+
+    devices = jax.device_count()
+    meshes = config.getoption("mesh") or [f"1x{devices}"]
+    for mesh in meshes:
+        try:
+            d, m = parse_mesh(mesh)
+        except ValueError as err:
+            raise pytest.UsageError(f"--mesh: {err}") from None
+        if d * m != devices:
+            raise pytest.UsageError(f"--mesh {mesh}: a multi-process run needs meshes over all {devices} devices of "
+                                    f"its {jax.process_count()} processes, for example --mesh 1x{devices}")
+    config.option.mesh = meshes
+    if jax.process_index() != 0:
+        config.option.parity_json = config.option.parity_report = config.option.parity_baseline = None
+        config.option.parity_update_baseline = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before parity.plugin reads the file options, which _join_multiprocess_run sets
 def pytest_configure(config):
     _simulate_cpu_devices(config.getoption("cpu_devices"))
+    _join_multiprocess_run(config)
     mutant = config.getoption("mutant")
     if mutant:
         from conformance import mutants
@@ -78,6 +138,13 @@ def pytest_configure(config):
             load_checkpoint(config.getoption("checkpoint_dir"))
         except CheckpointError as err:
             raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
+    if config.getoption("impl"):
+        from tp_llama.adapter import AdapterError, load
+
+        try:  # a typo in --impl stops the run with one line, before any test
+            load(config.getoption("impl"))
+        except AdapterError as err:
+            raise pytest.UsageError(str(err)) from None
 
 
 def _chosen(config, name, default):
@@ -101,12 +168,17 @@ def tiny_config():
     return preset("tiny")
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tiny_config):
-    """The canonical Meta-layout weight set every conformance test shares."""
-    from fixtures.weights import canonical_weights
+WEIGHT_SEED = 0
 
-    return canonical_weights("tiny", seed=0)
+
+@pytest.fixture(scope="session")
+def tiny_weights(request, tiny_config):
+    """The canonical Meta-layout weight set every conformance test shares (its seed goes into the report)."""
+    from fixtures.weights import canonical_weights
+    from parity.plugin import note_seed
+
+    note_seed(request.config, "weights", WEIGHT_SEED)
+    return canonical_weights("tiny", seed=WEIGHT_SEED)
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +194,27 @@ def tp_model(tiny_config, tiny_weights):
         if (mesh, dtype) not in built:
             model = TPLlama.on_mesh(tiny_config, mesh, dtype)
             built[mesh, dtype] = (model, model.place(tree))
+        return built[mesh, dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def impl(request, tiny_config, tiny_weights, tp_model):
+    """impl(mesh, dtype) -> the --impl implementation (default: the built-in tp_llama) built through the adapter
+    protocol for the tiny config on that mesh, once per session."""
+    from tp_llama import adapter
+    from tp_llama.shardings import make_mesh
+
+    factory = adapter.load(request.config.getoption("impl") or adapter.BUILTIN)
+    built = {}
+
+    def get(mesh: str, dtype: str):
+        if (mesh, dtype) not in built:
+            if factory is adapter.TPLlamaAdapter:  # the model tp_model already placed and compiled
+                built[mesh, dtype] = adapter.TPLlamaAdapter(*tp_model(mesh, dtype))
+            else:
+                built[mesh, dtype] = adapter.build(factory, tiny_config, tiny_weights, make_mesh(mesh), dtype)
         return built[mesh, dtype]
 
     return get

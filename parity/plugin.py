@@ -30,7 +30,7 @@ import pytest
 
 from fixtures.tolerances import LOWER, UPPER, direction
 from parity import baseline as pb
-from parity.check import RECORD_KEY, budget_used, format_value
+from parity.check import NOT_CHECKED_KEY, RECORD_KEY, budget_used, format_value
 
 VERSIONED = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models", "fairscale", "tiktoken", "numpy",
              "pytest", "pytest-xdist")
@@ -100,8 +100,9 @@ class ParityCollector:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.records: list[dict[str, Any]] = []
+        self.not_checked: list[dict[str, Any]] = []
         self.tests: dict[str, dict[str, Any]] = {}
-        self._seen: dict[str, int] = {}
+        self._seen: dict[tuple[str, str], int] = {}
         self.devices: list[dict[str, Any]] = []
         self.seeds: dict[str, Any] = {}
         self.start = time.perf_counter()
@@ -130,10 +131,12 @@ class ParityCollector:
     # ---- collection -------------------------------------------------------------------------------------
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        records = [value for key, value in report.user_properties if key == RECORD_KEY]
-        seen = self._seen.get(report.nodeid, 0)
-        self.records.extend(dict(r) for r in records[seen:])
-        self._seen[report.nodeid] = max(seen, len(records))
+        """Each phase's report carries every entry so far; keep only those not seen in an earlier phase."""
+        for key, into in ((RECORD_KEY, self.records), (NOT_CHECKED_KEY, self.not_checked)):
+            entries = [value for k, value in report.user_properties if k == key]
+            seen = self._seen.get((key, report.nodeid), 0)
+            into.extend(dict(e) for e in entries[seen:])
+            self._seen[key, report.nodeid] = max(seen, len(entries))
         self._outcome(report)
 
     def _outcome(self, report: pytest.TestReport) -> None:
@@ -172,6 +175,7 @@ class ParityCollector:
             "versions": package_versions(),
             "devices": devices,
             "tolerance_profile": self.config.getoption("tolerance_profile", default=None) or "default",
+            "impl": self.config.getoption("impl", default=None) or "tp_llama.adapter:TPLlamaAdapter",
             "seeds": self._seeds(),
             "xdist_workers": getattr(self.config.option, "numprocesses", None) or 0,
             "started_at": self.started_at,
@@ -188,7 +192,8 @@ class ParityCollector:
 
     def document(self, exitstatus: int) -> dict[str, Any]:
         return json_safe({"environment": self.environment(), "exitstatus": int(exitstatus),
-                          "records": self.records, "tests": list(self.tests.values())})
+                          "records": self.records, "not_checked": self.not_checked,
+                          "tests": list(self.tests.values())})
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -229,6 +234,10 @@ class ParityCollector:
         if self.config.option.collectonly:
             return
         lines = summary_lines(self.records, list(self.tests.values()), self.json_path, self.gate)
+        if self.not_checked:
+            tests = len({entry["test"] for entry in self.not_checked})
+            lines.insert(4, f"not checked: {len(self.not_checked)} named tensors in {tests} tests "
+                            "(the implementation does not provide them)")
         if self.report_error:
             lines.append(f"parity report NOT written to {self.report_path}: {self.report_error}")
         elif self.report_path:

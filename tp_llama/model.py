@@ -316,6 +316,8 @@ class TPLlama:
 
 
 def to_numpy(x) -> np.ndarray:
-    """Gather a (possibly sharded) array to the host as float32 or its integer type."""
-    x = np.asarray(jax.device_get(x))
+    """Gather a (possibly sharded, possibly multi-process) array to the host as float32 or its integer type."""
+    from tp_llama.distributed import to_host
+
+    x = to_host(x)
     return x.astype(np.float32) if x.dtype.kind == "f" or x.dtype == jnp.bfloat16 else x
