@@ -76,6 +76,17 @@ def _causal_mask_sees_next(q_slots, kv_valid):
     return (t[None, None, :] <= q_slots[:, :, None] + 1) & kv_valid[:, None, :]
 
 
+_original_causal_mask = layers.causal_mask
+
+
+def _decode_mask_hides_current(q_slots, kv_valid):
+    """Decode steps (one query) cannot see the token being decoded; prefill is untouched."""
+    if q_slots.shape[1] != 1:
+        return _original_causal_mask(q_slots, kv_valid)
+    t = jnp.arange(kv_valid.shape[-1])
+    return (t[None, None, :] < q_slots[:, :, None]) & kv_valid[:, None, :]
+
+
 def _swiglu_swapped(gate, up):
     return layers.silu_f32(up) * gate
 
@@ -136,6 +147,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            "vocab_shard_start", _vocab_shards_reversed),
     Mutant("decode_cache_slot", "decode writes the KV cache one slot late", layers, "write_cache",
            _decode_writes_one_slot_late),
+    Mutant("decode_mask_off_by_one", "decode steps cannot see the token being decoded", layers, "causal_mask",
+           _decode_mask_hides_current),
 ]}
 
 

@@ -2,13 +2,20 @@
 
 Prompts of different lengths are left-padded into one batch; padding slots are masked out of attention and
 each row's RoPE positions start at 0 at its first real token.
+
+Command line (synthetic weights unless --checkpoint-dir is given; `--reference` runs an oracle instead):
+
+    python -m tp_llama.generate --mesh 1x4 --prompt "The capital of France is" --max-new-tokens 32
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Callable, Sequence
+import os
+import sys
+import time
+from typing import Callable, Collection, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from tp_llama.model import TPLlama, to_numpy
@@ -16,8 +23,40 @@ from tp_llama.model import TPLlama, to_numpy
 
 @dataclasses.dataclass
 class Generation:
-    tokens: list[list[int]]            # new tokens per prompt
+    tokens: list[list[int]]            # new tokens per prompt, up to and including its first stop token
     step_logits: list[np.ndarray]      # (batch, vocab) float32 logits that chose each new token
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,
+                  vocab_size: int | None = None, start_pos: int = 0) -> None:
+    """Raise a one-line ValueError for a request no engine can serve (shared by the model and the references).
+
+    The last position used is start_pos + longest prompt + max_new_tokens - 1; it must stay below max_seq_len.
+    """
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(prompt) > max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than max_seq_len {max_seq_len}; "
+                             f"shorten it")
+        if vocab_size is not None:
+            bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+                                 f"encode it with the model's tokenizer")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token")
+    if start_pos < 0:
+        raise ValueError(f"start_pos={start_pos} must not be negative")
+    longest = max(len(p) for p in prompts)
+    end = start_pos + longest + max_new_tokens
+    if end > max_seq_len:
+        first = f"start_pos ({start_pos}) plus prompt" if start_pos else "prompt"
+        raise ValueError(f"{first} ({longest} tokens) plus max_new_tokens ({max_new_tokens}) = {end} exceeds "
+                         f"max_seq_len {max_seq_len}; shorten the prompt or ask for at most "
+                         f"{max(max_seq_len - start_pos - longest, 0)} new tokens")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -33,31 +72,198 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 
 
 def greedy_generate(model: TPLlama, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    on_token: Callable[[int, np.ndarray], None] | None = None) -> Generation:
-    """Greedy decoding of every prompt in one batch; `on_token(step, tokens)` reports progress."""
+                    on_token: Callable[[int, np.ndarray], None] | None = None, *,
+                    stop_tokens: Collection[int] = (), teacher: Sequence[Sequence[int]] | None = None,
+                    start_pos: int = 0) -> Generation:
+    """Greedy decoding of every prompt in one batch; `on_token(step, tokens)` reports progress.
+
+    A row ends at its first token in `stop_tokens` (kept); decoding ends when every row has ended.
+    `teacher` (teacher forcing): row i feeds teacher[i][t] back at step t instead of its argmax while it has
+    one, so step_logits are this model's logits after the teacher's tokens; `tokens` are the tokens fed.
+    `start_pos`: RoPE position of each prompt's first token, with nothing before it (long-context positions
+    without a long prefix).
+    """
+    check_prompts(prompts, max_new_tokens, model.config.max_seq_len, model.config.vocab_size, start_pos)
+    if teacher is not None and len(teacher) != len(prompts):
+        raise ValueError(f"teacher has {len(teacher)} rows for {len(prompts)} prompts; give one per prompt")
+    stops = np.array(sorted(set(int(t) for t in stop_tokens)), np.int32)
     tokens, pads = left_pad(prompts)
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                         f"max_seq_len {model.config.max_seq_len}; shorten the prompt or ask for fewer tokens")
     slots = np.arange(total)
     valid = slots[None, :] >= pads[:, None]                         # (batch, total)
-    positions = np.maximum(slots[None, :prompt_len] - pads[:, None], 0)
+    positions = start_pos + np.maximum(slots[None, :prompt_len] - pads[:, None], 0)
     cache = model.init_cache(batch, total)
     logits, cache = model.step(params, tokens, positions, cache, 0, valid & (slots < prompt_len))
-    new_tokens, step_logits = [], []
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, bool)
+    step_logits = []
     for step in range(max_new_tokens):
         last = to_numpy(logits[:, -1])
         chosen = last.argmax(-1).astype(np.int32)
-        new_tokens.append(chosen)
+        for i in range(batch):
+            if teacher is not None and step < len(teacher[i]):
+                chosen[i] = teacher[i][step]
+            if not done[i]:
+                rows[i].append(int(chosen[i]))
         step_logits.append(last)
+        done |= np.isin(chosen, stops)
         if on_token:
             on_token(step, chosen)
-        if step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or done.all():
             break
         slot = prompt_len + step
-        pos = (slot - pads)[:, None]
+        pos = (start_pos + slot - pads)[:, None]
         logits, cache = model.step(params, chosen[:, None], pos, cache, slot, valid & (slots <= slot))
-    out = np.stack(new_tokens, axis=1) if new_tokens else np.zeros((batch, 0), np.int32)
-    return Generation(tokens=[row.tolist() for row in out], step_logits=step_logits)
+    return Generation(tokens=rows, step_logits=step_logits)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class Progress:
+    """'token k/n, tokens per second' on one rewritten stderr line, for runs long enough to wait on.
+
+    The rate counts decode steps from the first token on, so loading and the prefill do not skew it."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream, self.first = total, stream or sys.stderr, None
+
+    def begin(self, what: str) -> None:
+        self.stream.write(f"{what}...\n")
+        self.stream.flush()
+
+    def __call__(self, step: int, tokens=None) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        rate = f"  {step / (now - self.first):.1f} tokens/s" if now > self.first else ""
+        self.stream.write(f"\rtoken {step + 1}/{self.total}{rate}")
+        self.stream.flush()
+
+    def end(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tp_llama.config import PRESETS
+
+    p = _Parser(prog="python -m tp_llama.generate",
+                description="Greedy generation with the tensor-parallel Llama 3.1 (or a reference); prints the "
+                            "new text and the token ids.")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text, encoded with Meta's Llama 3 tokenizer (BOS first); repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt (default %(default)s)")
+    p.add_argument("--mesh", default="1x4", help="DxM, data x model parallel (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--reference", choices=("hf", "meta"), default=None,
+                   help="run Hugging Face generate, or Meta's model over its own KV cache, instead of the JAX model")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="real weights: a Meta (params.json, consolidated.*.pth, tokenizer.model) or HF checkpoint; "
+                        "without it, synthetic weights")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="synthetic weights: model shape, with the tokenizer's vocabulary (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic weights: seed (default %(default)s)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress line on stderr (default: when stderr is a terminal)")
+    return p
+
+
+def _simulate_cpu_devices(count: int) -> None:
+    """On the CPU platform, expose enough simulated devices for the mesh before JAX starts a backend (a caller
+    that already configured more, such as the test suite, is left alone)."""
+    if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] in ("", "cpu"):
+        import jax
+
+        if jax.config.jax_num_cpu_devices < count:
+            jax.config.update("jax_num_cpu_devices", count)
+
+
+def _model_and_tokenizer(args):
+    """(config, weights loader, Meta tokenizer): the checkpoint's (its weights read lazily), or synthetic weights
+    of the preset's shape with the vocabulary of the tokenizer llama-models ships, made only when loaded (after
+    the request has been checked)."""
+    from reference.tokenizer import meta_tokenizer
+
+    if args.checkpoint_dir is None:
+        from fixtures.weights import make_weights
+        from tp_llama.config import preset
+
+        tokenizer = meta_tokenizer()
+        config = preset(args.preset).replace(vocab_size=tokenizer.n_words)
+        return config, lambda: make_weights(config, args.seed), tokenizer
+    from tp_llama.checkpoint import load_for_generation
+
+    config, weights, tokenizer = load_for_generation(args.checkpoint_dir)
+    if tokenizer is None:  # an HF checkpoint ships none; Llama 3's own fits if the vocabulary is Llama 3's
+        tokenizer = meta_tokenizer()
+        if tokenizer.n_words != config.vocab_size:
+            raise ValueError(f"{args.checkpoint_dir}: no tokenizer.model, and vocab_size={config.vocab_size} is not "
+                             f"that of Llama 3's tokenizer ({tokenizer.n_words}); add the checkpoint's tokenizer.model")
+    return config, lambda: weights, tokenizer
+
+
+def _run(args, prompts, config, weights, stops, progress) -> Generation:
+    options = dict(on_token=progress, stop_tokens=stops)
+    if args.reference == "meta":
+        from reference.generation import meta_generate
+        from reference.meta import MetaReference
+
+        engine = MetaReference(config, weights, args.dtype, max_batch_size=len(prompts),
+                               max_seq_len=max(map(len, prompts)) + args.max_new_tokens)
+        return meta_generate(engine, prompts, args.max_new_tokens, **options)
+    if args.reference == "hf":
+        from reference.generation import hf_generate
+        from reference.hf import HFReference
+
+        return hf_generate(HFReference(config, weights, args.dtype), prompts, args.max_new_tokens, **options)
+    from reference.convert import meta_to_jax
+
+    model = TPLlama.on_mesh(config, args.mesh, args.dtype)
+    params = model.place(meta_to_jax(weights))
+    return greedy_generate(model, params, prompts, args.max_new_tokens, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    prog = "python -m tp_llama.generate"
+    try:
+        from tp_llama.shardings import parse_mesh
+
+        data, model_axis = parse_mesh(args.mesh)
+        for i, text in enumerate(args.prompt):
+            if not text:
+                raise ValueError(f"prompt {i} is empty; give some text to continue")
+        config, load_weights, tokenizer = _model_and_tokenizer(args)
+        prompts = [tokenizer.encode(text, bos=True, eos=False) for text in args.prompt]
+        check_prompts(prompts, args.max_new_tokens, config.max_seq_len, config.vocab_size)
+        _simulate_cpu_devices(data * model_axis)
+        show = sys.stderr.isatty() if args.progress is None else args.progress
+        progress = Progress(args.max_new_tokens) if show else None
+        if progress:
+            progress.begin(f"{args.reference or 'tp_llama ' + args.mesh} {args.dtype}: prefill of "
+                           f"{max(map(len, prompts))} tokens, then {args.max_new_tokens} decode steps")
+        result = _run(args, prompts, config, load_weights(), tuple(tokenizer.stop_tokens), progress)
+        if progress:
+            progress.end()
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    for text, prompt, new in zip(args.prompt, prompts, result.tokens):
+        print(f"prompt: {text!r}")
+        print(f"prompt ids ({len(prompt)}): {prompt}")
+        print(f"new ids ({len(new)}): {new}")
+        print(f"text: {tokenizer.decode(new)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
