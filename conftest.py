@@ -118,7 +118,10 @@ def _join_multiprocess_run(config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before parity.plugin reads the file options, which _join_multiprocess_run sets
 def pytest_configure(config):
+    from tp_llama.compile_cache import enable_compilation_cache
+
     _simulate_cpu_devices(config.getoption("cpu_devices"))
+    enable_compilation_cache()  # $TP_LLAMA_COMPILATION_CACHE: the directory, or 'off'
     _join_multiprocess_run(config)
     mutant = config.getoption("mutant")
     if mutant:

@@ -288,9 +288,11 @@ class TPLlama:
         self._check_batch(batch)
         kv = self.config.n_kv_heads * kv_replication(self.config, self.model_parallel)
         shape = (batch, length, kv, self.config.head_dim)
-        sharding = NamedSharding(self.mesh, spec(ACTIVATION_AXES["kv_cache"]))
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
-        return tuple((zeros(), zeros()) for _ in range(self.config.n_layers))
+        if "_zeros" not in self.__dict__:  # one jitted constructor per model: a new cache shape is its only retrace
+            sharding = NamedSharding(self.mesh, spec(ACTIVATION_AXES["kv_cache"]))
+            self._zeros = jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)
+        return tuple((self._zeros(shape, self.dtype), self._zeros(shape, self.dtype))
+                     for _ in range(self.config.n_layers))
 
     def step(self, params, tokens, positions, cache, cache_index: int, kv_valid, capture: bool = False):
         """Write `tokens` into the cache at slots cache_index.. and attend over every valid slot.
