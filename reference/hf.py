@@ -23,7 +23,6 @@ and no cache: the tokens attend only to each other, at shifted positions (compar
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -34,7 +33,7 @@ from transformers.models.llama import modeling_llama
 
 from reference.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis, meta_to_hf
 from reference.layers import ATTENTION_KEYS, intermediate_names, layer_state
-from reference.torch_utils import load_module, to_numpy, to_torch, torch_dtype
+from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
 from tp_llama.config import LlamaConfig
 
 
@@ -112,56 +111,18 @@ class HFReference:
 
     __call__ = forward
 
-    @contextlib.contextmanager
     def _capture(self):
-        """Forward hooks on HF's modules, and a temporary wrapper around modeling_llama.apply_rotary_pos_emb
-        (restored on exit) recording q and k after RoPE for the layer whose attention is running."""
-        inner, store, handles, current = self.model.model, {}, [], [None]
-
-        def save(name):
-            def hook(module, args, output):
-                store[name] = to_numpy(output)
-            return hook
-
-        def enter(i):
-            def hook(module, args):
-                current[0] = i
-            return hook
-
-        def leave(module, args, output):
-            current[0] = None
-
-        handles.append(inner.embed_tokens.register_forward_hook(save("embedding")))
+        """Hooks on HF's modules, and modeling_llama.apply_rotary_pos_emb wrapped while the forward runs (q and k
+        come back in Meta's interleaved layout)."""
+        inner = self.model.model
+        outputs = {"embedding": inner.embed_tokens, "final_norm": inner.norm, "logits": self.model.lm_head}
         for i, layer in enumerate(inner.layers):
             p = f"layers.{i}."
-            handles += [
-                layer.input_layernorm.register_forward_hook(save(p + "attention_norm")),
-                layer.self_attn.register_forward_pre_hook(enter(i)),
-                layer.self_attn.register_forward_hook(leave),
-                layer.self_attn.o_proj.register_forward_hook(save(p + "attention_out")),
-                layer.post_attention_layernorm.register_forward_hook(save(p + "ffn_norm")),
-                layer.mlp.down_proj.register_forward_hook(save(p + "mlp_out")),
-                layer.register_forward_hook(save(p + "block_out")),
-            ]
-        handles += [inner.norm.register_forward_hook(save("final_norm")),
-                    self.model.lm_head.register_forward_hook(save("logits"))]
-
-        original = modeling_llama.apply_rotary_pos_emb
-
-        def recording_apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-            q_out, k_out = original(q, k, cos, sin, *args, **kwargs)
-            if current[0] is not None:
-                store[f"layers.{current[0]}.q_rope"] = _from_hf_heads(q_out)
-                store[f"layers.{current[0]}.k_rope"] = _from_hf_heads(k_out)
-            return q_out, k_out
-
-        modeling_llama.apply_rotary_pos_emb = recording_apply_rotary_pos_emb
-        try:
-            yield store
-        finally:
-            modeling_llama.apply_rotary_pos_emb = original
-            for h in handles:
-                h.remove()
+            outputs.update({p + "attention_norm": layer.input_layernorm, p + "attention_out": layer.self_attn.o_proj,
+                            p + "ffn_norm": layer.post_attention_layernorm, p + "mlp_out": layer.mlp.down_proj,
+                            p + "block_out": layer})
+        return capture(outputs, [layer.self_attn for layer in inner.layers], modeling_llama, "apply_rotary_pos_emb",
+                       _from_hf_heads)
 
 
 # ---- components, for isolated tests ----------------------------------------------------------------

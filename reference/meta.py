@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from reference.layers import ATTENTION_KEYS, intermediate_names, layer_state
-from reference.torch_utils import load_module, to_numpy, to_torch, torch_dtype
+from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
 from tp_llama.config import LlamaConfig
 
 _INIT_LOCK = threading.Lock()
@@ -163,57 +163,16 @@ class MetaReference:
                 layer.attention.cache_k.zero_()
                 layer.attention.cache_v.zero_()
 
-    @contextlib.contextmanager
     def _capture(self):
-        """Forward hooks on Meta's modules, and a temporary wrapper around `apply_rotary_emb` (restored on exit)
-        that records q and k after RoPE for the layer whose Attention is running."""
-        m = _meta()
-        model, store, handles, current = self.model, {}, [], [None]
-
-        def save(name):
-            def hook(module, args, output):
-                store[name] = to_numpy(output)
-            return hook
-
-        def enter(i):
-            def hook(module, args):
-                current[0] = i
-            return hook
-
-        def leave(module, args, output):
-            current[0] = None
-
-        handles.append(model.tok_embeddings.register_forward_hook(save("embedding")))
+        """Hooks on Meta's modules, and `apply_rotary_emb` wrapped while the forward runs."""
+        model = self.model
+        outputs = {"embedding": model.tok_embeddings, "final_norm": model.norm, "logits": model.output}
         for i, layer in enumerate(model.layers):
             p = f"layers.{i}."
-            handles += [
-                layer.attention_norm.register_forward_hook(save(p + "attention_norm")),
-                layer.attention.register_forward_pre_hook(enter(i)),
-                layer.attention.register_forward_hook(leave),
-                layer.attention.wo.register_forward_hook(save(p + "attention_out")),
-                layer.ffn_norm.register_forward_hook(save(p + "ffn_norm")),
-                layer.feed_forward.w2.register_forward_hook(save(p + "mlp_out")),
-                layer.register_forward_hook(save(p + "block_out")),
-            ]
-        handles += [model.norm.register_forward_hook(save("final_norm")),
-                    model.output.register_forward_hook(save("logits"))]
-
-        original = m.apply_rotary_emb
-
-        def recording_apply_rotary_emb(xq, xk, freqs_cis):
-            xq_out, xk_out = original(xq, xk, freqs_cis)
-            if current[0] is not None:
-                store[f"layers.{current[0]}.q_rope"] = to_numpy(xq_out)
-                store[f"layers.{current[0]}.k_rope"] = to_numpy(xk_out)
-            return xq_out, xk_out
-
-        m.apply_rotary_emb = recording_apply_rotary_emb
-        try:
-            yield store
-        finally:
-            m.apply_rotary_emb = original
-            for h in handles:
-                h.remove()
+            outputs.update({p + "attention_norm": layer.attention_norm, p + "attention_out": layer.attention.wo,
+                            p + "ffn_norm": layer.ffn_norm, p + "mlp_out": layer.feed_forward.w2,
+                            p + "block_out": layer})
+        return capture(outputs, [layer.attention for layer in model.layers], _meta(), "apply_rotary_emb", to_numpy)
 
 
 # ---- components, for isolated tests ------------------------------------------------------------
