@@ -19,11 +19,13 @@ pytest_plugins = ["parity.plugin"]
 
 # Hypothesis profiles, registered at import so that hypothesis's own `--hypothesis-profile NAME` (applied in its
 # pytest_configure, after this file is imported) can pick one. Without it: `ci` under CI=true, else `dev`.
-# Model-level properties run a share of max_examples (conformance/strategies.py: model_settings).
-settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True, max_examples=100,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+# Each derives from hypothesis's "default" profile, not the active one (hypothesis itself activates its own
+# "ci" whenever $CI is set). Model-level properties run a share of max_examples (strategies.model_settings).
+_HYPOTHESIS_BASE = settings(settings.get_profile("default"), deadline=None,
+                            suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", _HYPOTHESIS_BASE, derandomize=True, database=None, print_blob=True, max_examples=100)
+settings.register_profile("dev", _HYPOTHESIS_BASE, max_examples=100)
+settings.register_profile("thorough", _HYPOTHESIS_BASE, max_examples=1000)
 settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "dev")
 
 
