@@ -61,6 +61,13 @@ def _rms_norm_without_weight(x, weight, eps):
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def _rms_norm_over_all_axes(x, weight, eps):
+    """Mean square taken over the whole tensor instead of per token: rows leak into each other."""
+    xf = x.astype(F32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf) + eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
 def _kv_groups_interleaved(q, n_kv_heads):
     """Query head h reads kv head h % n_kv (jnp.tile order) instead of h // group (repeat order)."""
     b, s, h, d = q.shape
@@ -129,6 +136,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
     Mutant("rmsnorm_eps", "RMSNorm with eps 1e-6 (Llama 2's) instead of the config's 1e-5", layers, "rms_norm",
            _rms_norm_llama2_eps),
     Mutant("rmsnorm_no_weight", "RMSNorm without its weight", layers, "rms_norm", _rms_norm_without_weight),
+    Mutant("rmsnorm_all_axes", "RMSNorm's mean taken over the whole batch, not per token", layers, "rms_norm",
+           _rms_norm_over_all_axes),
     Mutant("kv_group_order", "kv heads repeated in tile order instead of repeat order", layers,
            "group_query_heads", _kv_groups_interleaved),
     Mutant("softmax_bf16", "attention softmax in the activation dtype", layers, "attention_softmax",
