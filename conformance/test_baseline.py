@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conformance.inner_suite import INNER_CONFTEST
 from fixtures.tolerances import SLACK, slack_limit
 from parity import baseline as pb
 from parity.plugin import json_safe
@@ -171,17 +172,6 @@ def test_committed_baseline_is_a_passing_run_of_the_default_selection():
 
 # ---- the gate in a real run -----------------------------------------------------------------------------------
 
-INNER_CONFTEST = """
-pytest_plugins = ["parity.plugin"]
-
-
-def pytest_addoption(parser):
-    parser.addoption("--tolerance-profile", default="default")
-    parser.addoption("--parity-json", default=None)
-    parser.addoption("--parity-report", default=None)
-    parser.addoption("--parity-baseline", default=None)
-    parser.addoption("--parity-update-baseline", action="store_true", default=False)
-"""
 
 INNER_TESTS = """
 import os

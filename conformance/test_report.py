@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conformance.inner_suite import INNER_CONFTEST
 from fixtures.tolerances import bounds_for
 from parity import assert_parity
 from parity import report as pr
@@ -460,17 +461,6 @@ def test_margins():
 
 # ---- the plugin writes it -------------------------------------------------------------------------------------
 
-INNER_CONFTEST = """
-pytest_plugins = ["parity.plugin"]
-
-
-def pytest_addoption(parser):
-    parser.addoption("--tolerance-profile", default="default")
-    parser.addoption("--parity-json", default=None)
-    parser.addoption("--parity-report", default=None)
-    parser.addoption("--parity-baseline", default=None)
-    parser.addoption("--parity-update-baseline", action="store_true", default=False)
-"""
 
 INNER_TESTS = """
 import numpy as np
