@@ -32,7 +32,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama
 
 from reference.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis, meta_to_hf
-from reference.layers import ATTENTION_KEYS, intermediate_names, layer_state
+from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
 from tp_llama.config import LlamaConfig
 
@@ -103,11 +103,7 @@ class HFReference:
                 return to_numpy(self.model(**kwargs).logits)
         with self._capture() as store, torch.inference_mode():
             logits = to_numpy(self.model(**kwargs).logits)
-        names = intermediate_names(self.config.n_layers)
-        missing = [n for n in names if n not in store]
-        if missing:
-            raise RuntimeError(f"HF reference: intermediates not captured: {missing}")
-        return logits, {n: store[n] for n in names}
+        return logits, captured(store, self.config.n_layers, "HF")
 
     __call__ = forward
 

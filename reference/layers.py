@@ -60,3 +60,12 @@ def intermediate_names(n_layers: int) -> list[str]:
     for i in range(n_layers):
         names += [f"layers.{i}.{n}" for n in PER_LAYER_NAMES]
     return names + ["final_norm", "logits"]
+
+
+def captured(store: Mapping[str, np.ndarray], n_layers: int, who: str) -> dict[str, np.ndarray]:
+    """The named intermediates of one forward, in order; a name the hooks missed is the reference's bug."""
+    names = intermediate_names(n_layers)
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise RuntimeError(f"{who} reference: intermediates not captured: {missing}")
+    return {n: store[n] for n in names}

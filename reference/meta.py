@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from reference.layers import ATTENTION_KEYS, intermediate_names, layer_state
+from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
 from tp_llama.config import LlamaConfig
 
@@ -148,11 +148,7 @@ class MetaReference:
             return to_numpy(self.model.forward(tokens_t, start_pos))
         with self._capture() as store:
             logits = to_numpy(self.model.forward(tokens_t, start_pos))
-        names = intermediate_names(self.config.n_layers)
-        missing = [n for n in names if n not in store]
-        if missing:
-            raise RuntimeError(f"Meta reference: intermediates not captured: {missing}")
-        return logits, {n: store[n] for n in names}
+        return logits, captured(store, self.config.n_layers, "Meta")
 
     __call__ = forward
 
