@@ -88,7 +88,7 @@ def _join_multiprocess_run(config) -> None:
     devices of all processes (each takes part in every computation and gather), and only process 0 writes the
     parity files, so records are written once."""
     from tp_llama import distributed
-    from tp_llama.shardings import parse_mesh
+    from llama_spec.layout import parse_mesh
 
     try:
         chosen = distributed.settings(config.getoption("coordinator_address"), config.getoption("num_processes"),
@@ -137,7 +137,7 @@ def pytest_configure(config):
         if not re.fullmatch(r"\d+x\d+", mesh):
             raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
     if config.getoption("checkpoint_dir"):
-        from tp_llama.checkpoint import CheckpointError, load_checkpoint
+        from llama_spec.checkpoint import CheckpointError, load_checkpoint
 
         try:  # metadata only: a bad checkpoint stops the run with one line, before any test
             load_checkpoint(config.getoption("checkpoint_dir"))
@@ -168,7 +168,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from tp_llama.config import preset
+    from llama_spec.config import preset
 
     return preset("tiny")
 
@@ -209,7 +209,7 @@ def impl(request, tiny_config, tiny_weights, tp_model):
     """impl(mesh, dtype) -> the --impl implementation (default: the built-in tp_llama) built through the adapter
     protocol for the tiny config on that mesh, once per session."""
     from tp_llama import adapter
-    from tp_llama.shardings import make_mesh
+    from llama_spec.layout import make_mesh
 
     factory = adapter.load(request.config.getoption("impl") or adapter.BUILTIN)
     built = {}
@@ -231,7 +231,7 @@ def model_weights(request):
     synthetic tiny preset and its canonical weights."""
     directory = request.config.getoption("checkpoint_dir")
     if directory:
-        from tp_llama.checkpoint import load_checkpoint
+        from llama_spec.checkpoint import load_checkpoint
 
         return load_checkpoint(directory)
     return request.getfixturevalue("tiny_config"), request.getfixturevalue("tiny_weights")

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", JAX_CPU_DEVICES)  # before any JAX backend starts
 
     from benchmarks import bandwidth, compile_cache, report, suite, throughput
-    from tp_llama.config import preset
+    from llama_spec.config import preset
 
     config = preset(settings["preset"])
     result = {"machine": report.machine_info(),

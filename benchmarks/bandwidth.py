@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from fixtures.weights import meta_weight_shapes
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 

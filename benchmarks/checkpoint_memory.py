@@ -38,7 +38,7 @@ def arithmetic(config, dtype_bytes: int = 2) -> list[str]:
     import numpy as np
 
     from fixtures.weights import meta_weight_shapes
-    from tp_llama.config import preset
+    from llama_spec.config import preset
 
     real = preset("8b")
     shapes = meta_weight_shapes(real)
@@ -71,9 +71,9 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", 8)
     from fixtures.weights import make_tokens
     from parity.metrics import compute_metrics
-    from tp_llama.checkpoint import load_checkpoint
+    from llama_spec.checkpoint import load_checkpoint
     from tp_llama.layerwise import LayerwiseRun, peak_rss_bytes, reset_peak_rss, run_layerwise
-    from tp_llama.shardings import parse_mesh
+    from llama_spec.layout import parse_mesh
 
     with tempfile.TemporaryDirectory(prefix="ckpt8b-") as scratch:
         directory = args.checkpoint_dir

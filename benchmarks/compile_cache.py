@@ -42,7 +42,7 @@ def worker(preset: str, meshes: Sequence[str], dtype: str, batch: int, prompt_le
 
     from benchmarks.throughput import CompileCounter, JaxRunner
     from fixtures.weights import make_weights
-    from tp_llama.config import preset as get_preset
+    from llama_spec.config import preset as get_preset
 
     config = get_preset(preset)
     weights = make_weights(config, seed=0)

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from benchmarks.bandwidth import decode_bytes_per_step, roofline_tokens_per_s
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 
 IMPLEMENTATIONS = ("jax 1x1", "jax 1x4", "hf eager", "meta")
 # JAX reports every backend compilation (or persistent-cache load) under this monitoring event.

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 from tp_llama.layers import ROPE_ORIGINAL_CONTEXT
-from tp_llama.shardings import parse_mesh
+from llama_spec.layout import parse_mesh
 
 MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_BATCH, MAX_SEQ = 128, 16, 2, 512, 4, 16
 HEAD_DIMS = (4, 8, 16, 32)
@@ -215,7 +215,7 @@ def run_case(request, **drawn):
     arguments = ", ".join(f"{name}={value!r}" for name, value in drawn.items())
     note(f"reproduce: paste above @given on {request.node.originalname}:\n    @example({arguments})\n"
          "with: from hypothesis import example; from conformance.strategies import Case; "
-         "from tp_llama.config import LlamaConfig")
+         "from llama_spec.config import LlamaConfig")
     final = current_build_context().is_final
     try:
         yield

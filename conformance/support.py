@@ -15,7 +15,7 @@ import numpy as np
 from fixtures.weights import canonical_weights
 from reference import hf, meta, oracle
 from reference.layers import layer_weights
-from tp_llama.config import preset
+from llama_spec.config import preset
 
 CONFIG = preset("tiny")
 BATCH = 2

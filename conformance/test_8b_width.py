@@ -21,8 +21,8 @@ import pytest
 
 from conformance.test_checkpoints import LAYERWISE_START, check_layerwise
 from fixtures.weights import make_tokens
-from tp_llama.checkpoint import load_checkpoint
-from tp_llama.config import preset
+from llama_spec.checkpoint import load_checkpoint
+from llama_spec.config import preset
 from tp_llama.layerwise import peak_rss_bytes, reset_peak_rss, run_layerwise
 
 pytestmark = pytest.mark.slow

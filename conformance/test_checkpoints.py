@@ -21,7 +21,7 @@ from fixtures.checkpoints import synthetic_tensor, write_hf_checkpoint, write_me
 from fixtures.weights import make_tokens
 from parity import assert_parity, assert_parity_many
 from reference.convert import meta_to_jax
-from tp_llama.checkpoint import (HF_INDEX, SPLIT_AXIS, CheckpointError, load_checkpoint, load_for_generation,
+from llama_spec.checkpoint import (HF_INDEX, SPLIT_AXIS, CheckpointError, load_checkpoint, load_for_generation,
                                  main, split_axis)
 from tp_llama.layerwise import run_layerwise
 from tp_llama.model import TPLlama, to_numpy
@@ -469,13 +469,13 @@ def test_cli_bad_input_is_one_line_and_exit_1(written, tiny_config, tiny_weights
 
 
 def test_cli_entry_points_as_processes(written):
-    """`python -m tp_llama.checkpoint` and `pytest --checkpoint-dir` on a bad directory: exit non-zero, one line
+    """`python -m llama_spec.checkpoint` and `pytest --checkpoint-dir` on a bad directory: exit non-zero, one line
     naming it, no traceback."""
     missing = written["root"] / "missing"
-    good = subprocess.run([sys.executable, "-m", "tp_llama.checkpoint", str(written["hf"]), "--no-scan"],
+    good = subprocess.run([sys.executable, "-m", "llama_spec.checkpoint", str(written["hf"]), "--no-scan"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0 and "HF checkpoint" in good.stdout, good.stderr
-    bad = subprocess.run([sys.executable, "-m", "tp_llama.checkpoint", str(missing)], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "llama_spec.checkpoint", str(missing)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip() == f"error: {missing}: no such checkpoint directory"
     suite = subprocess.run([sys.executable, "-m", "pytest", "--checkpoint-dir", str(missing), "--collect-only",

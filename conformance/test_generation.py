@@ -38,7 +38,7 @@ import pytest
 from fixtures.weights import make_tokens, make_weights
 from parity import metrics as pm
 from reference.generation import hf_generate, meta_generate, meta_stop_tokens
-from tp_llama.config import preset
+from llama_spec.config import preset
 from tp_llama.generate import greedy_generate
 
 

@@ -16,7 +16,7 @@ from parity import assert_parity, assert_parity_many
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY, record_not_checked
 from reference.layers import intermediate_names
 from tp_llama import adapter as protocol
-from tp_llama.shardings import make_mesh, parse_mesh
+from llama_spec.layout import make_mesh, parse_mesh
 
 CASES = {"batch": (2, 48), "long": (1, 512)}  # as test_logits.py
 EXAMPLE = "examples.simple_llama.adapter:SimpleLlamaAdapter"

@@ -20,7 +20,7 @@ from fixtures.weights import make_tokens, make_weights
 from reference import hf, meta, oracle
 from reference.convert import hf_to_meta, meta_to_hf
 from reference.layers import intermediate_names, layer_weights
-from tp_llama.config import preset
+from llama_spec.config import preset
 
 IMPLS = {"meta": meta, "hf": hf}
 REFERENCE_CLASSES = {"meta": meta.MetaReference, "hf": hf.HFReference}

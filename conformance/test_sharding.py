@@ -4,7 +4,7 @@ import pytest
 
 from reference.convert import meta_to_jax
 from tp_llama import shardings
-from tp_llama.config import preset
+from llama_spec.config import preset
 from tp_llama.shardings import MODEL
 
 # Which axis of each Meta weight (out, in) the model axis splits, or None when replicated.

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 
 # ---- Meta <-> JAX ---------------------------------------------------------------------------
 # Meta Linear weights are (out, in); the JAX kernels are (in, out). Embedding and norms keep their shape.

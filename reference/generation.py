@@ -8,7 +8,7 @@
 - HF: `LlamaForCausalLM.generate(do_sample=False)` on the model of an `HFReference`, prompts left-padded with
   an attention mask (HF derives position ids from it), raw logits of every step via `output_logits`.
 
-Both return `tp_llama.generate.Generation`, the type the model under test returns: per prompt, the new tokens
+Both return `llama_spec.generation.Generation`, the type the model under test returns: per prompt, the new tokens
 up to and including the first stop token (at most `max_new_tokens`), and per step the (batch, vocab) float32
 logits that chose them (a row's entries after its stop token mean nothing).
 
@@ -34,7 +34,7 @@ import torch
 from reference.hf import HFReference
 from reference.meta import MetaReference
 from reference.torch_utils import to_numpy
-from tp_llama.generate import Generation, check_prompts, left_pad
+from llama_spec.generation import Generation, check_prompts, left_pad
 
 
 def meta_stop_tokens() -> tuple[int, ...]:

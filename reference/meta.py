@@ -36,7 +36,7 @@ import torch
 
 from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 
 _INIT_LOCK = threading.Lock()
 

@@ -2,7 +2,7 @@
 
 `ATTR` is a factory: any object with `build(config, weights, mesh, dtype)` (a class with a classmethod `build`
 is the usual shape). It receives
-- `config`: a `tp_llama.config.LlamaConfig` (Meta's params.json fields; `head_dim`, `hidden_dim` derived);
+- `config`: a `llama_spec.config.LlamaConfig` (Meta's params.json fields; `head_dim`, `hidden_dim` derived);
 - `weights`: Meta's checkpoint layout as float32 NumPy arrays keyed by Meta's names ('tok_embeddings.weight',
   'layers.0.attention.wq.weight', ...; Linear weights (out, in); RoPE pairs interleaved (2i, 2i+1));
 - `mesh`: a `jax.sharding.Mesh` with axes ('data', 'model'), possibly spanning processes;
@@ -31,7 +31,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 
 BUILTIN = "tp_llama.adapter:TPLlamaAdapter"
 

@@ -11,16 +11,18 @@ import math
 import jax
 import jax.numpy as jnp
 
+from llama_spec.config import LLAMA31_ROPE_SCALING
+
 F32 = jnp.float32
 # Masked scores take the smallest float32 instead of -inf so that a fully masked row (a padding query)
 # gives a finite uniform distribution, not NaN that would leak through 0 * NaN into real rows.
 MASK_VALUE = float(jnp.finfo(F32).min)
 
 # Llama 3.1 RoPE frequency scaling (Meta's apply_scaling).
-ROPE_SCALE_FACTOR = 8.0
-ROPE_LOW_FREQ_FACTOR = 1.0
-ROPE_HIGH_FREQ_FACTOR = 4.0
-ROPE_ORIGINAL_CONTEXT = 8192
+ROPE_SCALE_FACTOR = LLAMA31_ROPE_SCALING["factor"]
+ROPE_LOW_FREQ_FACTOR = LLAMA31_ROPE_SCALING["low_freq_factor"]
+ROPE_HIGH_FREQ_FACTOR = LLAMA31_ROPE_SCALING["high_freq_factor"]
+ROPE_ORIGINAL_CONTEXT = LLAMA31_ROPE_SCALING["original_max_position_embeddings"]
 
 
 def matmul_f32(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 
 A 1xM CPU-simulated mesh keeps all M "devices" in host memory, so the whole 8B model (16 GB in bfloat16) does
 not fit beside two references. Here each part of the model in turn, the embedding, every block, then the final
-norm and logits, has only its own weights read (memory-mapped by tp_llama.checkpoint), placed on the mesh shard
+norm and logits, has only its own weights read (memory-mapped by llama_spec.checkpoint), placed on the mesh shard
 by shard (`place_params` hands each device its slice), run by the JAX model, by each reference and by the
 float64 oracle, and dropped. Peak memory is one part plus activations, whatever the depth.
 
@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Vocab rows per float64 block of the oracle's logits (8192 x 4096 x 8 bytes = 256 MiB at 8B widths).
@@ -112,7 +112,7 @@ def reference_embedding(table, tokens, dtype: str) -> np.ndarray:
     import torch
 
     from reference.torch_utils import to_numpy
-    from tp_llama.checkpoint import numpy_to_torch
+    from llama_spec.checkpoint import numpy_to_torch
 
     with torch.inference_mode():
         return to_numpy(torch.nn.functional.embedding(torch.from_numpy(np.asarray(tokens, np.int64)),
@@ -136,7 +136,7 @@ def reference_head(name: str, x, norm_weight, output_weight, config: LlamaConfig
 
     from reference import hf, meta
     from reference.torch_utils import to_numpy, to_torch, torch_dtype
-    from tp_llama.checkpoint import numpy_to_torch
+    from llama_spec.checkpoint import numpy_to_torch
 
     rms_norm = {"meta": meta.meta_rms_norm, "hf": hf.hf_rms_norm}[name]
     normed = rms_norm(x, norm_weight, config.norm_eps, dtype)
@@ -195,7 +195,7 @@ def run_layerwise(config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh: 
 
     source = getattr(weights, "config_path", None)
     if source is not None:
-        from tp_llama.checkpoint import check_mesh
+        from llama_spec.checkpoint import check_mesh
 
         check_mesh(config, parse_mesh(mesh)[1], source)
     model = TPLlama(config, make_mesh(mesh), dtype)

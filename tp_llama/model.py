@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tp_llama import layers
-from tp_llama.config import LlamaConfig
+from llama_spec.config import LlamaConfig
 from tp_llama.shardings import (ACTIVATION_AXES, DATA, MODEL, check_splittable, kv_replication, param_specs,
                                 parse_mesh, place_params, spec)
 

@@ -9,6 +9,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+# Llama 3.1 RoPE frequency scaling (Meta's apply_scaling), under HF's config.json names.
+LLAMA31_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+
 # Meta's params.json fields. Those without a default must be present in a params.json.
 _REQUIRED = ("dim", "n_layers", "n_heads", "vocab_size")
 

@@ -13,7 +13,7 @@ Formats (detected from the files):
 Safety: `.pth` files are opened with `torch.load(weights_only=True, mmap=True)`; a pickle that asks to run code
 is refused. Every problem with the files is a `CheckpointError`: one line naming the file and the field.
 
-CLI: `python -m tp_llama.checkpoint DIR [--mesh DxM] [--no-scan]` validates a checkpoint (every tensor read
+CLI: `python -m llama_spec.checkpoint DIR [--mesh DxM] [--no-scan]` validates a checkpoint (every tensor read
 once and checked for NaN/Inf unless --no-scan) and prints a summary; on a bad checkpoint it prints one line to
 stderr and exits 1.
 """
@@ -32,10 +32,8 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from fixtures.weights import meta_weight_shapes  # the one table of Meta tensor names and shapes
-from tp_llama import layers
-from tp_llama.config import LlamaConfig
-from tp_llama.shardings import check_splittable, parse_mesh
+from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig
+from llama_spec.layout import check_splittable, meta_weight_shapes, parse_mesh
 
 META, HF = "meta", "hf"
 PARAMS_JSON = "params.json"
@@ -68,10 +66,6 @@ _HF_FIELD = {"dim": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads
 # The head count a fairscale shard of these weights must hold whole heads of.
 _HEAD_FIELD = {"wq": "n_heads", "wo": "n_heads", "wk": "n_kv_heads", "wv": "n_kv_heads"}
 
-# Llama 3.1's RoPE scaling, the only one the model implements, under HF's config.json names.
-_LLAMA31_ROPE = {"factor": layers.ROPE_SCALE_FACTOR, "low_freq_factor": layers.ROPE_LOW_FREQ_FACTOR,
-                 "high_freq_factor": layers.ROPE_HIGH_FREQ_FACTOR,
-                 "original_max_position_embeddings": layers.ROPE_ORIGINAL_CONTEXT}
 
 _FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # Exponent bits of each float dtype: all set means NaN or Inf (checked on the raw bits, fast for bfloat16 too).
@@ -483,7 +477,7 @@ def _hf_config(path: Path) -> LlamaConfig:
         raise CheckpointError(f"{path}: tie_word_embeddings=true; Llama 3.1 has a separate output projection")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type")) == "llama3":
-        for key, value in _LLAMA31_ROPE.items():
+        for key, value in LLAMA31_ROPE_SCALING.items():
             if key in rope and float(rope[key]) != value:
                 raise CheckpointError(f"{path}: rope scaling {key}={rope[key]}; Llama 3.1 uses {value} (only that "
                                       "scaling is implemented)")
@@ -587,7 +581,7 @@ def summary(directory: Path, config: LlamaConfig, weights: LazyWeights) -> list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tp_llama.checkpoint",
+    parser = argparse.ArgumentParser(prog="python -m llama_spec.checkpoint",
                                      description="Validate a Llama 3.1 checkpoint (Meta or HF format), summarise it.")
     parser.add_argument("directory", type=Path)
     parser.add_argument("--mesh", action="append", default=[], metavar="DxM",

@@ -1,0 +1,58 @@
+"""What greedy generation means, for the model under test and the references alike: the result of a run, the
+requests no engine can serve, and the left padding of prompts of different lengths into one batch."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]            # new tokens per prompt, up to and including its first stop token
+    step_logits: list[np.ndarray]      # (batch, vocab) float32 logits that chose each new token
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,
+                  vocab_size: int | None = None, start_pos: int = 0) -> None:
+    """Raise a one-line ValueError for a request no engine can serve (shared by the model and the references).
+
+    The last position used is start_pos + longest prompt + max_new_tokens - 1; it must stay below max_seq_len.
+    """
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(prompt) > max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than max_seq_len {max_seq_len}; "
+                             f"shorten it")
+        if vocab_size is not None:
+            bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+                                 f"encode it with the model's tokenizer")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token")
+    if start_pos < 0:
+        raise ValueError(f"start_pos={start_pos} must not be negative")
+    longest = max(len(p) for p in prompts)
+    end = start_pos + longest + max_new_tokens
+    if end > max_seq_len:
+        first = f"start_pos ({start_pos}) plus prompt" if start_pos else "prompt"
+        raise ValueError(f"{first} ({longest} tokens) plus max_new_tokens ({max_new_tokens}) = {end} exceeds "
+                         f"max_seq_len {max_seq_len}; shorten the prompt or ask for at most "
+                         f"{max(max_seq_len - start_pos - longest, 0)} new tokens")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(batch, longest) int32 tokens and the number of padding slots of each row."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    pads = np.array([longest - len(p) for p in prompts], np.int32)
+    tokens = np.full((len(prompts), longest), pad_id, np.int32)
+    for row, (prompt, pad) in enumerate(zip(prompts, pads)):
+        tokens[row, pad:] = prompt
+    return tokens, pads
