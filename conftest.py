@@ -59,8 +59,9 @@ def pytest_addoption(parser):
                          "*.safetensors; read lazily) instead of the synthetic tiny weights where a test takes "
                          "`model_weights`")
     group.addoption("--impl", default=None, metavar="MODULE:ATTR",
-                    help="the JAX Llama implementation conformance/test_impl.py checks, through the adapter protocol "
-                         "of tp_llama/adapter.py (default: the built-in tp_llama.adapter:TPLlamaAdapter)")
+                    help="the JAX Llama implementation under test: every check runs on it through the adapter "
+                         "protocol of adapters/protocol.py, or says 'not checked' and why "
+                         "(default: the built-in tp_llama.adapter:TPLlamaAdapter)")
     group.addoption("--distributed", action="store_true", default=False,
                     help="join a JAX multi-controller run, one pytest per process (jax.distributed.initialize); "
                          "what the three options below leave out JAX detects (TPU pod, SLURM, Open MPI)")
@@ -144,7 +145,7 @@ def pytest_configure(config):
         except CheckpointError as err:
             raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
     if config.getoption("impl"):
-        from tp_llama.adapter import AdapterError, load
+        from adapters.protocol import AdapterError, load
 
         try:  # a typo in --impl stops the run with one line, before any test
             load(config.getoption("impl"))
@@ -187,39 +188,51 @@ def tiny_weights(request, tiny_config):
 
 
 @pytest.fixture(scope="session")
-def tp_model(tiny_config, tiny_weights):
-    """tp_model(mesh, dtype) -> (TPLlama, placed params) for the tiny config, built once per session."""
-    from reference.convert import meta_to_jax
-    from tp_llama.model import TPLlama
+def builtin_only(request):
+    """For tests of the built-in model's own code (its internals, CLI, benchmarks, planted bugs): under another
+    --impl they are not checked, never run on the built-in model in the other's place."""
+    from adapters import protocol
 
-    built = {}
-    tree = meta_to_jax(tiny_weights)
+    spec = request.config.getoption("impl")
+    if spec and protocol.load(spec) is not protocol.load(protocol.BUILTIN):
+        pytest.skip(f"not checked: tests the built-in tp_llama model's own code, not --impl {spec}")
 
+
+@pytest.fixture(scope="session")
+def tp_model(builtin_only, impl):
+    """tp_model(mesh, dtype) -> (TPLlama, placed params) of the built-in model, the very objects `impl` built."""
     def get(mesh: str, dtype: str):
-        if (mesh, dtype) not in built:
-            model = TPLlama.on_mesh(tiny_config, mesh, dtype)
-            built[mesh, dtype] = (model, model.place(tree))
-        return built[mesh, dtype]
+        adapter = impl(mesh, dtype)
+        return adapter.model, adapter.params
 
     return get
 
 
+# The largest batch and longest sequence (positions included) any check asks of the implementation; passed to
+# build() so implementations that size caches or RoPE tables up front can.
+MAX_BATCH_SIZE = 4
+MAX_SEQ_LEN = 16384
+
+
 @pytest.fixture(scope="session")
-def impl(request, tiny_config, tiny_weights, tp_model):
+def impl(request, tiny_config, tiny_weights):
     """impl(mesh, dtype) -> the --impl implementation (default: the built-in tp_llama) built through the adapter
-    protocol for the tiny config on that mesh, once per session."""
-    from tp_llama import adapter
+    protocol for the tiny config on that mesh, once per session; a build that raised raises again."""
+    from adapters import protocol
     from llama_spec.layout import make_mesh
 
-    factory = adapter.load(request.config.getoption("impl") or adapter.BUILTIN)
+    factory = protocol.load(request.config.getoption("impl") or protocol.BUILTIN)
     built = {}
 
     def get(mesh: str, dtype: str):
         if (mesh, dtype) not in built:
-            if factory is adapter.TPLlamaAdapter:  # the model tp_model already placed and compiled
-                built[mesh, dtype] = adapter.TPLlamaAdapter(*tp_model(mesh, dtype))
-            else:
-                built[mesh, dtype] = adapter.build(factory, tiny_config, tiny_weights, make_mesh(mesh), dtype)
+            try:
+                built[mesh, dtype] = protocol.build(factory, tiny_config, tiny_weights, make_mesh(mesh), dtype,
+                                                    max_batch_size=MAX_BATCH_SIZE, max_seq_len=MAX_SEQ_LEN)
+            except Exception as err:  # noqa: BLE001 - kept and raised to every test that asks for this build
+                built[mesh, dtype] = err
+        if isinstance(built[mesh, dtype], Exception):
+            raise built[mesh, dtype]
         return built[mesh, dtype]
 
     return get

@@ -15,7 +15,7 @@ from conformance import support
 from parity import assert_parity, assert_parity_many
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY, record_not_checked
 from reference.layers import intermediate_names
-from tp_llama import adapter as protocol
+from adapters import protocol
 from llama_spec.layout import make_mesh, parse_mesh
 
 CASES = {"batch": (2, 48), "long": (1, 512)}  # as test_logits.py
@@ -62,7 +62,7 @@ def check_impl_intermediates(request, adapter, reference, dtype, mesh, case):
 
 def check_impl_decode(request, adapter, dtype, mesh, prefill=16, total=24):
     """Prefill then one-token steps give the logits of one full forward (the adapter against itself)."""
-    if not isinstance(adapter, protocol.DecodingAdapter):
+    if not isinstance(adapter, protocol.Decode):
         pytest.skip(f"not checked: {type(adapter).__name__} has no decode path (init_cache and step)")
     tokens = support.tokens(2, total, seed=3)
     full = protocol.host(adapter.forward(tokens))

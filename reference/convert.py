@@ -52,6 +52,15 @@ def meta_to_jax(state: Mapping[str, np.ndarray]) -> dict:
     return tree
 
 
+def meta_name_of(path: tuple[str, ...]) -> str:
+    """A JAX parameter path ('layers_0', 'attention', 'wq', 'kernel') -> its Meta name (inverse of `_jax_path`)."""
+    if path[0].startswith("layers_"):
+        return "layers." + path[0][len("layers_"):] + "." + ".".join(path[1:-1]) + ".weight"
+    if path[0] == "tok_embeddings":
+        return "tok_embeddings.weight"
+    return ".".join(path[:-1]) + ".weight"
+
+
 def jax_to_meta(tree: Mapping) -> dict[str, np.ndarray]:
     """Inverse of `meta_to_jax`."""
     state = {}
@@ -61,13 +70,7 @@ def jax_to_meta(tree: Mapping) -> dict[str, np.ndarray]:
             if isinstance(value, Mapping):
                 walk(value, (*path, key))
                 continue
-            full = (*path, key)
-            if full[0].startswith("layers_"):
-                name = "layers." + full[0][len("layers_"):] + "." + ".".join(full[1:-1]) + ".weight"
-            elif full[0] == "tok_embeddings":
-                name = "tok_embeddings.weight"
-            else:
-                name = ".".join(full[:-1]) + ".weight"
+            name = meta_name_of((*path, key))
             state[name] = np.asarray(value).T if _is_linear(name) else np.asarray(value)
 
     walk(tree, ())

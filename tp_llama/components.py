@@ -115,3 +115,17 @@ def block(model: TPLlama, params, x, layer: int = 0, start_pos: int = 0) -> np.n
     out = _run(model, local, (param_specs(model.config)[f"layers_{layer}"], HIDDEN, TOKENS), HIDDEN,
                _layer(params, layer), jnp.asarray(x, model.dtype), _positions(b, s, start_pos))
     return to_numpy(out)
+
+
+def head(model: TPLlama, params, h) -> np.ndarray:
+    """The final norm and the vocab-parallel output projection, logits gathered."""
+    config = model.config
+    norm = RMSNorm(config.dim, config.norm_eps)
+
+    def local(norm_w, out_w, x):
+        return layers.linear(norm.apply({"params": norm_w}, x), out_w["kernel"]).astype(jnp.float32)
+
+    specs = param_specs(config)
+    out = _run(model, local, (specs["norm"], specs["output"], HIDDEN), spec(ACTIVATION_AXES["logits"]),
+               params["norm"], params["output"], jnp.asarray(h, model.dtype))
+    return to_numpy(out)

@@ -1,4 +1,4 @@
-"""The adapter that lets the conformance suite run examples.simple_llama (see tp_llama/adapter.py):
+"""The adapter that lets the conformance suite run examples.simple_llama (see adapters/protocol.py):
 
     pytest conformance/test_impl.py --impl examples.simple_llama.adapter:SimpleLlamaAdapter
 """
