@@ -215,13 +215,21 @@ MAX_SEQ_LEN = 16384
 
 
 @pytest.fixture(scope="session")
-def impl(request, tiny_config, tiny_weights):
-    """impl(mesh, dtype) -> the --impl implementation (default: the built-in tp_llama) built through the adapter
-    protocol for the tiny config on that mesh, once per session; a build that raised raises again."""
+def impl_factory(request):
+    """The --impl factory (default: the built-in tp_llama), for checks that build it for their own configs."""
+    from adapters import protocol
+
+    return protocol.load(request.config.getoption("impl") or protocol.BUILTIN)
+
+
+@pytest.fixture(scope="session")
+def impl(impl_factory, tiny_config, tiny_weights):
+    """impl(mesh, dtype) -> the --impl implementation built through the adapter protocol for the tiny config on
+    that mesh, once per session; a build that raised raises again."""
     from adapters import protocol
     from llama_spec.layout import make_mesh
 
-    factory = protocol.load(request.config.getoption("impl") or protocol.BUILTIN)
+    factory = impl_factory
     built = {}
 
     def get(mesh: str, dtype: str):

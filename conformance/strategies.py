@@ -23,11 +23,14 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 
-from llama_spec.config import LlamaConfig
-from tp_llama.layers import ROPE_ORIGINAL_CONTEXT
+from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig
 from llama_spec.layout import parse_mesh
 
 MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_BATCH, MAX_SEQ = 128, 16, 2, 512, 4, 16
+ROPE_ORIGINAL_CONTEXT = LLAMA31_ROPE_SCALING["original_max_position_embeddings"]
+# What a drawn case can ask of an implementation's build: batches() gives one row per shard of an 8-way data
+# axis; start_positions() reach twice the original context, plus a sequence (and a chunked-prefill probe token).
+MAX_ROWS, MAX_POSITION = 8, 2 * ROPE_ORIGINAL_CONTEXT + MAX_SEQ + 1
 HEAD_DIMS = (4, 8, 16, 32)
 KV_HEADS = (1, 2, 4, 8)
 # Simplest first: sampled_from shrinks towards the front of the list.
@@ -76,9 +79,10 @@ class Case:
         """make_weights(config, seed) rounded to the run dtype: what every side (and the oracle) computes with."""
         return _weights(self.config, self.seed, self.dtype)
 
-    def model(self, mesh: str | None = None):
-        """(TPLlama, placed params) on `mesh` (default: the case's), cached across examples and shrinking."""
-        return _model(self.config, self.seed, self.dtype, mesh or self.mesh)
+    def adapter(self, factory, mesh: str | None = None):
+        """The implementation under test (`factory`, the --impl) built for this case on `mesh` (default: the
+        case's), cached across examples and shrinking."""
+        return _adapter(factory, self.config, self.seed, self.dtype, mesh or self.mesh)
 
     def rng(self, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, stream])
@@ -117,12 +121,12 @@ def _weights(config: LlamaConfig, seed: int, dtype: str) -> dict[str, np.ndarray
 
 
 @functools.lru_cache(maxsize=8)
-def _model(config: LlamaConfig, seed: int, dtype: str, mesh: str):
-    from reference.convert import meta_to_jax
-    from tp_llama.model import TPLlama
+def _adapter(factory, config: LlamaConfig, seed: int, dtype: str, mesh: str):
+    from adapters import protocol
+    from llama_spec.layout import make_mesh
 
-    model = TPLlama.on_mesh(config, mesh, dtype)
-    return model, model.place(meta_to_jax(_weights(config, seed, dtype)))
+    return protocol.build(factory, config, _weights(config, seed, dtype), make_mesh(mesh), dtype,
+                          max_batch_size=MAX_ROWS, max_seq_len=MAX_POSITION)
 
 
 # ---- strategies ----------------------------------------------------------------------------

@@ -11,14 +11,62 @@ import functools
 
 import ml_dtypes
 import numpy as np
+import pytest
 
+from adapters import protocol
 from fixtures.weights import canonical_weights
+from llama_spec.config import preset
+from parity.check import record_failure, record_not_checked
 from reference import hf, meta, oracle
 from reference.layers import layer_weights
-from llama_spec.config import preset
 
 CONFIG = preset("tiny")
 BATCH = 2
+
+
+# ---- the implementation under test ----------------------------------------------------------
+
+def require(request, adapter, capability: str, *, component: str, dtype: str, mesh: str, reference: str | None = None,
+            names: list[str] | None = None) -> None:
+    """Skip as not checked, with a not_checked entry, when the adapter lacks `capability`."""
+    reason = protocol.missing(adapter, capability)
+    if reason:
+        record_not_checked(request, component=component, names=names or [capability], reason=reason,
+                           reference=reference, dtype=dtype, mesh=mesh)
+        pytest.skip(reason)
+
+
+def run(request, fn, *args, component: str, dtype: str, mesh: str, reference: str | None = None,
+        layer: int | None = None, name: str | None = None, what: str | None = None, **kwargs):
+    """fn(*args, **kwargs) on the implementation under test. If it raises, the comparison becomes a failed record
+    (component, layer, error text) and the test fails saying so, instead of leaving no trace in the summary."""
+    __tracebackhide__ = True
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any error of the implementation is its failure, reported as one
+        owner = getattr(fn, "__self__", None)
+        what = what or (f"{type(owner).__name__}.{fn.__name__}" if owner is not None else fn.__name__)
+        error = f"{what} raised {type(err).__name__}: {err}"
+        record_failure(request, component=component, error=error, reference=reference, dtype=dtype, mesh=mesh,
+                       layer=layer, name=name)
+        where = f", layer {layer}" if layer is not None else ""
+        raise AssertionError(f"component '{component}'{where}: {error}\n  reference={reference} dtype={dtype} "
+                             f"mesh={mesh}") from err
+
+
+def subject(request, impl, mesh: str, dtype: str, *, component: str, reference: str | None = None):
+    """The --impl adapter on `mesh` at `dtype`; a build that raises is a failed record of `component`."""
+    __tracebackhide__ = True
+    return run(request, impl, mesh, dtype, component=component, reference=reference, dtype=dtype, mesh=mesh,
+               what=f"building --impl on {mesh} at {dtype}")
+
+
+def data_split(mesh: str, batch: int) -> None:
+    """Skip a case whose batch the mesh's data axis cannot split (a property of the case, not the subject)."""
+    from llama_spec.layout import parse_mesh
+
+    if batch % parse_mesh(mesh)[0]:
+        pytest.skip(f"batch {batch} does not split over the data axis of {mesh}")
 
 
 def rounded(x, dtype: str) -> np.ndarray:
@@ -62,8 +110,9 @@ def tokens(batch: int, seq: int, seed: int) -> np.ndarray:
 
 
 _COMPONENTS = {
-    "meta": (meta.meta_rms_norm, meta.meta_rope, meta.meta_attention, meta.meta_feed_forward, meta.meta_block),
-    "hf": (hf.hf_rms_norm, hf.hf_rope, hf.hf_attention, hf.hf_feed_forward, hf.hf_block),
+    "meta": (meta.meta_rms_norm, meta.meta_rope, meta.meta_attention, meta.meta_feed_forward, meta.meta_block,
+             meta.meta_head),
+    "hf": (hf.hf_rms_norm, hf.hf_rope, hf.hf_attention, hf.hf_feed_forward, hf.hf_block, hf.hf_head),
 }
 
 
@@ -118,6 +167,21 @@ def block(reference: str, dtype: str, layer_index: int, start_pos: int):
     lw = layer(dtype, layer_index)
     return (_reference(reference)[4](x, lw, CONFIG, dtype, start_pos=start_pos),
             oracle.oracle_block(x, lw, CONFIG, start_pos=start_pos))
+
+
+@functools.lru_cache(maxsize=None)
+def head(reference: str, dtype: str):
+    """Final norm and output projection on hidden states spread over [1e-3, 10] in scale."""
+    x = activations(dtype, 16, seed=17, spread=True)
+    w = weights(dtype)
+    return (_reference(reference)[5](x, w["norm.weight"], w["output.weight"], CONFIG.norm_eps, dtype),
+            oracle.oracle_head(x, w["norm.weight"], w["output.weight"], CONFIG.norm_eps))
+
+
+@functools.lru_cache(maxsize=None)
+def exact_on_float32_weights(batch: int, seq: int):
+    """The float64 oracle's logits on the canonical float32 weights, not rounded to any run dtype."""
+    return oracle.oracle_forward(CONFIG, canonical_weights("tiny"), tokens(batch, seq, seed=16), 0)
 
 
 @functools.lru_cache(maxsize=None)

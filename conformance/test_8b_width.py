@@ -49,6 +49,7 @@ def checkpoint_8b(tmp_path_factory):
     shutil.rmtree(directory, ignore_errors=True)  # 3.1 GB of disk
 
 
+@pytest.mark.usefixtures("builtin_only")  # tp_llama.layerwise runs the built-in model part by part
 def test_8b_width_layerwise_within_memory(request, checkpoint_8b):
     config, weights = load_checkpoint(checkpoint_8b)
     widths = ("dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta", "use_scaled_rope")

@@ -1,13 +1,14 @@
-"""GQA causal attention, column-parallel q/k/v and row-parallel wo, with and without the KV cache.
+"""GQA causal attention of the implementation under test (q/k/v, RoPE, softmax, wo and its all-reduce), with
+and without the KV cache.
 
 'prefill' is one chunk; 'cached' feeds chunks of 12, 6, 1 and 1 tokens so that later chunks read keys and
 values written by earlier ones; 'pos9000' is one chunk starting past the original RoPE context.
 """
 import pytest
 
+from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
-from tp_llama import components
 
 CASES = {
     "prefill": ((20,), 0),
@@ -16,17 +17,23 @@ CASES = {
 }
 
 
-def check_attention(request, model, params, reference, dtype, mesh, case, layer_index):
+def check_attention(request, adapter, reference, dtype, mesh, case, layer_index):
     sizes, start_pos = CASES[case]
-    actual = components.attention(model, params, support.attention_chunks(dtype, sizes), layer=layer_index,
-                                  start_pos=start_pos)
+    scope = dict(component="attention", reference=reference, dtype=dtype, mesh=mesh)
+    names = [f"{case}.chunk{chunk}" for chunk in range(len(sizes))]
+    support.require(request, adapter, "attention", **scope, names=names)
+    actual = support.run(request, adapter.attention, support.attention_chunks(dtype, sizes), layer_index,
+                         start_pos, **scope, layer=layer_index, name=case)
     expected, exact = support.attention(reference, dtype, layer_index, sizes, start_pos)
-    for chunk, (a, e, o) in enumerate(zip(actual, expected, exact)):
-        assert_parity(request, component="attention", name=f"{case}.chunk{chunk}", layer=layer_index, actual=a,
-                      expected=e, oracle=o, reference=reference, dtype=dtype, mesh=mesh)
+    if len(actual) != len(expected):
+        raise AssertionError(f"component 'attention', layer {layer_index}: {len(sizes)} chunks in, "
+                             f"{len(actual)} outputs back")
+    for name, a, e, o in zip(names, actual, expected, exact):
+        assert_parity(request, name=name, layer=layer_index, actual=host(a), expected=e, oracle=o, **scope)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("layer_index", [0, 1], ids=lambda i: f"layer{i}")
-def test_attention(request, tp_model, reference, dtype, mesh, case, layer_index):
-    check_attention(request, *tp_model(mesh, dtype), reference, dtype, mesh, case, layer_index)
+def test_attention(request, impl, reference, dtype, mesh, case, layer_index):
+    adapter = support.subject(request, impl, mesh, dtype, component="attention", reference=reference)
+    check_attention(request, adapter, reference, dtype, mesh, case, layer_index)

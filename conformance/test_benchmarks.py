@@ -71,6 +71,7 @@ def test_bandwidth_measurement_structure():
     assert bandwidth.combine([slower, run])["gb_per_s"] == run["gb_per_s"]
 
 
+@pytest.mark.usefixtures("builtin_only")  # benchmarks the built-in model
 def test_throughput_on_tiny_every_implementation_decodes_the_same_tokens(tiny_config, tiny_weights):
     # 7 decode steps: enough for an HF loop without its cache or a Meta loop one position off to part ways
     records = throughput.measure(tiny_config, tiny_weights, ["float32"], [2], prompt_len=8, new_tokens=8, repeats=1,
@@ -89,6 +90,7 @@ def test_throughput_on_tiny_every_implementation_decodes_the_same_tokens(tiny_co
     json.dumps(records)
 
 
+@pytest.mark.usefixtures("builtin_only")  # compiles the built-in model
 def test_compile_benchmark_warm_cache_serves_every_compilation():
     from benchmarks import compile_cache as compile_benchmark
 

@@ -1,20 +1,25 @@
-"""One whole transformer block (norms, attention, MLP, both residuals), at position 0 and past 8192."""
+"""One whole transformer block of the implementation under test (norms, attention, MLP, both residuals), at
+position 0 and past 8192."""
 import pytest
 
+from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
-from tp_llama import components
 
 
-def check_block(request, model, params, reference, dtype, mesh, layer_index, start_pos):
-    actual = components.block(model, params, support.activations(dtype, 16, seed=15), layer=layer_index,
-                              start_pos=start_pos)
+def check_block(request, adapter, reference, dtype, mesh, layer_index, start_pos):
+    scope = dict(component="block", reference=reference, dtype=dtype, mesh=mesh)
+    name = f"block_out@{start_pos}"
+    support.require(request, adapter, "block", **scope, names=[name])
+    actual = support.run(request, adapter.block, support.activations(dtype, 16, seed=15), layer_index, start_pos,
+                         **scope, layer=layer_index, name=name)
     expected, exact = support.block(reference, dtype, layer_index, start_pos)
-    assert_parity(request, component="block", name=f"block_out@{start_pos}", layer=layer_index, actual=actual,
-                  expected=expected, oracle=exact, reference=reference, dtype=dtype, mesh=mesh)
+    assert_parity(request, name=name, layer=layer_index, actual=host(actual), expected=expected, oracle=exact,
+                  **scope)
 
 
 @pytest.mark.parametrize("start_pos", [0, 9000], ids=lambda p: f"pos{p}")
 @pytest.mark.parametrize("layer_index", [0, 1], ids=lambda i: f"layer{i}")
-def test_block(request, tp_model, reference, dtype, mesh, layer_index, start_pos):
-    check_block(request, *tp_model(mesh, dtype), reference, dtype, mesh, layer_index, start_pos)
+def test_block(request, impl, reference, dtype, mesh, layer_index, start_pos):
+    adapter = support.subject(request, impl, mesh, dtype, component="block", reference=reference)
+    check_block(request, adapter, reference, dtype, mesh, layer_index, start_pos)

@@ -16,6 +16,9 @@ import pytest
 
 from tp_llama.generate import main
 
+# Tests of the built-in model's own code: under another --impl they are not checked.
+pytestmark = pytest.mark.usefixtures("builtin_only")
+
 PROMPT = "The capital of France is"
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m tp_llama.generate"

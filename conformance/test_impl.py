@@ -1,10 +1,8 @@
-"""The implementation under test through the adapter protocol (tp_llama/adapter.py): `--impl MODULE:ATTR`, by
-default the built-in tp_llama.
+"""The adapter protocol itself (adapters/protocol.py): `--impl MODULE:ATTR`, by default the built-in tp_llama.
 
-Logits (KL, top-1, top-k), every named intermediate the adapter provides, and its decode path if it has one,
-against the same references and bounds as test_logits.py and test_kv_cache.py. Intermediates or a decode path
-an adapter does not provide are reported as not checked (the test ends skipped and says which), never as passed.
-The protocol's own failure modes are tested at the end, including a planted bug the --impl path must catch.
+The implementation's decode path against its own full forward; then the protocol's failure modes: bad specs,
+adapters that break the protocol, missing capabilities reported as not checked (never passed), an adapter that
+raises becoming a failed record, and a planted bug the --impl path must catch.
 """
 from types import SimpleNamespace
 
@@ -12,52 +10,15 @@ import numpy as np
 import pytest
 
 from conformance import support
-from parity import assert_parity, assert_parity_many
-from parity.check import NOT_CHECKED_KEY, RECORD_KEY, record_not_checked
-from reference.layers import intermediate_names
+from conformance.test_attention import check_attention
+from conformance.test_logits import check_intermediates, check_logits
+from conformance.test_rmsnorm import check_rmsnorm
+from parity import assert_parity
+from parity.check import NOT_CHECKED_KEY, RECORD_KEY
 from adapters import protocol
-from llama_spec.layout import make_mesh, parse_mesh
+from llama_spec.layout import make_mesh
 
-CASES = {"batch": (2, 48), "long": (1, 512)}  # as test_logits.py
 EXAMPLE = "examples.simple_llama.adapter:SimpleLlamaAdapter"
-
-
-def _splits(mesh: str, batch: int) -> None:
-    data = parse_mesh(mesh)[0]
-    if batch % data:
-        pytest.skip(f"batch {batch} does not split over the data axis of {mesh}")
-
-
-def check_impl_logits(request, adapter, reference, dtype, mesh, case):
-    batch, seq = CASES[case]
-    logits = protocol.host(adapter.forward(support.tokens(batch, seq, seed=16), start_pos=0))
-    (ref_logits, _), (exact_logits, _) = support.full_forward(reference, dtype, batch, seq)
-    assert_parity(request, component="logits", name=f"logits.{case}", actual=logits, expected=ref_logits,
-                  oracle=exact_logits, reference=reference, dtype=dtype, mesh=mesh, logits=True)
-
-
-def check_impl_intermediates(request, adapter, reference, dtype, mesh, case):
-    """Compare what the adapter captures; note the rest as not checked and end skipped when anything is."""
-    batch, seq = CASES[case]
-    _, taps = protocol.forward(adapter, support.tokens(batch, seq, seed=16))
-    (_, ref_taps), (_, exact_taps) = support.full_forward(reference, dtype, batch, seq)
-    known = [n for n in intermediate_names(support.CONFIG.n_layers) if n != "logits"]
-    unknown = sorted(set(taps) - set(known))
-    if unknown:
-        raise protocol.AdapterError(f"{type(adapter).__name__} captured names the suite does not know: {unknown}; "
-                                    "use the names of reference/layers.py")
-    provided = [n for n in known if n in taps]
-    if provided:
-        assert_parity_many(request, component="intermediate", actual=taps,
-                           expected={n: ref_taps[n] for n in provided}, oracle=exact_taps, reference=reference,
-                           dtype=dtype, mesh=mesh)
-    missing = [n for n in known if n not in taps]
-    if missing:
-        reason = (f"not checked: {type(adapter).__name__} does not capture {len(missing)} of {len(known)} "
-                  f"intermediates ({', '.join(missing)})")
-        record_not_checked(request, component="intermediate", names=missing, reason=reason, reference=reference,
-                           dtype=dtype, mesh=mesh)
-        pytest.skip(reason)
 
 
 def check_impl_decode(request, adapter, dtype, mesh, prefill=16, total=24):
@@ -76,20 +37,8 @@ def check_impl_decode(request, adapter, dtype, mesh, prefill=16, total=24):
                   expected=full, reference="self", dtype=dtype, mesh=mesh, logits=True)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_impl_logits(request, impl, reference, dtype, mesh, case):
-    _splits(mesh, CASES[case][0])
-    check_impl_logits(request, impl(mesh, dtype), reference, dtype, mesh, case)
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_impl_intermediates(request, impl, reference, dtype, mesh, case):
-    _splits(mesh, CASES[case][0])
-    check_impl_intermediates(request, impl(mesh, dtype), reference, dtype, mesh, case)
-
-
 def test_impl_decode(request, impl, dtype, mesh):
-    _splits(mesh, 2)
+    support.data_split(mesh, 2)
     check_impl_decode(request, impl(mesh, dtype), dtype, mesh)
 
 
@@ -155,7 +104,7 @@ def test_missing_intermediates_are_not_checked_not_passed(request, tiny_config, 
     partial = _Without(_example(tiny_config, tiny_weights), keep=lambda name: not name.endswith("_rope"))
     probe = _probe(request)
     with pytest.raises(pytest.skip.Exception, match=r"not checked: _Without does not capture 4 of 16"):
-        check_impl_intermediates(probe, partial, "meta", "float32", "1x1", "batch")
+        check_intermediates(probe, partial, "meta", "float32", "1x1", "batch")
     records = [v for k, v in probe.node.user_properties if k == RECORD_KEY]
     not_checked = [v for k, v in probe.node.user_properties if k == NOT_CHECKED_KEY]
     assert sorted(r["name"] for r in not_checked) == [f"layers.{i}.{t}" for i in (0, 1) for t in ("k_rope", "q_rope")]
@@ -174,7 +123,7 @@ def test_unknown_intermediate_names_fail(request, tiny_config, tiny_weights):
             return logits, {name.replace("q_rope", "q_rotated"): value for name, value in taps.items()}
 
     with pytest.raises(protocol.AdapterError, match=r"does not know: \['layers.0.q_rotated'"):
-        check_impl_intermediates(_probe(request), Renamed(_example(tiny_config, tiny_weights)), "meta", "float32",
+        check_intermediates(_probe(request), Renamed(_example(tiny_config, tiny_weights)), "meta", "float32",
                                  "1x1", "batch")
 
 
@@ -182,6 +131,40 @@ def test_planted_bug_in_an_adapter_is_caught(request, tiny_config, tiny_weights)
     """The example model without Llama 3.1's RoPE scaling: its long-prompt logits and its first q_rope fail."""
     unscaled = _example(tiny_config, tiny_weights, tiny_config.replace(use_scaled_rope=False))
     with pytest.raises(AssertionError, match="component 'logits'"):
-        check_impl_logits(_probe(request), unscaled, "meta", "float32", "1x1", "long")
+        check_logits(_probe(request), unscaled, "meta", "float32", "1x1", "long")
     with pytest.raises(AssertionError, match="first failing 'layers.0.q_rope'"):
-        check_impl_intermediates(_probe(request), unscaled, "meta", "float32", "1x1", "long")
+        check_intermediates(_probe(request), unscaled, "meta", "float32", "1x1", "long")
+
+
+def test_an_adapter_that_raises_is_a_failed_record(request):
+    """A crash inside the implementation leaves a failed record naming component, layer and error text."""
+    class Crashing:
+        def forward(self, tokens, start_pos=0, capture=False):
+            raise RuntimeError("shape mismatch in my_attention")
+
+        def rms_norm(self, x, layer, which):
+            raise ValueError("no such norm")
+
+    probe = _probe(request)
+    with pytest.raises(AssertionError, match=r"component 'logits': Crashing.forward raised RuntimeError: shape "
+                                             "mismatch in my_attention"):
+        check_logits(probe, Crashing(), "meta", "float32", "1x1", "batch")
+    with pytest.raises(AssertionError, match=r"component 'rmsnorm', layer 1: .*ValueError: no such norm"):
+        check_rmsnorm(probe, Crashing(), "meta", "float32", "1x1", 1, "ffn_norm")
+    records = [v for k, v in probe.node.user_properties if k == RECORD_KEY]
+    assert [(r["component"], r["layer"], r["passed"]) for r in records] == [("logits", None, False),
+                                                                           ("rmsnorm", 1, False)]
+    assert "RuntimeError: shape mismatch" in records[0]["error"] and records[1]["bounds"], records
+
+
+def test_a_missing_component_is_not_checked(request, tiny_config, tiny_weights):
+    """An adapter with forward only: every component check ends skipped as not checked, naming the capability."""
+    partial = _Without(_example(tiny_config, tiny_weights), keep=lambda name: True)
+    probe = _probe(request)
+    with pytest.raises(pytest.skip.Exception, match=r"not checked: _Without has no rms_norm capability \(rms_norm\)"):
+        check_rmsnorm(probe, partial, "meta", "float32", "1x1", 0, "attention_norm")
+    with pytest.raises(pytest.skip.Exception, match=r"has no attention capability"):
+        check_attention(probe, partial, "meta", "float32", "1x1", "cached", 0)
+    entries = [v for k, v in probe.node.user_properties if k == NOT_CHECKED_KEY]
+    assert [e["component"] for e in entries] == ["rmsnorm"] + ["attention"] * 4
+    assert not [v for k, v in probe.node.user_properties if k == RECORD_KEY], "nothing may pass unchecked"

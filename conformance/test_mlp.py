@@ -1,18 +1,22 @@
-"""SwiGLU MLP: column-parallel gate (w1) and up (w3), row-parallel down (w2) with one all-reduce."""
+"""SwiGLU MLP of the implementation under test: gate (w1), up (w3), down (w2) and its all-reduce."""
 import pytest
 
+from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
-from tp_llama import components
 
 
-def check_mlp(request, model, params, reference, dtype, mesh, layer_index):
-    actual = components.feed_forward(model, params, support.activations(dtype, 16, seed=14), layer=layer_index)
+def check_mlp(request, adapter, reference, dtype, mesh, layer_index):
+    scope = dict(component="mlp", reference=reference, dtype=dtype, mesh=mesh)
+    support.require(request, adapter, "feed_forward", **scope, names=["mlp_out"])
+    actual = support.run(request, adapter.feed_forward, support.activations(dtype, 16, seed=14), layer_index,
+                         **scope, layer=layer_index, name="mlp_out")
     expected, exact = support.feed_forward(reference, dtype, layer_index)
-    assert_parity(request, component="mlp", name="mlp_out", layer=layer_index, actual=actual, expected=expected,
-                  oracle=exact, reference=reference, dtype=dtype, mesh=mesh)
+    assert_parity(request, name="mlp_out", layer=layer_index, actual=host(actual), expected=expected,
+                  oracle=exact, **scope)
 
 
 @pytest.mark.parametrize("layer_index", [0, 1], ids=lambda i: f"layer{i}")
-def test_mlp(request, tp_model, reference, dtype, mesh, layer_index):
-    check_mlp(request, *tp_model(mesh, dtype), reference, dtype, mesh, layer_index)
+def test_mlp(request, impl, reference, dtype, mesh, layer_index):
+    adapter = support.subject(request, impl, mesh, dtype, component="mlp", reference=reference)
+    check_mlp(request, adapter, reference, dtype, mesh, layer_index)

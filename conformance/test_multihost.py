@@ -18,8 +18,7 @@ import pytest
 
 from conformance.test_attention import check_attention
 from conformance.test_block import check_block
-from conformance.test_impl import check_impl_intermediates, check_impl_logits
-from conformance.test_logits import check_logits
+from conformance.test_logits import check_intermediates, check_logits
 from conformance.test_mlp import check_mlp
 from conformance.test_rmsnorm import check_rmsnorm
 from conformance.test_rope import check_rope
@@ -34,30 +33,28 @@ TIMEOUT_S = 240  # a run takes 30-55 s on a loaded 2-core machine
 # The node ids each process runs, and the same check for this process's single-process run.
 CASES = {
     "conformance/test_rmsnorm.py::test_rmsnorm[meta-float32-1x4-0-attention_norm]":
-        lambda r, tp, impl: check_rmsnorm(r, *tp, REFERENCE, DTYPE, MESH, 0, "attention_norm"),
+        lambda r, impl: check_rmsnorm(r, impl, REFERENCE, DTYPE, MESH, 0, "attention_norm"),
     "conformance/test_attention.py::test_attention[meta-float32-1x4-layer1-cached]":
-        lambda r, tp, impl: check_attention(r, *tp, REFERENCE, DTYPE, MESH, "cached", 1),
+        lambda r, impl: check_attention(r, impl, REFERENCE, DTYPE, MESH, "cached", 1),
     "conformance/test_rope.py::test_rope[meta-float32-1x4-pos9000]":
-        lambda r, tp, impl: check_rope(r, *tp, REFERENCE, DTYPE, MESH, 9000),
+        lambda r, impl: check_rope(r, impl, REFERENCE, DTYPE, MESH, 9000),
     "conformance/test_logits.py::test_logits[meta-float32-1x4-batch]":
-        lambda r, tp, impl: check_logits(r, *tp, REFERENCE, DTYPE, MESH, "batch"),
+        lambda r, impl: check_logits(r, impl, REFERENCE, DTYPE, MESH, "batch"),
+    "conformance/test_logits.py::test_intermediates[meta-float32-1x4-batch]":
+        lambda r, impl: check_intermediates(r, impl, REFERENCE, DTYPE, MESH, "batch"),
     "conformance/test_mlp.py::test_mlp[meta-float32-1x4-layer1]":
-        lambda r, tp, impl: check_mlp(r, *tp, REFERENCE, DTYPE, MESH, 1),
+        lambda r, impl: check_mlp(r, impl, REFERENCE, DTYPE, MESH, 1),
     "conformance/test_block.py::test_block[meta-float32-1x4-layer1-pos9000]":
-        lambda r, tp, impl: check_block(r, *tp, REFERENCE, DTYPE, MESH, 1, 9000),
-    "conformance/test_impl.py::test_impl_logits[meta-float32-1x4-batch]":
-        lambda r, tp, impl: check_impl_logits(r, impl, REFERENCE, DTYPE, MESH, "batch"),
-    "conformance/test_impl.py::test_impl_intermediates[meta-float32-1x4-batch]":
-        lambda r, tp, impl: check_impl_intermediates(r, impl, REFERENCE, DTYPE, MESH, "batch"),
+        lambda r, impl: check_block(r, impl, REFERENCE, DTYPE, MESH, 1, 9000),
 }
 
 
-def _single_process_document(request, tp_model, impl) -> dict:
+def _single_process_document(request, impl) -> dict:
     """The selected checks run here on a 1x4 mesh of this process's devices, as a --parity-json document."""
     records = []
     for nodeid, check in CASES.items():
         probe = SimpleNamespace(config=request.config, node=SimpleNamespace(nodeid=nodeid, user_properties=[]))
-        check(probe, tp_model(MESH, DTYPE), impl(MESH, DTYPE))
+        check(probe, impl(MESH, DTYPE))
         records += [value for key, value in probe.node.user_properties if key == RECORD_KEY]
     return {"records": records, "tests": [{"nodeid": n, "outcome": "passed", "message": None} for n in CASES]}
 
@@ -71,7 +68,7 @@ def _failure(outcomes) -> str:
 
 
 @pytest.mark.multihost
-def test_two_processes_give_the_single_process_metrics(request, tp_model, impl, tmp_path):
+def test_two_processes_give_the_single_process_metrics(request, impl, tmp_path):
     json_path = tmp_path / "multihost.json"
     args = [*CASES, "-q", "--mesh", MESH, "--dtype", DTYPE, "--reference", REFERENCE, "--parity-json",
             str(json_path), "--tolerance-profile", request.config.getoption("tolerance_profile")]
@@ -82,7 +79,7 @@ def test_two_processes_give_the_single_process_metrics(request, tp_model, impl, 
     with ThreadPoolExecutor(1) as pool:  # this process computes its single-process run meanwhile
         running = pool.submit(distributed.launch, commands, TIMEOUT_S, env={**env, "JAX_PLATFORMS": "cpu"},
                               cwd=str(ROOT))
-        single = _single_process_document(request, tp_model, impl)
+        single = _single_process_document(request, impl)
         outcomes = running.result()
     assert not any(distributed.group_alive(o.pgid) for o in outcomes), "a launched process outlived launch()"
     assert all(o.returncode == 0 for o in outcomes), _failure(outcomes)

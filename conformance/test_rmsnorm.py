@@ -1,19 +1,23 @@
-"""RMSNorm against the reference's own module, on inputs whose small rows make eps matter."""
+"""RMSNorm of the implementation under test against the reference's own module, on inputs whose small rows
+make eps matter."""
 import pytest
 
+from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
-from tp_llama import components
 
 
-def check_rmsnorm(request, model, params, reference, dtype, mesh, layer_index, which):
-    actual = components.rms_norm(model, params, support.activations(dtype, 16, seed=11, spread=True),
-                                 layer=layer_index, which=which)
+def check_rmsnorm(request, adapter, reference, dtype, mesh, layer_index, which):
+    scope = dict(component="rmsnorm", reference=reference, dtype=dtype, mesh=mesh)
+    support.require(request, adapter, "rms_norm", **scope, names=[which])
+    actual = support.run(request, adapter.rms_norm, support.activations(dtype, 16, seed=11, spread=True),
+                         layer_index, which, **scope, layer=layer_index, name=which)
     expected, exact = support.rms_norm(reference, dtype, layer_index, which)
-    assert_parity(request, component="rmsnorm", name=which, layer=layer_index, actual=actual, expected=expected,
-                  oracle=exact, reference=reference, dtype=dtype, mesh=mesh)
+    assert_parity(request, name=which, layer=layer_index, actual=host(actual), expected=expected, oracle=exact,
+                  **scope)
 
 
 @pytest.mark.parametrize("layer_index, which", [(0, "attention_norm"), (1, "ffn_norm")])
-def test_rmsnorm(request, tp_model, reference, dtype, mesh, layer_index, which):
-    check_rmsnorm(request, *tp_model(mesh, dtype), reference, dtype, mesh, layer_index, which)
+def test_rmsnorm(request, impl, reference, dtype, mesh, layer_index, which):
+    adapter = support.subject(request, impl, mesh, dtype, component="rmsnorm", reference=reference)
+    check_rmsnorm(request, adapter, reference, dtype, mesh, layer_index, which)

@@ -1,24 +1,28 @@
-"""RoPE in Meta's interleaved layout with Llama 3.1 frequency scaling.
+"""RoPE in Meta's interleaved layout with Llama 3.1 frequency scaling, on the implementation under test.
 
 Positions 0, a start offset inside the scaling ramp (4000) and past the original 8192-token context (9000),
 where the scaling changes the long wavelengths by a factor of 8 and a missing scaling is plain to see.
 """
 import pytest
 
+from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
-from tp_llama import components
 
 
-def check_rope(request, model, params, reference, dtype, mesh, start_pos):
+def check_rope(request, adapter, reference, dtype, mesh, start_pos):
+    scope = dict(component="rope", reference=reference, dtype=dtype, mesh=mesh)
+    names = [f"q_rope@{start_pos}", f"k_rope@{start_pos}"]
+    support.require(request, adapter, "rope", **scope, names=names)
     q, k = support.heads(dtype, 16, seed=12)
-    actual = components.rope(model, q, k, start_pos=start_pos)
+    actual = support.run(request, adapter.rope, q, k, start_pos, **scope, name=names[0])
     expected, exact = support.rope(reference, dtype, start_pos)
-    for index, name in enumerate(("q_rope", "k_rope")):
-        assert_parity(request, component="rope", name=f"{name}@{start_pos}", actual=actual[index],
-                      expected=expected[index], oracle=exact[index], reference=reference, dtype=dtype, mesh=mesh)
+    for index, name in enumerate(names):
+        assert_parity(request, name=name, actual=host(actual[index]), expected=expected[index],
+                      oracle=exact[index], **scope)
 
 
 @pytest.mark.parametrize("start_pos", [0, 4000, 9000], ids=lambda p: f"pos{p}")
-def test_rope(request, tp_model, reference, dtype, mesh, start_pos):
-    check_rope(request, *tp_model(mesh, dtype), reference, dtype, mesh, start_pos)
+def test_rope(request, impl, reference, dtype, mesh, start_pos):
+    adapter = support.subject(request, impl, mesh, dtype, component="rope", reference=reference)
+    check_rope(request, adapter, reference, dtype, mesh, start_pos)

@@ -240,6 +240,22 @@ def record_not_checked(request: Any, *, component: str, names: list[str], reason
     return entries
 
 
+def record_failure(request: Any, *, component: str, error: str, reference: str | None, dtype: Any, mesh: Any,
+                   layer: int | None = None, name: str | None = None) -> dict[str, Any]:
+    """A failed record for a comparison that never happened because the implementation raised: it counts in the
+    summary, the JSON and the report like any failure, with the error text where the metrics would be."""
+    nodeid, profile, properties = _context(request)
+    dtype, mesh = dtype_name(dtype), mesh_name(mesh)
+    record = {"test": nodeid, "component": component, "name": name,
+              "layer": layer if layer is not None else layer_of(name), "reference": reference, "dtype": dtype,
+              "mesh": mesh, "metrics": {}, "bounds": {m: float(b) for m, b in
+                                                      bounds_for(component, dtype, profile, reference=reference,
+                                                                 mesh=mesh).items()},
+              "passed": False, "failed_metrics": [], "worst_index": [], "worst": None, "error": error}
+    properties.append((RECORD_KEY, record))
+    return record
+
+
 def _summary_line(record: Mapping[str, Any]) -> str:
     """One line per failing name for assert_parity_many."""
     where = f" (layer {record['layer']})" if record.get("layer") is not None else ""

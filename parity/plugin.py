@@ -138,6 +138,17 @@ class ParityCollector:
             into.extend(dict(e) for e in entries[seen:])
             self._seen[key, report.nodeid] = max(seen, len(entries))
         self._outcome(report)
+        self._test_not_checked(report)
+
+    def _test_not_checked(self, report: pytest.TestReport) -> None:
+        """A test skipped as 'not checked' that noted no tensors of its own counts as one not-checked entry."""
+        message = _message(report) if report.skipped and not hasattr(report, "wasxfail") else None
+        if not message or not message.startswith("not checked"):
+            return
+        if any(entry["test"] == report.nodeid for entry in self.not_checked):
+            return
+        self.not_checked.append({"test": report.nodeid, "component": None, "name": None, "layer": None,
+                                 "reference": None, "dtype": None, "mesh": None, "reason": message})
 
     def _outcome(self, report: pytest.TestReport) -> None:
         """Fold the phase reports of one test into passed / failed / error / skipped / xfailed / xpassed."""
@@ -170,17 +181,27 @@ class ParityCollector:
         devices = devices or (self.devices[0] if self.devices else None)
         return {
             "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
+            "python_implementation": platform.python_implementation(),
+            "implementation": self.implementation(),
             "platform": platform.platform(),
             "versions": package_versions(),
             "devices": devices,
             "tolerance_profile": self.config.getoption("tolerance_profile", default=None) or "default",
-            "impl": self.config.getoption("impl", default=None) or "tp_llama.adapter:TPLlamaAdapter",
             "seeds": self._seeds(),
             "xdist_workers": getattr(self.config.option, "numprocesses", None) or 0,
             "started_at": self.started_at,
             "wall_time_s": self.wall_time,
         }
+
+    def implementation(self) -> dict[str, Any]:
+        """The implementation under test (--impl): its factory, package and version."""
+        from adapters.protocol import BUILTIN, describe
+
+        spec = self.config.getoption("impl", default=None) or BUILTIN
+        try:
+            return describe(spec)
+        except Exception:  # noqa: BLE001 - --impl was validated at configure; reporting must not break a run
+            return {"factory": spec, "package": spec.partition(":")[0].split(".")[0], "version": None}
 
     def _seeds(self) -> dict[str, Any]:
         """Seeds noted by fixtures here or on the workers, and hypothesis's if one was given."""
@@ -235,9 +256,7 @@ class ParityCollector:
             return
         lines = summary_lines(self.records, list(self.tests.values()), self.json_path, self.gate)
         if self.not_checked:
-            tests = len({entry["test"] for entry in self.not_checked})
-            lines.insert(4, f"not checked: {len(self.not_checked)} named tensors in {tests} tests "
-                            "(the implementation does not provide them)")
+            lines[4:4] = not_checked_lines(self.not_checked)
         if self.report_error:
             lines.append(f"parity report NOT written to {self.report_path}: {self.report_error}")
         elif self.report_path:
@@ -250,6 +269,20 @@ class ParityCollector:
             lines.append(f"parity baseline NOT rewritten: the run was interrupted, {self.baseline_path} is unchanged")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def not_checked_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """How many checks did not run on the implementation, and the commonest reasons."""
+    tests: dict[str, str] = {}
+    for entry in entries:
+        tests.setdefault(entry["test"], entry["reason"])
+    reasons: dict[str, int] = {}
+    for reason in tests.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    lines = [f"not checked: {len(tests)} tests ({len(entries)} entries); the implementation lacks what they need:"]
+    for reason, count in sorted(reasons.items(), key=lambda item: -item[1])[:5]:
+        lines.append(f"  {count:4d} x {reason[:150]}")
+    return lines
 
 
 def worst_per_component(records: list[dict[str, Any]]) -> dict[str, tuple[float, str, dict]]:

@@ -276,7 +276,7 @@ def environment_rows(environment: Mapping[str, Any], records: Iterable[Mapping[s
     wall = environment.get("wall_time_s")
     rows = [
         ("platform", environment.get("platform")),
-        ("python", f"{environment.get('implementation', '')} {environment.get('python', '')}".strip()),
+        ("python", f"{environment.get('python_implementation', '')} {environment.get('python', '')}".strip()),
         ("devices", device_text),
         ("processes", devices.get("process_count")),
         ("meshes in records",

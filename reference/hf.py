@@ -201,3 +201,13 @@ def hf_block(x, layer_weights: Mapping[str, np.ndarray], config: LlamaConfig, dt
     layer = _build(modeling_llama.LlamaDecoderLayer, hc, td, 0)
     load_module(layer, _hf_layer_state(layer_weights, config), td, cast=False)
     return _run_layer(layer, hc, [x], td, start_pos, attention_only=False)[0]
+
+
+def hf_head(x, norm_weight, output_weight, eps: float, dtype: str) -> np.ndarray:
+    """LlamaModel's final LlamaRMSNorm, then LlamaForCausalLM's lm_head, at dtype."""
+    td = torch_dtype(dtype)
+    norm = load_module(modeling_llama.LlamaRMSNorm(np.shape(norm_weight)[0], eps=eps), {"weight": norm_weight}, td)
+    vocab, dim = np.shape(output_weight)
+    lm_head = load_module(torch.nn.Linear(dim, vocab, bias=False), {"weight": output_weight}, td)
+    with torch.inference_mode():
+        return to_numpy(lm_head(norm(to_torch(x, td))))

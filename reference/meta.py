@@ -246,3 +246,13 @@ def meta_block(x, layer_weights: Mapping[str, np.ndarray], config: LlamaConfig, 
     state = {name[len("layers.0."):]: value for name, value in layer_state(layer_weights, 0).items()}
     load_module(block, state, td)
     return _run_chunks(block, [x], config, td, start_pos)[0]
+
+
+def meta_head(x, norm_weight, output_weight, eps: float, dtype: str) -> np.ndarray:
+    """Meta's Transformer tail on hidden states x (B,S,D): `self.output(self.norm(h)).float()`; at model-parallel
+    size 1 fairscale's ColumnParallelLinear is F.linear."""
+    m, td = _meta(), torch_dtype(dtype)
+    norm = load_module(m.RMSNorm(np.shape(norm_weight)[0], eps=eps), {"weight": norm_weight}, td)
+    with torch.inference_mode():
+        h = norm(to_torch(x, td))
+        return to_numpy(torch.nn.functional.linear(h, to_torch(output_weight, td)).float())

@@ -173,3 +173,7 @@ def oracle_feed_forward(x, w1, w2, w3) -> np.ndarray:
 
 def oracle_block(x, layer_weights: Mapping[str, np.ndarray], config, start_pos: int = 0) -> np.ndarray:
     return block(x, layer_weights, config, start_pos + np.arange(np.shape(x)[1]))
+
+
+def oracle_head(x, norm_weight, output_weight, eps: float) -> np.ndarray:
+    return rms_norm(x, norm_weight, eps) @ _f64(output_weight).T
