@@ -149,7 +149,7 @@ def _context(request: Any) -> tuple[str, str, list]:
 def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, reference: str | None,
                   dtype: Any, mesh: Any, layer: int | None = None, oracle: Any = None, logits: bool = False,
                   name: str | None = None, extra_metrics: Mapping[str, float] | None = None,
-                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  extra: Mapping[str, Any] | None = None, diagnose: Any = None) -> dict[str, Any]:
     """Compare `actual` (implementation) with `expected` (reference) under the table's bounds, record, judge.
 
     noise_ratio is computed only with an `oracle` (float64 result of exact math), kl/top1/topk_overlap only
@@ -157,6 +157,8 @@ def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, r
     `extra` adds JSON-serialisable fields to the record under keys the schema declares (e.g. 'generation':
     the two token streams); it may not replace a standard field.
     Only metrics that have both a value and a bound are judged; NaN/Inf on either side always fails.
+    `diagnose`: a callable giving {deviation name: parity.diagnosis.Prediction} for these inputs, called only
+    when the record fails; the ranked result goes to record["diagnosis"] and its summary to the message.
     Returns the record; raises AssertionError listing every failing metric and the worst index.
     """
     __tracebackhide__ = True
@@ -168,10 +170,21 @@ def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, r
     if clash:
         raise ValueError(f"assert_parity(extra=...): {clash} would replace standard record fields; rename them")
     record.update(extra or {})
+    if diagnose is not None and not record["passed"]:
+        record["diagnosis"] = _diagnosis(actual, expected, oracle, diagnose)
     properties.append((RECORD_KEY, record))
     if not record["passed"]:
         raise AssertionError(failure_message(record, profile))
     return record
+
+
+def _diagnosis(actual: Any, expected: Any, oracle: Any, predict: Any) -> dict[str, Any]:
+    """parity.diagnosis on a failing record; the rounding noise is the reference's own error against the oracle."""
+    from parity import diagnosis
+
+    a, b = pm.as_float64(actual), pm.as_float64(expected)
+    noise = diagnosis.residual(b, pm.as_float64(oracle)) if oracle is not None else 0.0
+    return diagnosis.diagnose(a, b, predict(), noise)
 
 
 def failure_message(record: Mapping[str, Any], profile: str) -> str:
@@ -185,6 +198,8 @@ def failure_message(record: Mapping[str, Any], profile: str) -> str:
     worst = _worst_line(record)
     if worst:
         lines.append(worst)
+    if record.get("diagnosis"):
+        lines.append(record["diagnosis"]["summary"])
     return "\n  ".join(lines)
 
 
