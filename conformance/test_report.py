@@ -775,3 +775,150 @@ def test_summary_says_when_no_report_is_written_and_why_one_failed(pytester, mon
     result = pytester.runpytest_subprocess("-p", "no:xdist", "-k", "test_pass", f"--parity-report={folder}")
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR  # a green run without its report must not look green
     result.stdout.fnmatch_lines([f"parity report NOT written to {folder}: IsADirectoryError*"])
+
+
+# ---- the command over saved JSON (python -m parity.report) ---------------------------------------------------
+
+SIMPLE = {"factory": "examples.simple_llama.adapter:SimpleLlamaAdapter", "package": "simple-llama", "version": "1.0"}
+
+
+def _save(path: Path, document: dict) -> str:
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return str(path)
+
+
+def _host(document: dict, platform: str, **environment) -> dict:
+    """The same run as seen from another host: its own platform (and whatever else is given)."""
+    return {**document, "environment": {**document["environment"], "platform": platform, **environment}}
+
+
+def test_command_renders_one_saved_run_like_the_plugin(tmp_path, document, capsys):
+    source = _save(tmp_path / "a.json", document)
+    out = tmp_path / "sub" / "report.html"
+    assert pr.main([source, "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == (f"parity report: {out} (1 run, 1 implementation, "
+                                               f"{len(document['records'])} records)")
+    dom = parse(out.read_text(encoding="utf-8"))
+    assert squash(dom.one("title").text()).startswith("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter")
+    assert len(dom.one("table", id="record-table").one("tbody").all("tr")) == len(document["records"])
+    assert _cells(dom).keys() == _cells(parse(pr.render(document))).keys()
+    assert [squash(th.text()) for th in dom.all("table", cls="env")[0].all("th")][0] == "implementation under test"
+
+
+def test_command_merges_several_hosts_of_one_implementation(tmp_path):
+    """Two hosts ran the same implementation: one column group, cells over both hosts' records, outcomes per
+    host (the same test passes on one and fails on the other), one environment column per host."""
+    test = "conformance/test_mlp.py::test_mlp[meta-float32-1x4]"
+    ok = _records(test, [{**_scope("mlp", "meta", "float32", "1x4"), **_scaled(0.5 * bound("mlp", "float32",
+                                                                                              "rel_l2"))}])
+    bad = _records(test, [{**_scope("mlp", "meta", "float32", "1x4"), **_scaled(2 * bound("mlp", "float32",
+                                                                                             "rel_l2"))}])
+    base = {"environment": {"implementation": IMPLEMENTATION, "platform": "cpu-host"}, "exitstatus": 0}
+    a = _save(tmp_path / "cpu.json", {**base, "records": ok, "tests": [{"nodeid": test, "outcome": "passed",
+                                                                        "message": None}]})
+    b = _save(tmp_path / "tpu.json", _host({**base, "exitstatus": 1, "records": bad, "tests": [
+        {"nodeid": test, "outcome": "failed", "message": "AssertionError: parity failed"}]}, "tpu-host",
+        devices={"platform": "tpu", "kind": "TPU v4", "count": 8}))
+    out = tmp_path / "merged.html"
+    assert pr.main([a, b, "-o", str(out)]) == 0
+    dom = parse(out.read_text(encoding="utf-8"))
+    assert squash(dom.one("title").text()) == ("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter "
+                                               "(tp-llama-conformance 0.4.0)")
+    assert "2 tests in 2 runs: 1 passed, 1 failed" in squash(dom.one("div", cls="verdict").text())
+    assert not dom.all("table", cls="implementations") and not dom.all("th", cls="group")
+    (cell,) = _cells(dom).values()
+    assert "fail" in cell.classes() and cell.attrs["title"].startswith("2 records, 1 failing")
+    assert squash(cell.one("b").text()) == "2×"
+    rows = dom.one("table", id="record-table").one("tbody").all("tr")
+    assert [(r.attrs["data-outcome"], squash(r.one("span", cls="run-tag").text())) for r in rows] == [
+        ("fail", b), ("pass", a)]
+    (failure,) = dom.one("div", id="failures").all("li")
+    assert b in squash(failure.text())
+    env = dom.one("section", id="environment").all("table")[0]
+    assert [squash(th.text()) for th in env.one("thead").all("th")] == ["run", a, b]
+    settings = {squash(tr.one("th").text()): [squash(td.text()) for td in tr.all("td")]
+                for tr in env.all("tr") if tr.all("td")}
+    assert settings["platform"] == ["cpu-host", "tpu-host"]
+    assert settings["devices"] == ["not reported (no process had started a JAX backend)", "8 x TPU v4 (tpu)"]
+
+
+def test_command_puts_several_implementations_side_by_side(tmp_path, document):
+    """Two implementations, one column group each in every dtype's matrix; the older `impl` string is read too."""
+    legacy = {**document, "environment": {**{k: v for k, v in document["environment"].items()
+                                             if k != "implementation"},
+                                          "implementation": "CPython", "impl": "tp_llama.adapter:TPLlamaAdapter"}}
+    simple_records = [dict(r) for r in document["records"] if r["component"] == "mlp"]
+    for r in simple_records:
+        r["passed"], r["failed_metrics"] = True, []
+    other = {"environment": {"implementation": SIMPLE}, "exitstatus": 0, "records": simple_records,
+             "tests": [{"nodeid": n, "outcome": "passed", "message": None}
+                       for n in dict.fromkeys(r["test"] for r in simple_records)]}
+    sources = [_save(tmp_path / "builtin.json", legacy), _save(tmp_path / "host2.json", _host(legacy, "other")),
+               _save(tmp_path / "simple.json", other)]
+    out = tmp_path / "side.html"
+    assert pr.main([*sources, "-o", str(out)]) == 0
+    dom = parse(out.read_text(encoding="utf-8"))
+    assert squash(dom.one("title").text()) == "Parity report: FAIL · 2 implementations"
+    impls = {tr.attrs["data-implementation"]: [squash(td.text()) for td in tr.all("td")]
+             for tr in dom.one("table", cls="implementations").one("tbody").all("tr")}
+    assert list(impls) == ["TPLlamaAdapter", "simple-llama 1.0"]
+    assert impls["TPLlamaAdapter"][0] == "FAIL" and impls["simple-llama 1.0"][0] == "PASS"
+    assert impls["TPLlamaAdapter"][-1] == f"{sources[0]}, {sources[1]}"  # two hosts, one implementation
+    assert impls["simple-llama 1.0"][1] == "3: 3 passed"
+    float32 = dom.one("table", cls="matrix", data_dtype="float32")
+    groups = [(squash(th.text()), th.attrs["colspan"]) for th in float32.all("th", cls="group")]
+    builtin_meshes = sorted({_column(r) for r in document["records"] if r["dtype"] == "float32"},
+                            key=pr._mesh_order)
+    assert groups == [("TPLlamaAdapter", str(len(builtin_meshes))), ("simple-llama 1.0", "2")]
+    side = {(c.attrs["data-implementation"], c.attrs["data-mesh"]): c
+            for c in float32.all("td", cls="cell") if c.attrs["data-component"] == "mlp"
+            and c.attrs["data-reference"] == "meta"}
+    assert "fail" in side["TPLlamaAdapter", "1x4"].classes() and "pass" in side["simple-llama 1.0", "1x4"].classes()
+    assert side["TPLlamaAdapter", "1x4"].attrs["title"].startswith("2 records, 2 failing")  # both hosts
+    selects = {s.attrs["data-filter"]: [o.attrs["value"] for o in s.all("option")] for s in dom.all("select")}
+    assert selects["implementation"] == ["", "TPLlamaAdapter", "simple-llama 1.0"]
+    rows = dom.one("table", id="record-table").one("tbody").all("tr")
+    assert {r.attrs["data-implementation"] for r in rows} == {"TPLlamaAdapter", "simple-llama 1.0"}
+    assert len(rows) == 2 * len(document["records"]) + len(simple_records)
+    labels = [squash(t.text()) for t in dom.one("section", id="depth").all("td")][:3]
+    assert labels[1].startswith("TPLlamaAdapter · ")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "no such file"),
+    ("{not json", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    ("[1, 2]", "not a --parity-json document: the top level is a JSON list, not an object"),
+    ('{"tests": []}', "not a --parity-json document: no 'records' list"),
+    ('{"records": [{"test": "t"}], "tests": []}', "not a --parity-json document: records[0] has no 'component'"),
+    ('{"records": [], "tests": [{}]}', "not a --parity-json document: tests[0] has no 'nodeid' and 'outcome'"),
+    (b"\xff\xfe\x00", "not a text file (not UTF-8), not a --parity-json file"),
+])
+def test_command_says_in_one_line_what_is_wrong_with_a_file(tmp_path, document, capsys, content, problem):
+    good = _save(tmp_path / "good.json", document)
+    bad = tmp_path / "bad.json"
+    if isinstance(content, bytes):
+        bad.write_bytes(content)
+    elif content is not None:
+        bad.write_text(content, encoding="utf-8")
+    out = tmp_path / "report.html"
+    assert pr.main([good, str(bad), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"parity.report: error: {bad}: {problem}\n" and captured.out == ""
+    assert not out.exists()
+
+
+def test_command_runs_as_a_module_and_rejects_a_directory(tmp_path, document):
+    import subprocess
+    import sys
+
+    good = _save(tmp_path / "good.json", document)
+    run = subprocess.run([sys.executable, "-m", "parity.report", good, str(tmp_path), "-o",
+                          str(tmp_path / "r.html")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr == (f"parity.report: error: {tmp_path}: is a directory, "
+                                                  "not a --parity-json file\n")
+    run = subprocess.run([sys.executable, "-m", "parity.report", good, "-o", str(tmp_path / "r.html")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and (tmp_path / "r.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    run = subprocess.run([sys.executable, "-m", "parity.report", good], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "-o/--output" in run.stderr  # where to write is never guessed

@@ -21,10 +21,12 @@ names it as a parameter (`test_mlp[meta-float32-1x4]`) or an environment lists i
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -789,3 +791,36 @@ def _write(path: str | Path, html: str) -> None:
 def write_report(path: str | Path, document: Mapping[str, Any], gate: Any = None) -> None:
     """Render and write the report, creating the parent folder."""
     _write(path, render(document, gate))
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m parity.report a.json [b.json ...] -o report.html"""
+    parser = argparse.ArgumentParser(
+        prog="python -m parity.report",
+        description="Render one HTML parity report from saved --parity-json files: one run, several hosts' runs "
+                    "of one implementation (merged), or several implementations (one column group each).")
+    parser.add_argument("json", nargs="+", help="--parity-json files")
+    parser.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    args = parser.parse_args(argv)
+    try:
+        documents = [(path, load_document(path)) for path in args.json]
+        html = render_runs(documents)
+        _write(args.output, html)
+    except ReportError as exc:
+        print(f"parity.report: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"parity.report: error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    runs = _runs(documents)
+    implementations = _implementations(runs)
+    records = sum(len(d["records"]) for _, d in documents)
+    print(f"parity report: {args.output} ({plural(len(runs), 'run')}, "
+          f"{plural(len(implementations), 'implementation')}, {plural(records, 'record')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
