@@ -70,10 +70,32 @@ def _scope(component, ref, dt, mesh_text, **kw):
 LAYERED = "conformance/test_intermediate.py::test_every_layer"
 PLANTED = "conformance/test_mutations.py::test_planted_bug_is_caught"
 FAILING = "conformance/test_mlp.py::test_mlp[meta-float32-1x4]"
+LONG = "conformance/test_logits.py::test_logits[meta-bfloat16-1x4-long]"
+NAN = "conformance/test_rope.py::test_rope[meta-float32-1x4]"
 GEN = "conformance/test_generation.py::test_greedy[meta-float32-1x4]"
 GEN_SAME = "conformance/test_generation.py::test_mesh_generates_like_single_chip[long-float32-1x4]"
+PROPERTY = "conformance/test_properties.py::test_component_matches_oracle[{}]"
+METAMORPHIC = "conformance/test_metamorphic.py::test_meshes_agree_with_single_chip"
+TP = "conformance/test_tp_invariance.py::test_meshes_agree_with_single_chip[{}-{}]"
+ALIKE = "conformance/test_generation.py::test_references_generate_alike[{}-batch]"
+IMPL_TEST = "conformance/test_impl.py::test_impl_intermediates[meta-float32-1x4-batch]"
 TOKENS_IMPL = [11, 42, 42, 7, 99, 3]
 TOKENS_REF = [11, 42, 42, 8, 5, 3]
+DRAWN_MESHES = ["2x1", "2x2", "4x1", "4x2", "8x1"]  # drawn by property tests only: folded into one column
+TP_MESHES = ["1x2", "1x4", "1x8", "2x4"]  # named by test_tp_invariance's ids: columns of their own
+IMPLEMENTATION = {"factory": "tp_llama.adapter:TPLlamaAdapter", "package": "tp-llama-conformance", "version": "0.4.0"}
+HYPOTHESES = [
+    {"name": "rope_unscaled", "description": "Llama 3.1 RoPE frequency scaling not applied", "residual": 2.1e-07,
+     "matched": True},
+    {"name": "rope_bf16_phase", "description": "RoPE phases computed in bfloat16", "residual": 0.31,
+     "matched": False},
+    {"name": "gate_up_swapped", "description": "w1 and w3 swapped in the MLP", "residual": 0.97, "matched": False}]
+
+
+def diagnosis(cause: str | None, summary: str, matched: str | None = None) -> dict:
+    """A diagnosis as the engine will write it (record.schema.json): `matched` names the hypothesis that fits."""
+    return {"cause": cause, "summary": summary,
+            "hypotheses": [{**h, "matched": h["name"] == matched} for h in HYPOTHESES]}
 
 
 def sample_document() -> dict:
@@ -83,17 +105,27 @@ def sample_document() -> dict:
         {**_scope("mlp", "meta", "float32", "1x1"), **_scaled(0.5 * bound("mlp", "float32", "rel_l2"))}])
     records += _records(FAILING, [
         {**_scope("mlp", "meta", "float32", "1x4"), **_scaled(3 * bound("mlp", "float32", "rel_l2"))}])  # fails
+    records[-1]["diagnosis"] = diagnosis("gate_up_swapped", "probable cause: w1 and w3 swapped in the MLP - "
+                                         "matches rel_l2 4.0e-08", matched="gate_up_swapped")
     records += _records("conformance/test_mlp.py::test_mlp[hf-bfloat16-1x4]", [
         {**_scope("mlp", "hf", "bfloat16", "1x4"), **_scaled(0.05 * bound("mlp", "bfloat16", "rel_l2", "hf"))}])
-    records += _records("conformance/test_rope.py::test_rope[meta-float32-1x4]", [
+    records += _records(NAN, [
         {**_scope("rope", "meta", "float32", "1x4", name="q"), "actual": np.array([1.0, np.nan]),
-         "expected": np.array([1.0, 2.0])}])                                    # NaN: error, fails
+         "expected": np.array([1.0, 2.0])}])                                    # NaN: error, fails, not diagnosed
     records += _records(PLANTED, [  # bugs planted on purpose and caught by their test: not failures of the run
         {**_scope("attention", "hf", "float32", "1x4", name="planted"), **_scaled(0.5)},
         {**_scope("intermediate", "meta", "float32", "1x1", name="layers.3.block_out"), **_scaled(0.5)}])
     records += _records("conformance/test_logits.py::test_logits[meta-float32-1x4]", [
         {**_scope("logits", "meta", "float32", "1x4"), **_scaled(0.1 * bound("logits", "float32", "rel_l2"),
                                                                  logits=True)}])
+    # a forward that goes wrong at layer 1: the first failing tensor is layers.1.q_rope, two causes recorded
+    long_rel = bound("intermediate", "bfloat16", "rel_l2", "meta", "1x4")
+    records += _records(LONG, [
+        {**_scope("intermediate", "meta", "bfloat16", "1x4", name=name), **_scaled(share * long_rel)}
+        for name, share in (("layers.0.q_rope", 0.1), ("layers.1.q_rope", 5.0), ("layers.1.block_out", 4.0))])
+    records[-2]["diagnosis"] = diagnosis("rope_unscaled", "probable cause: Llama 3.1 RoPE scaling not applied - "
+                                         "matches rel_l2 2.1e-07", matched="rope_unscaled")
+    records[-1]["diagnosis"] = diagnosis(None, "no known cause (closest: rope_bf16_phase, residual 0.31)")
     checks = []
     for ref, share in (("meta", 0.01), ("hf", 0.02)):
         for dt in ("float32", "bfloat16"):
@@ -104,6 +136,21 @@ def sample_document() -> dict:
                     checks.append({**_scope("intermediate", ref, dt, mesh_text, name=f"layers.{layer}.block_out"),
                                    **_scaled(rel, oracle_rel=rel / ratio)})
     records += _records(LAYERED, checks)
+    for dt in ("float32", "bfloat16"):
+        for mesh_text in TP_MESHES:  # the mesh is a parameter of the test id: a chosen mesh
+            records += _records(TP.format(mesh_text, dt), [
+                {**_scope("tp_invariance", "1x1", dt, mesh_text, name="logits"),
+                 **_scaled(0.1 * bound("tp_invariance", dt, "rel_l2", "1x1", mesh_text), logits=True)}])
+        for i, mesh_text in enumerate(DRAWN_MESHES + ["1x4"]):  # drawn by hypothesis; 1x4 is also chosen
+            oracle_rel = 1e-3
+            records += _records(PROPERTY.format("rmsnorm"), [
+                {**_scope("property", "meta", dt, mesh_text, name=f"case{i}.rmsnorm.out"),
+                 **_scaled(oracle_rel * (0.3 + 0.1 * i), oracle_rel=oracle_rel)}])
+        records += _records(METAMORPHIC, [
+            {**_scope("tp_invariance", "1x1", dt, "2x2", name="case0.logits"),
+             **_scaled(0.2 * bound("tp_invariance", dt, "rel_l2", "1x1", "2x2"), logits=True)}])
+        records += _records(ALIKE.format(dt), [  # references against each other: no mesh
+            {**_scope("generation", "hf", dt, None, name="greedy"), **_scaled(0.0, logits=True)}])
     gap = 0.2 * bound("generation", "float32", "logprob_gap")
     generation = _records(GEN, [{**_scope("generation", "meta", "float32", "1x4", name="greedy"),
                                  **_scaled(0.0, logits=True), "extra_metrics": {"logprob_gap": gap}}])
@@ -128,16 +175,24 @@ def sample_document() -> dict:
     for test in tests:
         if test["nodeid"] == FAILING:
             test.update(outcome="failed", message="AssertionError: parity failed for component 'mlp'")
-        if "test_rope" in test["nodeid"]:
+        if test["nodeid"] == NAN:
             test.update(outcome="failed", message="AssertionError: actual has 1 NaN/Inf of 2")
+        if test["nodeid"] == LONG:
+            test.update(outcome="failed", message="AssertionError: parity failed for component 'intermediate': "
+                                                  "2 of 3 named tensors, first failing 'layers.1.q_rope'")
+    reason = "not checked: SimpleLlamaAdapter does not capture 2 of 20 intermediates (layers.0.q_rope, ...)"
     tests += [
         {"nodeid": "conformance/test_block.py::test_block[meta-float32-1x4]", "outcome": "error",
          "message": "RuntimeError: fixture broke <script>alert(1)</script>"},
         {"nodeid": "conformance/test_block.py::test_block_slow", "outcome": "skipped", "message": "needs -m slow"},
         {"nodeid": "conformance/test_block.py::test_known_gap", "outcome": "xfailed", "message": "known gap"},
+        {"nodeid": IMPL_TEST, "outcome": "skipped", "message": reason},
     ]
+    not_checked = [{"test": IMPL_TEST, "component": "intermediate", "name": f"layers.{i}.q_rope", "layer": i,
+                    "reference": "meta", "dtype": "float32", "mesh": "1x4", "reason": reason} for i in (0, 1)]
     environment = {
-        "python": "3.11.7", "implementation": "CPython", "platform": "Linux-6.1-x86_64-with-glibc2.36",
+        "python": "3.11.7", "python_implementation": "CPython", "platform": "Linux-6.1-x86_64-with-glibc2.36",
+        "implementation": IMPLEMENTATION,
         "versions": {"jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.8", "torch": "2.13.0+cpu",
                      "transformers": "5.24.0", "llama-models": "0.3.0", "fairscale": "0.4.13", "tiktoken": "0.14.0",
                      "numpy": "2.4.6", "pytest": "9.2.0", "pytest-xdist": None},
@@ -148,7 +203,7 @@ def sample_document() -> dict:
     from parity.plugin import json_safe
 
     return json.loads(json.dumps(json_safe({"environment": environment, "exitstatus": 1, "records": records,
-                                            "tests": tests})))
+                                            "not_checked": not_checked, "tests": tests})))
 
 
 # ---- a small DOM over the stdlib parser ----------------------------------------------------------------------
@@ -254,23 +309,123 @@ def test_page_is_self_contained(page, dom):
     assert dom.one("head").one("style").text().strip() and dom.one("script").text().strip()
 
 
+def _records_of(document, test):
+    return [r for r in document["records"] if r["test"] == test]
+
+
 def test_verdict_counts_and_every_problem_with_its_message(dom, document):
-    verdict = dom.one("p", cls="verdict")
+    verdict = dom.one("div", cls="verdict")
     assert verdict.attrs["data-verdict"] == "FAIL" and "fail" in verdict.classes()
     head = squash(verdict.text())
-    assert f"{len(document['tests'])} tests: 7 passed, 2 failed, 1 error, 1 xfailed, 1 skipped" in head
+    by_outcome = {o: sum(t["outcome"] == o for t in document["tests"]) for o in pr.OUTCOME_ORDER}
+    assert by_outcome == {"passed": 19, "failed": 3, "error": 1, "xpassed": 0, "xfailed": 1, "skipped": 2}
+    assert f"{len(document['tests'])} tests: 19 passed, 3 failed, 1 error, 1 xfailed, 2 skipped" in head
     assert "pytest exit status 1" in head
     counts = squash(dom.one("table", cls="counts").text())
     failing = sum(not r["passed"] for r in document["records"])
     assert f"{len(document['records']) - failing} pass" in counts
-    assert "2 fail" in counts and "2 expected fail" in counts  # planted bugs are not failures of the run
-    problems = {li.attrs["data-nodeid"]: squash(li.text()) for li in dom.one("ul", cls="problems").all("li")}
+    assert "4 fail" in counts and "2 expected fail" in counts  # planted bugs are not failures of the run
+    assert "2 not checked" in counts
+    problems = {li.attrs["data-nodeid"]: squash(li.text()) for li in dom.one("ul", cls="problems").all("li")
+                if "data-nodeid" in li.attrs}
     bad = {t["nodeid"]: t for t in document["tests"] if t["outcome"] in ("failed", "error")}
-    assert problems.keys() == bad.keys()
+    assert list(problems) == list(bad)  # in run order
     for nodeid, test in bad.items():
         assert test["outcome"] in problems[nodeid] and squash(test["message"]) in problems[nodeid]
     quiet = squash(dom.one("ul", cls="quiet").text())
     assert "needs -m slow" in quiet and "known gap" in quiet
+
+
+def test_title_and_banner_name_the_implementation_under_test(dom):
+    assert squash(dom.one("title").text()) == (
+        "Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter (tp-llama-conformance 0.4.0)")
+    assert "tp_llama.adapter:TPLlamaAdapter (tp-llama-conformance 0.4.0)" in squash(dom.one("h1").text())
+    impl = squash(dom.one("div", cls="verdict").one("span", cls="impl").text())
+    assert impl == "implementation under test: tp_llama.adapter:TPLlamaAdapter · package tp-llama-conformance 0.4.0"
+
+
+@pytest.mark.parametrize("environment, label", [
+    ({"implementation": {"factory": "my.pkg:Adapter", "package": "my-pkg", "version": None}},
+     "my.pkg:Adapter (my-pkg version not recorded)"),
+    ({"implementation": "CPython", "impl": "examples.simple_llama.adapter:SimpleLlamaAdapter"},  # older files
+     "examples.simple_llama.adapter:SimpleLlamaAdapter"),
+    ({}, "implementation not recorded"),
+])
+def test_implementation_is_read_from_either_environment_field(environment, label):
+    assert pr.implementation_label(pr.implementation_of(environment)) == label
+    html = parse(pr.render({"environment": environment, "records": [], "tests": []}))
+    assert squash(html.one("title").text()) == f"Parity report: PASS · {label}"
+    if environment.get("implementation") == "CPython":
+        env = html.one("section", id="environment")
+        rows = {squash(tr.one("th").text()): squash(tr.one("td").text()) for tr in env.all("table")[0].all("tr")}
+        assert rows["implementation under test"] == label and rows["python"] == "CPython"
+
+
+def test_failures_open_on_the_first_failing_tensor_of_each_test_with_its_diagnosis(dom, document):
+    """The failure-first view comes before the matrix and names, per failing test, the first record that failed
+    (computation order: where the bug enters), how many failed, and that record's probable cause."""
+    sections = dom.one("section", id="verdict")
+    failures = {li.attrs["data-nodeid"]: li for li in sections.one("div", id="failures").all("li")
+                if "data-nodeid" in li.attrs}
+    long = failures[LONG]
+    first = squash(long.one("div", cls="first").text())
+    limit = bound("intermediate", "bfloat16", "rel_l2", "meta", "1x4")
+    assert first.startswith("first failing tensor: layers.1.q_rope (intermediate, layer 1) · meta · bfloat16 · 1x4:")
+    assert f"rel_l2 {5 * limit:.3e} > {limit:.3e} (5×)" in first
+    assert "failing records: 2 of 3" in first
+    assert long.one("button", cls="show-records").attrs["data-test"] == LONG
+    diagnosis = long.one("div", cls="diagnosis")
+    assert "known" in diagnosis.classes()
+    assert squash(diagnosis.one("b").text()) == ("probable cause: Llama 3.1 RoPE scaling not applied - matches "
+                                                 "rel_l2 2.1e-07")
+    hypotheses = [[squash(td.text()) for td in tr.all("td")] for tr in diagnosis.one("tbody").all("tr")]
+    assert [h[:3] for h in hypotheses] == [["rope_unscaled", "2.1e-07", "yes"], ["rope_bf16_phase", "0.31", "no"],
+                                           ["gate_up_swapped", "0.97", "no"]]  # the match first, then by residual
+    mlp = squash(failures[FAILING].one("div", cls="diagnosis").text())
+    assert mlp.startswith("probable cause: w1 and w3 swapped in the MLP")
+    assert not failures[NAN].all("div", cls="diagnosis")  # not diagnosed: nothing is made up
+    assert "actual has 1 NaN/Inf of 2" in squash(failures[NAN].one("div", cls="first").text())
+    error = failures["conformance/test_block.py::test_block[meta-float32-1x4]"]
+    assert not error.all("div", cls="first") and "fixture broke" in error.one("pre").text()  # no record: message
+
+
+def test_probable_causes_count_failing_records_and_tests(dom, document):
+    rows = {tr.attrs["data-cause"]: [squash(c.text()) for c in tr.all("td")]
+            for tr in dom.one("table", cls="causes").one("tbody").all("tr")}
+    assert list(rows) == ["gate_up_swapped", "rope_unscaled", "no known cause", "not diagnosed"]
+    assert rows["rope_unscaled"][:3] == ["1", "1", "Llama 3.1 RoPE frequency scaling not applied"]
+    assert rows["gate_up_swapped"][:2] == ["1", "1"]
+    assert rows["no known cause"][:2] == ["1", "1"] and rows["not diagnosed"][:2] == ["1", "1"]
+    failing = [r for r in document["records"] if not r["passed"] and r["test"] != PLANTED]
+    assert sum(int(v[0]) for v in rows.values()) == len(failing) == 4
+    # several records of one cause across tests: counted once per record, once per test
+    twice = [dict(r) for r in _records_of(document, LONG)]
+    twice[2]["diagnosis"] = twice[1]["diagnosis"]
+    again = [{**r, "test": "t.py::again"} for r in twice]
+    causes = pr.probable_causes(twice + again, {LONG: "failed", "t.py::again": "failed"})
+    assert [(c["cause"], c["records"], c["tests"]) for c in causes] == [("rope_unscaled", 4, 2)]
+
+
+def test_a_passing_run_shows_no_causes_and_no_failures():
+    html = parse(pr.render({"environment": {}, "records": [], "tests": [{"nodeid": "a", "outcome": "passed",
+                                                                         "message": None}]}))
+    assert not html.all(id="causes") and not html.all(id="failures")
+
+
+def test_failing_records_without_any_diagnosis_say_so():
+    record = {"test": "t.py::x", "component": "mlp", "dtype": "float32", "passed": False, "metrics": {},
+              "bounds": {}, "error": "shape mismatch: actual (2,) vs expected (3,)", "mesh": "1x1"}
+    html = parse(pr.render({"environment": {}, "records": [record],
+                            "tests": [{"nodeid": "t.py::x", "outcome": "failed", "message": None}]}))
+    assert "did not diagnose its failures" in squash(html.one(id="causes").text())
+    assert "shape mismatch" in squash(html.one(id="failures").one("div", cls="first").text())
+
+
+def test_not_checked_tensors_are_counted_with_their_reasons(dom, document):
+    block = dom.one("div", id="not-checked")
+    assert squash(block.one("h3").text()) == "Not checked: 2 named tensors in 1 test"
+    (reason,) = block.one("ul").all("li")
+    assert squash(reason.text()) == f"2 tensors in 1 test (intermediate): {document['not_checked'][0]['reason']}"
 
 
 def test_messages_are_escaped(page):
@@ -279,34 +434,87 @@ def test_messages_are_escaped(page):
 
 def _cells(dom) -> dict[tuple[str, str, str, str], Node]:
     return {(c.attrs["data-component"], c.attrs["data-reference"], c.attrs["data-dtype"], c.attrs["data-mesh"]): c
-            for c in dom.one("table", cls="matrix").all("td", cls="cell")}
+            for table in dom.all("table", cls="matrix") for c in table.all("td", cls="cell")}
+
+
+def _column(record) -> str:
+    return "drawn" if record["mesh"] in DRAWN_MESHES else str(record["mesh"]).replace("None", "none")
 
 
 def test_matrix_cells_colour_and_worst_margin(dom, document):
     cells = _cells(dom)
-    expected_keys = {(r["component"], r["reference"], r["dtype"], r["mesh"]) for r in document["records"]}
+    expected_keys = {(r["component"], r["reference"], r["dtype"], _column(r)) for r in document["records"]}
     assert cells.keys() == expected_keys
     fail = cells["mlp", "meta", "float32", "1x4"]
     assert "fail" in fail.classes() and squash(fail.one("b").text()) == "3×"  # rel_l2 = 3 x its bound
-    assert "rel_l2" in fail.text() and "1 fail" in fail.text()
+    assert squash(fail.one("span").text()) == "1 fail" and "rel_l2" in fail.attrs["title"]
     ok = cells["mlp", "meta", "float32", "1x1"]
-    assert "pass" in ok.classes() and squash(ok.one("b").text()) == "0.5×"
+    assert "pass" in ok.classes() and squash(ok.one("b").text()) == "0.5×" and squash(ok.one("span").text()) == "rel_l2"
     assert squash(cells["rope", "meta", "float32", "1x4"].one("b").text()) == "∞"  # NaN
     mixed = cells["intermediate", "meta", "float32", "1x1"]
     assert "pass" in mixed.classes() and "1 failing as expected" in mixed.attrs["title"]
     assert squash(mixed.one("b").text()) != "∞" and float(squash(mixed.one("b").text())[:-1]) < 1
     planted = cells["attention", "hf", "float32", "1x4"]
     assert "expected-fail" in planted.classes() and "1 failing as expected" in planted.attrs["title"]
-    assert squash(planted.one("b").text()) == "caught"
-    assert squash(planted.one("span").text()) == "1 rec · 1 expected fail"
+    assert squash(planted.one("b").text()) == "caught" and squash(planted.one("span").text()) == "1 caught"
     worst = max(r["metrics"][m] / r["bounds"][m] for r in document["records"] for m in ("rel_l2", "noise_ratio")
                 if r["component"] == "intermediate" and r["reference"] == "hf" and r["dtype"] == "bfloat16"
                 and r["mesh"] == "1x4")
     assert worst == pytest.approx(0.35)  # noise_ratio at layer 3: 0.2 + 0.05 * 3 of its bound
     assert squash(cells["intermediate", "hf", "bfloat16", "1x4"].one("b").text()) == f"{worst:.2g}×"
-    header = [squash(th.text()) for th in dom.one("table", cls="matrix").one("thead").all("th")]
-    assert header[:4] == ["component", "reference", "float32", "bfloat16"]
-    assert dom.one("table", cls="matrix").all("td", cls="empty"), "combinations without records show as empty"
+    long = cells["intermediate", "meta", "bfloat16", "1x4"]
+    assert "fail" in long.classes() and squash(long.one("span").text()) == "2 fail"
+
+
+def test_one_matrix_per_dtype_with_the_same_rows(dom, document):
+    """float32 and bfloat16 get a table each (side by side or stacked, see the browser test), with the same rows
+    in the same order so that tables side by side line up."""
+    tables = dom.all("table", cls="matrix")
+    assert [squash(t.one("caption").text()) for t in tables] == ["float32", "bfloat16"]
+    assert [t.attrs["data-dtype"] for t in tables] == ["float32", "bfloat16"]
+    rows = [[tuple(squash(th.text()) for th in tr.all("th")) for tr in t.one("tbody").all("tr")] for t in tables]
+    assert rows[0] == rows[1]
+    assert rows[0][0] == ("rope", "meta") and ("property", "meta") in rows[0]
+    assert len(rows[0]) == len({(r["component"], r["reference"]) for r in document["records"]})
+    for table in tables:
+        header = [squash(th.text()) for th in table.one("thead").all("th")]
+        assert header == ["component", "reference", "1x1", "1x2", "1x4", "1x8", "2x4", "none", "drawn"]
+    assert tables[0].all("td", cls="empty"), "combinations without records show as empty"
+
+
+def test_meshes_only_property_tests_drew_fold_into_one_drawn_column(dom, document):
+    cells = _cells(dom)
+    for dt in ("float32", "bfloat16"):
+        drawn = [r for r in document["records"] if r["dtype"] == dt and r["mesh"] in DRAWN_MESHES]
+        assert {(r["component"], r["reference"]) for r in drawn} == {("property", "meta"), ("tp_invariance", "1x1")}
+        cell = cells["property", "meta", dt, "drawn"]
+        mine = [r for r in drawn if r["component"] == "property"]
+        assert cell.attrs["title"].startswith(f"{len(mine)} records, 0 failing")
+        assert "drawn meshes: 2x1 (1), 2x2 (1), 4x1 (1), 4x2 (1), 8x1 (1)" in cell.attrs["title"]
+        worst = max(r["metrics"]["noise_ratio"] / r["bounds"]["noise_ratio"] for r in mine)
+        assert squash(cell.one("b").text()) == f"{worst:.2g}×"
+        # a property record on a mesh other tests chose stays in that mesh's column
+        assert "1 records" in cells["property", "meta", dt, "1x4"].attrs["title"]
+        assert "drawn meshes: 2x2 (1)" in cells["tp_invariance", "1x1", dt, "drawn"].attrs["title"]
+    note = squash(dom.one("p", cls="drawn-note").text())
+    assert "(2x1, 2x2, 4x1, 4x2, 8x1)" in note
+    drawn_header = dom.all("table", cls="matrix")[0].one("th", cls="drawn")
+    assert drawn_header.attrs["title"] == "meshes only property tests drew: 2x1, 2x2, 4x1, 4x2, 8x1"
+
+
+def test_drawn_meshes_are_decided_from_the_data():
+    def rec(test, mesh):
+        return {"test": test, "mesh": mesh}
+
+    records = [rec("t.py::test_a[meta-float32-1x4]", "1x4"), rec("t.py::test_prop[rmsnorm]", "1x4"),
+               rec("t.py::test_prop[rmsnorm]", "2x2"), rec("t.py::test_prop", "4x1"),
+               rec("t.py::test_b[11x4-float32]", "1x4"), rec("t.py::test_c[2x4]", "2x4"), rec("t.py::g", None)]
+    assert pr.drawn_meshes(records) == {"2x2", "4x1"}
+    assert pr.drawn_meshes(records, [{"meshes": ["4x1"]}]) == {"2x2"}  # the run's --mesh list, when recorded
+    assert pr.mesh_named_by_test("t.py::test_a[meta-float32-1x4-layer0]", "1x4")
+    assert not pr.mesh_named_by_test("t.py::test_a[meta-float32-11x4]", "1x4")
+    assert not pr.mesh_named_by_test("t.py::test_1x4_shape", "1x4")  # only the parameters count
+    assert pr.drawn_meshes([rec("t.py::test_prop[x]", "2x2")]) == {"2x2"}  # a run of property tests only
 
 
 def test_depth_chart_has_one_line_per_reference_and_dtype(dom, document):
@@ -329,33 +537,52 @@ def test_depth_chart_has_one_line_per_reference_and_dtype(dom, document):
     assert len(rows) == 8
 
 
-def test_records_table_lists_every_record_with_scope_and_bounds(dom, document):
+def test_records_table_lists_every_record_failing_first_with_scope_bounds_and_cause(dom, document):
     body = dom.one("table", id="record-table").one("tbody")
     rows = body.all("tr")
+    outcomes = {t["nodeid"]: t["outcome"] for t in document["tests"]}
+    in_order = sorted(document["records"], key=lambda r: pr.record_outcome(r, outcomes.get(r["test"])) != "fail")
     assert len(rows) == len(document["records"])
-    for row, record in zip(rows, document["records"]):
-        assert row.attrs["data-component"] == record["component"]
-        assert row.attrs["data-reference"] == record["reference"] and row.attrs["data-mesh"] == record["mesh"]
+    assert [r.attrs["data-outcome"] for r in rows[:4]] == ["fail"] * 4
+    for row, record in zip(rows, in_order):
+        assert row.attrs["data-component"] == record["component"] and row.attrs["data-test"] == record["test"]
+        assert row.attrs["data-reference"] == record["reference"] and row.attrs["data-mesh"] == str(
+            record["mesh"]).replace("None", "none")
         assert record["test"] in row.text()
+        mesh_cell = squash(row.all("td")[6].text())  # its own mesh, tagged when its test drew it
+        assert mesh_cell == str(record["mesh"]).replace("None", "none") + (
+            " drawn" if record["mesh"] in DRAWN_MESHES else "")
     failing = next(r for r in rows if r.attrs["data-outcome"] == "fail" and r.attrs["data-component"] == "mlp")
     failed_metric = squash(failing.one("span", cls="failed").text())
     limit = bound("mlp", "float32", "rel_l2")
     assert failed_metric == f"rel_l2 {3 * limit:.3e} ≤ {limit:.3e} 3×"
+    cause = failing.one("td", cls="cause").one("span")
+    assert squash(cause.text()) == "gate_up_swapped" and cause.attrs["title"].startswith("probable cause: w1 and w3")
+    unknown = next(r for r in rows if "layers.1.block_out" in r.text() and r.attrs["data-test"] == LONG)
+    assert squash(unknown.one("td", cls="cause").text()) == "no known cause"
+    assert unknown.attrs["data-cause"] == "no known cause"
     nan_row = next(r for r in rows if r.attrs["data-component"] == "rope")
     assert "NaN/Inf" in nan_row.one("div", cls="error").text() and nan_row.attrs["data-outcome"] == "fail"
+    assert squash(nan_row.one("td", cls="cause").text()) == ""  # not diagnosed
     planted = [r.attrs["data-outcome"] for r in rows if PLANTED in r.text()]
     assert planted == ["expected fail", "expected fail"]
+    drawn = [r for r in rows if r.attrs.get("data-mesh-group") == "drawn"]
+    assert sorted(r.attrs["data-mesh"] for r in drawn) == sorted(
+        r["mesh"] for r in document["records"] if r["mesh"] in DRAWN_MESHES)
 
 
 def test_filters_offer_every_value_of_each_field(dom, document):
     selects = {s.attrs["data-filter"]: [o.attrs["value"] for o in s.all("option")] for s in dom.all("select")}
-    assert list(selects) == ["component", "reference", "dtype", "mesh", "outcome"]
+    assert list(selects) == ["component", "reference", "dtype", "mesh", "outcome", "cause"]
     assert selects["dtype"] == ["", "float32", "bfloat16"]
-    assert selects["mesh"] == ["", "1x1", "1x4"]
+    assert selects["mesh"] == ["", "1x1", "1x2", "2x1", "1x4", "2x2", "4x1", "1x8", "2x4", "4x2", "8x1", "none",
+                               "drawn"]
     assert set(selects["component"][1:]) == {r["component"] for r in document["records"]}
     assert set(selects["outcome"][1:]) == {"pass", "fail", "expected fail"}
+    assert set(selects["cause"][1:]) == {"gate_up_swapped", "rope_unscaled", "no known cause"}
     headers = dom.one("table", id="record-table").one("thead").all("th")
-    assert {squash(h.text()) for h in headers if "data-sort" in h.attrs} >= {"component", "layer", "margin", "mesh"}
+    assert {squash(h.text()) for h in headers if "data-sort" in h.attrs} >= {"component", "layer", "margin", "mesh",
+                                                                           "probable cause"}
 
 
 def test_generation_streams_side_by_side_with_divergence_and_topk(dom):
@@ -422,10 +649,14 @@ def test_environment_names_versions_devices_and_run_settings(dom):
     assert versions["pytest-xdist"] == "not installed"
     settings = {squash(tr.one("th").text()): squash(tr.one("td").text())
                 for tr in env.all("table")[0].all("tr")}
+    assert settings["implementation under test"] == "tp_llama.adapter:TPLlamaAdapter (tp-llama-conformance 0.4.0)"
+    assert settings["python"] == "CPython 3.11.7"
     assert settings["devices"] == "8 x cpu (cpu)"
-    assert settings["meshes in records"] == "1x1, 1x4"
+    assert settings["meshes in records"] == "1x1, 1x2, 1x4, 1x8, 2x4, none"
+    assert settings["drawn meshes"] == "2x1, 2x2, 4x1, 4x2, 8x1"
     assert settings["tolerance profile"] == "default" and settings["seeds"] == "weights=0"
     assert settings["wall time"] == "123.4 s" and settings["platform"].startswith("Linux")
+    assert settings["pytest exit status"] == "1"
 
 
 def test_empty_run_still_renders_and_says_what_is_missing():
@@ -435,7 +666,7 @@ def test_empty_run_still_renders_and_says_what_is_missing():
     text = squash(dom.text())
     assert "No parity records in this run" in text and "no curve to draw" in text
     assert "No generation record" in text and "not recorded" in text
-    assert dom.one("p", cls="verdict").attrs["data-verdict"] == "PASS"
+    assert dom.one("div", cls="verdict").attrs["data-verdict"] == "PASS"
 
 
 def test_baseline_regressions_turn_the_verdict_red():
@@ -445,7 +676,7 @@ def test_baseline_regressions_turn_the_verdict_red():
                       regressions=[Regression("worsened", "t.py::x [mlp] reference=meta", "rel_l2 = 2e-06 > limit")])
     dom = parse(pr.render({"environment": {}, "records": [],
                            "tests": [{"nodeid": "t.py::x", "outcome": "passed", "message": None}]}, gate))
-    assert dom.one("p", cls="verdict").attrs["data-verdict"] == "FAIL"
+    assert dom.one("div", cls="verdict").attrs["data-verdict"] == "FAIL"
     assert "FAIL against fixtures/parity_baseline.json: 1 regressions" in squash(dom.one(id="gate").text())
     assert "t.py::x [mlp] reference=meta" in dom.one("ul", cls="regressions").text()
 
@@ -519,14 +750,16 @@ def test_plugin_writes_the_report_under_xdist_with_failures(pytester, monkeypatc
     dom = parse(report.read_text(encoding="utf-8"))
     document = json.loads(out.read_text())
     assert len(dom.one("table", id="record-table").one("tbody").all("tr")) == len(document["records"]) == 7
-    problems = {li.attrs["data-nodeid"]: squash(li.text()) for li in dom.one("ul", cls="problems").all("li")}
+    problems = {li.attrs["data-nodeid"]: squash(li.text()) for li in dom.one("ul", cls="problems").all("li")
+                if "data-nodeid" in li.attrs}
     assert set(problems) == {"test_inner.py::test_scale_bug", "test_inner.py::test_error",
                              "test_inner.py::test_plain_failure"}
     assert "fixture broke" in problems["test_inner.py::test_error"]
     assert "not a parity failure" in problems["test_inner.py::test_plain_failure"]
     assert f"rel_l2 = 1.000e+00 > {bound('mlp', 'float32', 'rel_l2', 'hf', '1x1'):.3e}" in problems[
         "test_inner.py::test_scale_bug"]
-    assert squash(dom.one("p", cls="verdict").text()).startswith("FAIL")
+    assert squash(dom.one("div", cls="verdict").text()).startswith("FAIL")
+    assert squash(dom.one("title").text()) == "Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter"
     assert document["environment"]["seeds"] == {"weights": 17}  # noted on a worker, shipped to the controller
     assert "weights=17" in dom.one("section", id="environment").text()
 
@@ -542,3 +775,150 @@ def test_summary_says_when_no_report_is_written_and_why_one_failed(pytester, mon
     result = pytester.runpytest_subprocess("-p", "no:xdist", "-k", "test_pass", f"--parity-report={folder}")
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR  # a green run without its report must not look green
     result.stdout.fnmatch_lines([f"parity report NOT written to {folder}: IsADirectoryError*"])
+
+
+# ---- the command over saved JSON (python -m parity.report) ---------------------------------------------------
+
+SIMPLE = {"factory": "examples.simple_llama.adapter:SimpleLlamaAdapter", "package": "simple-llama", "version": "1.0"}
+
+
+def _save(path: Path, document: dict) -> str:
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return str(path)
+
+
+def _host(document: dict, platform: str, **environment) -> dict:
+    """The same run as seen from another host: its own platform (and whatever else is given)."""
+    return {**document, "environment": {**document["environment"], "platform": platform, **environment}}
+
+
+def test_command_renders_one_saved_run_like_the_plugin(tmp_path, document, capsys):
+    source = _save(tmp_path / "a.json", document)
+    out = tmp_path / "sub" / "report.html"
+    assert pr.main([source, "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == (f"parity report: {out} (1 run, 1 implementation, "
+                                               f"{len(document['records'])} records)")
+    dom = parse(out.read_text(encoding="utf-8"))
+    assert squash(dom.one("title").text()).startswith("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter")
+    assert len(dom.one("table", id="record-table").one("tbody").all("tr")) == len(document["records"])
+    assert _cells(dom).keys() == _cells(parse(pr.render(document))).keys()
+    assert [squash(th.text()) for th in dom.all("table", cls="env")[0].all("th")][0] == "implementation under test"
+
+
+def test_command_merges_several_hosts_of_one_implementation(tmp_path):
+    """Two hosts ran the same implementation: one column group, cells over both hosts' records, outcomes per
+    host (the same test passes on one and fails on the other), one environment column per host."""
+    test = "conformance/test_mlp.py::test_mlp[meta-float32-1x4]"
+    ok = _records(test, [{**_scope("mlp", "meta", "float32", "1x4"), **_scaled(0.5 * bound("mlp", "float32",
+                                                                                              "rel_l2"))}])
+    bad = _records(test, [{**_scope("mlp", "meta", "float32", "1x4"), **_scaled(2 * bound("mlp", "float32",
+                                                                                             "rel_l2"))}])
+    base = {"environment": {"implementation": IMPLEMENTATION, "platform": "cpu-host"}, "exitstatus": 0}
+    a = _save(tmp_path / "cpu.json", {**base, "records": ok, "tests": [{"nodeid": test, "outcome": "passed",
+                                                                        "message": None}]})
+    b = _save(tmp_path / "tpu.json", _host({**base, "exitstatus": 1, "records": bad, "tests": [
+        {"nodeid": test, "outcome": "failed", "message": "AssertionError: parity failed"}]}, "tpu-host",
+        devices={"platform": "tpu", "kind": "TPU v4", "count": 8}))
+    out = tmp_path / "merged.html"
+    assert pr.main([a, b, "-o", str(out)]) == 0
+    dom = parse(out.read_text(encoding="utf-8"))
+    assert squash(dom.one("title").text()) == ("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter "
+                                               "(tp-llama-conformance 0.4.0)")
+    assert "2 tests in 2 runs: 1 passed, 1 failed" in squash(dom.one("div", cls="verdict").text())
+    assert not dom.all("table", cls="implementations") and not dom.all("th", cls="group")
+    (cell,) = _cells(dom).values()
+    assert "fail" in cell.classes() and cell.attrs["title"].startswith("2 records, 1 failing")
+    assert squash(cell.one("b").text()) == "2×"
+    rows = dom.one("table", id="record-table").one("tbody").all("tr")
+    assert [(r.attrs["data-outcome"], squash(r.one("span", cls="run-tag").text())) for r in rows] == [
+        ("fail", b), ("pass", a)]
+    (failure,) = dom.one("div", id="failures").all("li")
+    assert b in squash(failure.text())
+    env = dom.one("section", id="environment").all("table")[0]
+    assert [squash(th.text()) for th in env.one("thead").all("th")] == ["run", a, b]
+    settings = {squash(tr.one("th").text()): [squash(td.text()) for td in tr.all("td")]
+                for tr in env.all("tr") if tr.all("td")}
+    assert settings["platform"] == ["cpu-host", "tpu-host"]
+    assert settings["devices"] == ["not reported (no process had started a JAX backend)", "8 x TPU v4 (tpu)"]
+
+
+def test_command_puts_several_implementations_side_by_side(tmp_path, document):
+    """Two implementations, one column group each in every dtype's matrix; the older `impl` string is read too."""
+    legacy = {**document, "environment": {**{k: v for k, v in document["environment"].items()
+                                             if k != "implementation"},
+                                          "implementation": "CPython", "impl": "tp_llama.adapter:TPLlamaAdapter"}}
+    simple_records = [dict(r) for r in document["records"] if r["component"] == "mlp"]
+    for r in simple_records:
+        r["passed"], r["failed_metrics"] = True, []
+    other = {"environment": {"implementation": SIMPLE}, "exitstatus": 0, "records": simple_records,
+             "tests": [{"nodeid": n, "outcome": "passed", "message": None}
+                       for n in dict.fromkeys(r["test"] for r in simple_records)]}
+    sources = [_save(tmp_path / "builtin.json", legacy), _save(tmp_path / "host2.json", _host(legacy, "other")),
+               _save(tmp_path / "simple.json", other)]
+    out = tmp_path / "side.html"
+    assert pr.main([*sources, "-o", str(out)]) == 0
+    dom = parse(out.read_text(encoding="utf-8"))
+    assert squash(dom.one("title").text()) == "Parity report: FAIL · 2 implementations"
+    impls = {tr.attrs["data-implementation"]: [squash(td.text()) for td in tr.all("td")]
+             for tr in dom.one("table", cls="implementations").one("tbody").all("tr")}
+    assert list(impls) == ["TPLlamaAdapter", "simple-llama 1.0"]
+    assert impls["TPLlamaAdapter"][0] == "FAIL" and impls["simple-llama 1.0"][0] == "PASS"
+    assert impls["TPLlamaAdapter"][-1] == f"{sources[0]}, {sources[1]}"  # two hosts, one implementation
+    assert impls["simple-llama 1.0"][1] == "3: 3 passed"
+    float32 = dom.one("table", cls="matrix", data_dtype="float32")
+    groups = [(squash(th.text()), th.attrs["colspan"]) for th in float32.all("th", cls="group")]
+    builtin_meshes = sorted({_column(r) for r in document["records"] if r["dtype"] == "float32"},
+                            key=pr._mesh_order)
+    assert groups == [("TPLlamaAdapter", str(len(builtin_meshes))), ("simple-llama 1.0", "2")]
+    side = {(c.attrs["data-implementation"], c.attrs["data-mesh"]): c
+            for c in float32.all("td", cls="cell") if c.attrs["data-component"] == "mlp"
+            and c.attrs["data-reference"] == "meta"}
+    assert "fail" in side["TPLlamaAdapter", "1x4"].classes() and "pass" in side["simple-llama 1.0", "1x4"].classes()
+    assert side["TPLlamaAdapter", "1x4"].attrs["title"].startswith("2 records, 2 failing")  # both hosts
+    selects = {s.attrs["data-filter"]: [o.attrs["value"] for o in s.all("option")] for s in dom.all("select")}
+    assert selects["implementation"] == ["", "TPLlamaAdapter", "simple-llama 1.0"]
+    rows = dom.one("table", id="record-table").one("tbody").all("tr")
+    assert {r.attrs["data-implementation"] for r in rows} == {"TPLlamaAdapter", "simple-llama 1.0"}
+    assert len(rows) == 2 * len(document["records"]) + len(simple_records)
+    labels = [squash(t.text()) for t in dom.one("section", id="depth").all("td")][:3]
+    assert labels[1].startswith("TPLlamaAdapter · ")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "no such file"),
+    ("{not json", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    ("[1, 2]", "not a --parity-json document: the top level is a JSON list, not an object"),
+    ('{"tests": []}', "not a --parity-json document: no 'records' list"),
+    ('{"records": [{"test": "t"}], "tests": []}', "not a --parity-json document: records[0] has no 'component'"),
+    ('{"records": [], "tests": [{}]}', "not a --parity-json document: tests[0] has no 'nodeid' and 'outcome'"),
+    (b"\xff\xfe\x00", "not a text file (not UTF-8), not a --parity-json file"),
+])
+def test_command_says_in_one_line_what_is_wrong_with_a_file(tmp_path, document, capsys, content, problem):
+    good = _save(tmp_path / "good.json", document)
+    bad = tmp_path / "bad.json"
+    if isinstance(content, bytes):
+        bad.write_bytes(content)
+    elif content is not None:
+        bad.write_text(content, encoding="utf-8")
+    out = tmp_path / "report.html"
+    assert pr.main([good, str(bad), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"parity.report: error: {bad}: {problem}\n" and captured.out == ""
+    assert not out.exists()
+
+
+def test_command_runs_as_a_module_and_rejects_a_directory(tmp_path, document):
+    import subprocess
+    import sys
+
+    good = _save(tmp_path / "good.json", document)
+    run = subprocess.run([sys.executable, "-m", "parity.report", good, str(tmp_path), "-o",
+                          str(tmp_path / "r.html")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr == (f"parity.report: error: {tmp_path}: is a directory, "
+                                                  "not a --parity-json file\n")
+    run = subprocess.run([sys.executable, "-m", "parity.report", good, "-o", str(tmp_path / "r.html")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and (tmp_path / "r.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    run = subprocess.run([sys.executable, "-m", "parity.report", good], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "-o/--output" in run.stderr  # where to write is never guessed

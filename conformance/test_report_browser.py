@@ -1,6 +1,8 @@
 """The HTML parity report in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by
 selenium opens the file from disk, and the matrix, the chart and the tables must render, the filters must
-filter, and the page must log no console error. A full-page screenshot lands in out/ for people to look at.
+filter, and the page must log no console error. At a 1400-pixel window both dtypes' matrices must fit without
+horizontal scrolling (real layout: bounding boxes, scrollWidth, hit tests). Screenshots land in out/ for people
+to look at: the whole page, and the matrices alone.
 
 Run with `pytest -m browser` (the default addopts deselect it); it skips, saying what to install, when
 Chromium, ChromeDriver or selenium is missing.
@@ -13,16 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from conformance.test_report import GEN, sample_document
+from conformance.test_report import DRAWN_MESHES, GEN, LONG, sample_document
 from parity import report as pr
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "out" / "parity_report.png"
+MATRIX_SCREENSHOT = REPO / "out" / "parity_report_matrix.png"
+WIDTH = 1400  # a laptop-width window
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1400,1000")
+                  "--disable-dev-shm-usage", f"--window-size={WIDTH},1000")
 INSTALL = "apt-get install -y chromium chromium-driver && pip install selenium"
 
 
@@ -81,10 +85,11 @@ def test_report_renders_filters_and_logs_no_error(report_page):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    assert driver.title == "Parity report: FAIL"
+    assert driver.title == "Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter (tp-llama-conformance 0.4.0)"
     # the matrix: every cell drawn, pass and fail cells coloured differently
     cells = driver.find_elements(By.CSS_SELECTOR, "table.matrix td.cell")
-    assert len(cells) == len({(r["component"], r["reference"], r["dtype"], r["mesh"]) for r in document["records"]})
+    assert len(cells) == len({(r["component"], r["reference"], r["dtype"],
+                               "drawn" if r["mesh"] in DRAWN_MESHES else r["mesh"]) for r in document["records"]})
     assert all(c.size["width"] > 40 and c.size["height"] > 20 for c in cells)
     colours = {c.get_attribute("class"): c.value_of_css_property("background-color") for c in cells}
     assert colours["cell pass"] != colours["cell fail"] != colours["cell expected-fail"]
@@ -105,7 +110,6 @@ def test_report_renders_filters_and_logs_no_error(report_page):
     summary.click()  # a passing record is folded until opened
     assert generation.find_element(By.CSS_SELECTOR, "table.stream tr.diverge").is_displayed()
     assert generation.find_element(By.CSS_SELECTOR, "table.topk").is_displayed()
-    _save_screenshot(driver)
     assert driver.find_element(By.CSS_SELECTOR, "#environment table.versions").is_displayed()
 
     # filtering by outcome, then by clicking a matrix cell, then by text
@@ -127,6 +131,29 @@ def test_report_renders_filters_and_logs_no_error(report_page):
     driver.find_element(By.ID, "filters-reset").click()
     assert len(_visible_rows(driver)) == len(rows)
 
+    # the drawn column: its cell lists the records of every drawn mesh, and so does the mesh filter's "drawn"
+    drawn = [r for r in document["records"] if r["mesh"] in DRAWN_MESHES]
+    cell = driver.find_element(By.CSS_SELECTOR, "table.matrix td.cell[data-component=property][data-reference=meta]"
+                                                "[data-dtype=bfloat16][data-mesh=drawn]")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
+    cell.click()
+    assert sorted(r["mesh"] for r in _visible_rows(driver)) == sorted(
+        r["mesh"] for r in drawn if r["component"] == "property" and r["dtype"] == "bfloat16")
+    driver.find_element(By.ID, "filters-reset").click()
+    Select(driver.find_element(By.CSS_SELECTOR, "select[data-filter=mesh]")).select_by_value("drawn")
+    assert len(_visible_rows(driver)) == len(drawn)
+    driver.find_element(By.ID, "filters-reset").click()
+
+    # a failure's button shows exactly that test's records
+    driver.execute_script("window.scrollTo(0, 0)")
+    button = driver.find_element(By.CSS_SELECTOR, f"#failures li[data-nodeid='{LONG}'] button.show-records")
+    button.click()
+    shown = _visible_rows(driver)
+    assert {r["test"] for r in shown} == {LONG} and len(shown) == sum(r["test"] == LONG for r in document["records"])
+    assert driver.find_element(By.ID, "record-count").text.endswith("records shown (one test)")
+    driver.find_element(By.ID, "filters-reset").click()
+    assert len(_visible_rows(driver)) == len(rows)
+
     # sorting by margin, worst first on the second click; NaN (an error) is the worst of all
     header = driver.find_element(By.XPATH, "//table[@id='record-table']//th[normalize-space()='margin']")
     header.click()
@@ -136,6 +163,52 @@ def test_report_renders_filters_and_logs_no_error(report_page):
 
     errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert not errors, f"the report logged console errors: {errors}"
+
+
+def test_a_failing_report_opens_on_its_failures_and_both_matrices_fit_1400_px(report_page):
+    """The first screen of a failing report shows the verdict and the failures; at 1400 px the float32 and
+    bfloat16 matrices are both inside the window's width (side by side or stacked), and nothing scrolls sideways."""
+    driver, document = report_page
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert driver.execute_script("return window.innerWidth") == WIDTH
+    layout = driver.execute_script("""
+        const doc = document.documentElement, box = e => e.getBoundingClientRect();
+        const failures = document.getElementById('failures');
+        return {scrollWidth: doc.scrollWidth, clientWidth: doc.clientWidth, innerWidth: window.innerWidth,
+                innerHeight: window.innerHeight, failuresTop: box(failures).top,
+                tables: Array.from(document.querySelectorAll('table.matrix')).map(t => ({
+                    dtype: t.dataset.dtype, left: box(t).left, right: box(t).right, width: box(t).width,
+                    cellsRight: Math.max(...Array.from(t.querySelectorAll('th, td')).map(c => box(c).right))}))};""")
+    assert layout["failuresTop"] < layout["innerHeight"] / 2, "the failures are not on the first screen"
+    assert layout["scrollWidth"] <= layout["innerWidth"], f"the page scrolls sideways: {layout}"
+    tables = {t["dtype"]: t for t in layout["tables"]}
+    assert set(tables) == {"float32", "bfloat16"}
+    for table in tables.values():
+        assert table["left"] >= 0 and table["right"] <= layout["clientWidth"], table
+        assert table["cellsRight"] <= layout["clientWidth"] and table["width"] > 300, table
+    # real visibility: the last column of each table is what the browser hit-tests at its centre
+    for dtype in tables:
+        hit = driver.execute_script("""
+            const t = document.querySelector('table.matrix[data-dtype="' + arguments[0] + '"]');
+            const heads = t.tHead.rows[t.tHead.rows.length - 1].cells, last = heads[heads.length - 1];
+            last.scrollIntoView({block: 'center', inline: 'nearest'});
+            const r = last.getBoundingClientRect();
+            const found = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+            return [window.scrollX, found === last || last.contains(found), last.textContent.trim()];""", dtype)
+        assert hit == [0, True, "drawn"], (dtype, hit)
+    _save_screenshot(driver)
+    _save_matrix_screenshot(driver)
+
+
+def _save_matrix_screenshot(driver) -> None:
+    """The two matrices alone, as they sit in the 1400-pixel window."""
+    driver.execute_script("window.scrollTo(0, 0)")
+    box = driver.execute_script("const r = document.querySelector('#matrix').getBoundingClientRect();"
+                                "return {x: r.left, y: r.top + window.scrollY, width: r.width, height: r.height};")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                             "clip": {**box, "scale": 1}})
+    MATRIX_SCREENSHOT.parent.mkdir(exist_ok=True)
+    MATRIX_SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
 
 
 def _save_screenshot(driver) -> None:

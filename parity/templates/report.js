@@ -1,5 +1,5 @@
-// Sorting and filtering of the records table, and matrix cells that filter it. The page reads fully
-// without this script; it only hides and reorders rows that are already there.
+// Sorting and filtering of the records table, and matrix cells and failures that filter it. The page reads
+// fully without this script; it only hides and reorders rows that are already there.
 (function () {
   "use strict";
   var table = document.getElementById("record-table");
@@ -8,18 +8,22 @@
   var selects = Array.prototype.slice.call(document.querySelectorAll("select[data-filter]"));
   var search = document.getElementById("record-search");
   var count = document.getElementById("record-count");
+  var onlyTest = null;  // set by a failure's "show its records" button, cleared by any other filter
 
   function applyFilters() {
     var wanted = selects.map(function (s) { return [s.dataset.filter, s.value]; });
     var needle = search.value.trim().toLowerCase();
     var shown = 0;
     rows.forEach(function (row) {
-      var keep = wanted.every(function (w) { return w[1] === "" || row.dataset[w[0]] === w[1]; }) &&
+      // a value matches a row's own field, or its group (the mesh filter's "drawn" matches every drawn mesh)
+      var keep = wanted.every(function (w) {
+                   return w[1] === "" || row.dataset[w[0]] === w[1] || row.dataset[w[0] + "Group"] === w[1];
+                 }) && (onlyTest === null || row.dataset.test === onlyTest) &&
                  (needle === "" || row.textContent.toLowerCase().indexOf(needle) >= 0);
       row.hidden = !keep;
       if (keep) { shown += 1; }
     });
-    count.textContent = shown + " of " + rows.length + " records shown";
+    count.textContent = shown + " of " + rows.length + " records shown" + (onlyTest === null ? "" : " (one test)");
   }
 
   function cellKey(row, index, numeric) {
@@ -49,19 +53,38 @@
   function showCell(cell) {
     selects.forEach(function (s) { s.value = cell.dataset[s.dataset.filter] || ""; });
     search.value = "";
+    onlyTest = null;
     applyFilters();
     document.getElementById("records").scrollIntoView();
   }
 
-  selects.forEach(function (s) { s.addEventListener("change", applyFilters); });
-  search.addEventListener("input", applyFilters);
-  document.getElementById("filters").addEventListener("reset", function () { setTimeout(applyFilters, 0); });
+  function showTest(button) {
+    selects.forEach(function (s) { s.value = ""; });
+    search.value = "";
+    onlyTest = button.dataset.test;
+    applyFilters();
+    document.getElementById("records").scrollIntoView();
+  }
+
+  function refilter() { onlyTest = null; applyFilters(); }
+
+  selects.forEach(function (s) { s.addEventListener("change", refilter); });
+  search.addEventListener("input", refilter);
+  document.getElementById("filters").addEventListener("reset", function (e) {
+    e.preventDefault();  // clear here, so the table is refiltered before the click returns
+    selects.forEach(function (s) { s.value = ""; });
+    search.value = "";
+    refilter();
+  });
   table.tHead.querySelectorAll("th[data-sort]").forEach(function (th) {
     th.addEventListener("click", function () { sortBy(th); });
   });
   document.querySelectorAll(".matrix td.cell").forEach(function (cell) {
     cell.addEventListener("click", function () { showCell(cell); });
     cell.addEventListener("keydown", function (e) { if (e.key === "Enter") { showCell(cell); } });
+  });
+  document.querySelectorAll("button.show-records").forEach(function (button) {
+    button.addEventListener("click", function () { showTest(button); });
   });
   applyFilters();
 }());
