@@ -14,7 +14,8 @@ Public API
 - `read_tiktoken_ranks(path)`      the strict parser/validator behind it: `{token bytes: rank}`.
 - `hf_tokenizer(path=None)`        a transformers `PreTrainedTokenizerFast` converted from that file (cached in
                                    memory and on disk, see "Cache" below).
-- `build_hf_backend(...)`          the conversion itself: a `tokenizers.Tokenizer` built from ranks, no caching.
+- `convert_hf_backend(path, special_tokens)`
+                                   the conversion itself (transformers' `TikTokenConverter`), no caching.
 - `hf_encode(text, *, bos, eos, allowed_special=None, disallowed_special=())`
                                    HF ids with the signature and semantics of Meta's `Tokenizer.encode`.
 - `hf_decode(ids)`                 HF text, with Meta's `Tokenizer.decode` semantics (special tokens kept verbatim,
@@ -23,21 +24,34 @@ Public API
 
 How the HF tokenizer is built
 -----------------------------
-A byte-level BPE, as HF's `TikTokenConverter` builds one, written here from the ranks Meta's file holds:
-- vocab: every token's bytes mapped through GPT-2's byte-to-unicode table -> its rank (= its id);
-- merges: for every token of two or more bytes, every split `left + right` with both halves in the vocab, ordered
-  by the rank of the merged token (ties by the halves' ranks). tiktoken merges the adjacent pair whose
-  concatenation has the lowest rank; an HF BPE with these merges picks the same pair. `ignore_merges=True`
-  makes a pre-token that is itself a token come out whole, as tiktoken does;
-- pre-tokenizer: `Split(Meta's Tokenizer.pat_str, "isolated")` then `ByteLevel(add_prefix_space=False,
-  use_regex=False)`; decoder: `ByteLevel`;
-- special tokens: Meta's `Tokenizer.special_tokens`, read from Meta's class (not retyped), added in id order as
-  special `AddedToken`s, so they land on ids 128000..128255 with Meta's names;
-- post-processor: `ByteLevel(trim_offsets=False)` then a `TemplateProcessing` that writes `<|begin_of_text|>`
-  before the text (the layout of Meta's published HF `tokenizer.json`). No template writes EOS.
-- the transformers wrapper: bos `<|begin_of_text|>`, eos `<|end_of_text|>` (Meta's `eos_id`), pad
-  `<|finetune_right_pad_id|>` (Meta's `pad_id`), `clean_up_tokenization_spaces=False` (True would turn
-  " ." into "." on decode and break `decode(encode(x)) == x`).
+By transformers itself: `transformers.convert_slow_tokenizer.TikTokenConverter` (the class transformers 5 uses for
+every tiktoken file, e.g. `TokenizersBackend._convert_from_tiktoken`; 4.x's `Llama3Converter` subclassed it). It
+reads the file with tiktoken's own loader and builds a byte-level BPE: vocab = every token's bytes through GPT-2's
+byte-to-unicode table -> its rank; merges = every `left + right` split of every token whose halves are tokens,
+ordered by the merged token's rank; `ignore_merges=True`; pre-tokenizer `Split(pattern, "isolated")` then
+`ByteLevel(use_regex=False)`; decoder `ByteLevel`; the extra special tokens appended as special `AddedToken`s.
+This module adds only what the converter leaves to its caller, and nothing is retyped from Meta:
+- `pattern`: the converter's default, not Meta's `Tokenizer.pat_str` (the tests pin that the two are equal);
+- special tokens: the names of Meta's `Tokenizer.special_tokens`, passed in id order, so they land on ids
+  128000..128255 if and only if the converter appends them as Meta numbers them (the tests check every id);
+- tiktoken's file cache is switched off while the converter reads (see "tiktoken's cache" below);
+- the transformers wrapper: bos `<|begin_of_text|>` with `add_bos_token=True` (the post-processor becomes HF's
+  `TemplateProcessing` "<|begin_of_text|> $A"; the converter itself writes no BOS), eos `<|end_of_text|>`
+  (Meta's `eos_id`), pad `<|finetune_right_pad_id|>` (Meta's `pad_id`), `clean_up_tokenization_spaces=False`
+  (True would turn " ." into "." on decode and break `decode(encode(x)) == x`). transformers does not save
+  `add_bos_token` in `tokenizer_config.json`: a reloaded tokenizer reports `add_bos_token=False` yet still
+  writes BOS, because the template travels in `tokenizer.json`.
+
+Until issue 14 this module held a hand-written byte-level BPE; transformers' conversion gives the same vocab,
+merges, pre-tokenizer, decoder and added tokens (only the post-processor differed, by the BOS template), and
+agrees with Meta on everything the tests check, so the hand-written one was removed.
+
+tiktoken's cache
+----------------
+`tiktoken.load.load_tiktoken_bpe` (which `TikTokenConverter` calls) keeps a copy of every file it reads under
+`$TIKTOKEN_CACHE_DIR` (default `$TMPDIR/data-gym-cache`), keyed by the file's *path*, and prefers that copy on the
+next read: a `tokenizer.model` replaced in place would be converted from its stale copy while Meta's loader reads
+the new file. The conversion therefore runs with `TIKTOKEN_CACHE_DIR=""` (tiktoken's switch for "no cache").
 
 BOS / EOS
 ---------
@@ -69,16 +83,23 @@ Cache
 -----
 The converted tokenizer is saved (`save_pretrained`) under `$TP_LLAMA_CACHE_DIR`, else
 `$XDG_CACHE_HOME/tp_llama`, else `~/.cache/tp_llama`, in `tokenizer/<key>/` (a directory `from_pretrained` can
-load); the key hashes the tokenizer file, the source of the conversion functions and the `tokenizers` and
-`transformers` versions, so an edit to the conversion (or a planted bug) never reads a stale cache. Writes are
-atomic (build in a temporary directory, then rename), so pytest-xdist workers may race; entries unused for a
-week are pruned when a new one is written. A cold conversion takes about 2.5 s (2 cores); loading the cached one
-about 0.8 s; an unwritable cache directory only costs the conversion time.
+load), with the sha256 of its `tokenizer.json` beside it (`tokenizer.json.sha256`, checked on every load). The key
+hashes the tokenizer file, the source of the conversion (this module's functions and transformers'
+`TikTokenConverter` and `bytes_to_unicode` as they are at run time, so a method patched in counts) and the
+`tokenizers` and `transformers` versions: an edit to the conversion (or a planted bug) never reads a stale cache.
+After a conversion the tokenizer is read back from its entry, so a cold run and a warm run test the same object.
+Writes are atomic (build in a temporary directory, then rename), so pytest-xdist workers may race; an entry that
+fails its digest is rebuilt with a warning; entries unused for a week are pruned when a new one is written; an
+unwritable cache directory only costs the conversion time. Measured (CPU time, 2 shared cores): a cold
+conversion 6.1 s plus 0.6 s to save it, loading the cached one 2.2 s (half of it transformers' `from_pretrained`
+parsing tokenizer.json in Python for its added tokens). `read_tiktoken_ranks` keeps the last few parses by content
+hash, so the validation, the tests and a reload share one parse of the file.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import os
@@ -96,7 +117,7 @@ __all__ = [
     "load_meta_tokenizer",
     "load_tokenizer",
     "meta_tokenizer",
-    "build_hf_backend",
+    "convert_hf_backend",
     "hf_tokenizer",
     "hf_encode",
     "hf_decode",
@@ -148,6 +169,9 @@ def read_tiktoken_ranks(path: Union[str, os.PathLike]) -> dict[bytes, int]:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     data = path.read_bytes()
+    content_key = hashlib.sha256(data).digest()
+    if content_key in _PARSED_RANKS:  # the same bytes parsed before (any path): a copy, callers may mutate it
+        return dict(_PARSED_RANKS[content_key])
 
     def fail(reason: str) -> TokenizerFileError:
         hint = _format_hint(data)
@@ -195,7 +219,13 @@ def read_tiktoken_ranks(path: Union[str, os.PathLike]) -> dict[bytes, int]:
     if missing_bytes:
         raise fail(f"{len(missing_bytes)} single-byte tokens are missing (first: {bytes([missing_bytes[0]])!r}), "
                    "so some text could not be encoded")
-    return ranks
+    if len(_PARSED_RANKS) >= 4:
+        _PARSED_RANKS.pop(next(iter(_PARSED_RANKS)))
+    _PARSED_RANKS[content_key] = ranks
+    return dict(ranks)
+
+
+_PARSED_RANKS: dict[bytes, dict[bytes, int]] = {}  # sha256 of a valid file's bytes -> its ranks (last 4 files)
 
 
 def load_meta_tokenizer(path: Union[str, os.PathLike], *, vocab_size: int | None = None):
@@ -207,12 +237,17 @@ def load_meta_tokenizer(path: Union[str, os.PathLike], *, vocab_size: int | None
     from llama_models.llama3.tokenizer import Tokenizer
 
     path = Path(path)
-    read_tiktoken_ranks(path)  # raises with a reason; Meta's loader would skip bad lines silently
+    ranks = read_tiktoken_ranks(path)  # raises with a reason; Meta's loader would skip bad lines silently
+
+    def check(n_ranks: int, n_special: int) -> None:
+        if vocab_size is not None and n_ranks + n_special != vocab_size:
+            raise TokenizerFileError(
+                f"{path}: tokenizer has {n_ranks + n_special} ids ({n_ranks} BPE ranks + {n_special} special "
+                f"tokens) but vocab_size={vocab_size} was expected")
+
+    check(len(ranks), Tokenizer.num_reserved_special_tokens)  # before paying for Meta's build
     tokenizer = Tokenizer(path)
-    if vocab_size is not None and tokenizer.n_words != vocab_size:
-        raise TokenizerFileError(
-            f"{path}: tokenizer has {tokenizer.n_words} ids ({tokenizer.n_words - len(tokenizer.special_tokens)} BPE "
-            f"ranks + {len(tokenizer.special_tokens)} special tokens) but vocab_size={vocab_size} was expected")
+    check(tokenizer.n_words - len(tokenizer.special_tokens), len(tokenizer.special_tokens))  # Meta's own count
     return tokenizer
 
 
@@ -241,64 +276,35 @@ def meta_encode_chunks(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# HF side: conversion
+# HF side: conversion (transformers' own TikTokenConverter)
 # ---------------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table, the one the ByteLevel pre-tokenizer/decoder use."""
-    from tokenizers import pre_tokenizers
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    table = bytes_to_unicode()
-    # cross-check against the tokenizers library for every byte that can occur alone in a str (ASCII)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    ascii_pieces = "".join(piece for piece, _ in byte_level.pre_tokenize_str("".join(map(chr, range(128)))))
-    if (len(table) != 256 or set(table.values()) != set(pre_tokenizers.ByteLevel.alphabet())
-            or ascii_pieces != "".join(table[b] for b in range(128))):
-        raise RuntimeError("transformers' bytes_to_unicode disagrees with the tokenizers ByteLevel alphabet")
-    return table
+@contextlib.contextmanager
+def _tiktoken_file_cache_off():
+    """Make tiktoken read the file itself, not the copy its path-keyed cache may hold (module docstring)."""
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
 
 
-def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """Every `left + right` split of every multi-byte token whose halves are tokens, lowest merged rank first."""
-    merges = []
-    for token, rank in ranks.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], left, right))
-    merges.sort()
-    return [(left, right) for *_, left, right in merges]
+def convert_hf_backend(path: Union[str, os.PathLike], special_tokens: dict[str, int]):
+    """transformers' `TikTokenConverter` on the tiktoken file `path`: a `tokenizers.Tokenizer`.
 
+    `special_tokens` (Meta's `Tokenizer.special_tokens`, `{name: id}`) are handed to the converter by name in id
+    order; the converter decides the ids (appended after the ranks), and the tests compare them with Meta's.
+    The split regex is the converter's default.
+    """
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-def build_hf_backend(ranks: dict[bytes, int], special_tokens: dict[str, int], pattern: str):
-    """A `tokenizers.Tokenizer` equal in ids to tiktoken with these ranks, specials and split regex."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    table = _byte_to_unicode()
-
-    def to_str(token: bytes) -> str:
-        return "".join(table[b] for b in token)
-
-    vocab = {to_str(token): rank for token, rank in ranks.items()}
-    merges = [(to_str(left), to_str(right)) for left, right in _merges_from_ranks(ranks)]
-    backend = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    backend.decoder = decoders.ByteLevel()
-    ordered = sorted(special_tokens.items(), key=lambda item: item[1])
-    backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in ordered])
-    bos_name, bos_id = ordered[0]
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos_name}:0 $A:0",
-                                      pair=f"{bos_name}:0 $A:0 {bos_name}:1 $B:1",
-                                      special_tokens=[(bos_name, bos_id)]),
-    ])
-    return backend
+    names = [name for name, _ in sorted(special_tokens.items(), key=lambda item: item[1])]
+    with _tiktoken_file_cache_off():
+        return TikTokenConverter(vocab_file=str(path), extra_special_tokens=names).converted()
 
 
 def _wrap(backend, meta):
@@ -310,6 +316,8 @@ def _wrap(backend, meta):
         bos_token=names[meta.bos_id],
         eos_token=names[meta.eos_id],
         pad_token=names[meta.pad_id],
+        add_bos_token=True,   # HF's own BOS template; the converter leaves the post-processor without one
+        add_eos_token=False,  # Meta's published HF tokenizer writes no EOS either
         clean_up_tokenization_spaces=False,
         model_max_length=131072,  # Llama 3.1 context length
     )
@@ -323,21 +331,45 @@ def tokenizer_cache_dir() -> Path:
     return Path(xdg) / "tp_llama"
 
 
-def _cache_key(path: Path) -> str:
+def _source_of(obj) -> str:
+    """Source of a function, or of every function a class holds now (so a method patched in at run time counts)."""
     import inspect
+
+    if inspect.isclass(obj):
+        members = sorted(vars(obj).items())
+        return "\n".join(f"{name}: {_source_of(getattr(member, '__func__', member))}" for name, member in members
+                         if callable(getattr(member, "__func__", member)))
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return repr(obj)
+
+
+def _cache_key(path: Path) -> str:
+    import importlib
 
     import tokenizers
     import transformers
 
+    converter = importlib.import_module("transformers.convert_slow_tokenizer")  # the module, not the function
+
     digest = hashlib.sha256()
     digest.update(path.read_bytes())
-    for step in (_byte_to_unicode, _merges_from_ranks, build_hf_backend, _wrap):  # an edit to the conversion
-        digest.update(inspect.getsource(step).encode())                           # (or a planted bug) rebuilds
+    # an edit to the conversion (ours, or transformers' converter, edited or patched at run time) or a planted bug
+    # gets a new key, so it never reads a cache written by other code
+    for step in (_tiktoken_file_cache_off, convert_hf_backend, _wrap, converter.TikTokenConverter,
+                 converter.bytes_to_unicode):
+        digest.update(_source_of(step).encode())
     digest.update(f"tokenizers {tokenizers.__version__} transformers {transformers.__version__}".encode())
     return digest.hexdigest()[:24]
 
 
 _STALE_AFTER_S = 7 * 24 * 3600
+_DIGEST_FILE = "tokenizer.json.sha256"
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _prune(cache_parent: Path, keep: Path) -> None:
@@ -356,16 +388,40 @@ def _prune(cache_parent: Path, keep: Path) -> None:
 
 
 def _load_cached(directory: Path):
+    """The tokenizer saved in `directory`, after checking `tokenizer.json` against the digest written with it."""
     from transformers import PreTrainedTokenizerFast
 
+    recorded = (directory / _DIGEST_FILE).read_text().strip()
+    if _file_digest(directory / "tokenizer.json") != recorded:
+        raise ValueError("tokenizer.json does not match the digest written with it (edited or truncated)")
     return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _hf_tokenizer_for(path: Path, cache_root: Path | None, rebuild: bool):
+def _publish(tokenizer, target: Path, replace: bool) -> None:
+    """Save into a temporary directory beside `target`, then rename it into place (atomic for racing workers)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    staging.chmod(0o755)
+    tokenizer.save_pretrained(str(staging))
+    (staging / _DIGEST_FILE).write_text(_file_digest(staging / "tokenizer.json") + "\n")
+    if replace and target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process published it first; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    _prune(target.parent, keep=target)
+
+
+def _load_or_convert(path: Path, cache_root: Path | None, rebuild: bool):
+    """The cached conversion of `path` if it is there and intact, else a fresh one, published to the cache.
+
+    With a cache, the tokenizer returned is always the one read back from disk (also right after a conversion),
+    so every run tests the object later runs will load.
+    """
     meta = _meta_tokenizer_for(path)
     target = None if cache_root is None else cache_root / "tokenizer" / _cache_key(path)
-    if target is not None and not rebuild and (target / "tokenizer.json").is_file():
+    if target is not None and not rebuild and target.is_dir():
         try:
             tokenizer = _load_cached(target)
             try:
@@ -373,27 +429,21 @@ def _hf_tokenizer_for(path: Path, cache_root: Path | None, rebuild: bool):
             except OSError:
                 pass
             return tokenizer
-        except Exception as err:  # a corrupt cache is rebuilt, not fatal
+        except Exception as err:  # a corrupt or half-written entry is rebuilt, not fatal
             warnings.warn(f"rebuilding unreadable tokenizer cache {target}: {err}")
             rebuild = True
-    ranks = read_tiktoken_ranks(path)
-    tokenizer = _wrap(build_hf_backend(ranks, meta.special_tokens, meta.pat_str), meta)
-    if target is not None:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-            staging.chmod(0o755)
-            tokenizer.save_pretrained(str(staging))
-            if rebuild and target.exists():
-                shutil.rmtree(target, ignore_errors=True)
-            try:
-                os.replace(staging, target)
-            except OSError:  # another process published it first; its copy is identical
-                shutil.rmtree(staging, ignore_errors=True)
-            _prune(target.parent, keep=target)
-        except OSError as err:
-            warnings.warn(f"could not cache the converted tokenizer under {target}: {err}")
-    return tokenizer
+    tokenizer = _wrap(convert_hf_backend(path, meta.special_tokens), meta)
+    if target is None:
+        return tokenizer
+    try:
+        _publish(tokenizer, target, replace=rebuild)
+        return _load_cached(target)
+    except (OSError, ValueError) as err:
+        warnings.warn(f"could not cache the converted tokenizer under {target}: {err}")
+        return tokenizer
+
+
+_hf_tokenizer_for = functools.lru_cache(maxsize=None)(_load_or_convert)
 
 
 def hf_tokenizer(path: Union[str, os.PathLike, None] = None, *, cache_dir: Union[str, os.PathLike, None, bool] = None,
