@@ -1,7 +1,8 @@
 """Hugging Face transformers' LlamaForCausalLM as an oracle (eager attention, PyTorch).
 
 The model is built from `transformers.LlamaConfig(**config.to_hf())` (rope_parameters with rope_type 'llama3'
-when the config scales RoPE; HF's llama3 inv_freq equals Meta's apply_scaling(freqs) bit for bit in float32)
+and the config's four scaling parameters when it scales RoPE; HF's llama3 inv_freq equals Meta's
+apply_scaling(freqs) bit for bit in float32; tie_word_embeddings as the config says)
 and loaded with `reference.convert.meta_to_hf(weights)`, whose wq/wk row permutation turns Meta's interleaved
 RoPE pairs into HF's rotate-half layout. Inputs and outputs are NumPy in Meta's conventions: q and k after
 RoPE (captured, or from `hf_rope`) are converted back to the interleaved layout, so they compare directly
@@ -80,6 +81,10 @@ class HFReference:
     """HF LlamaForCausalLM at `dtype`, loaded with Meta-layout weights converted by `meta_to_hf`."""
 
     def __init__(self, config: LlamaConfig, weights: Mapping[str, np.ndarray], dtype: str):
+        if config.tie_word_embeddings and not np.array_equal(weights["output.weight"],
+                                                             weights["tok_embeddings.weight"]):
+            raise ValueError("tie_word_embeddings=true but output.weight differs from tok_embeddings.weight: HF ties "
+                             "them, so one would be silently dropped; pass weights whose output is the embedding")
         self.config = config
         self.dtype = str(dtype)
         self.torch_dtype = torch_dtype(dtype)
