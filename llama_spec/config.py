@@ -50,10 +50,10 @@ LLAMA31_ROPE_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_fa
 # Llama 3.2 1B and 3B (their config.json).
 LLAMA32_ROPE_SCALING = dataclasses.replace(LLAMA31_ROPE_SCALING, factor=32.0)
 
-# Meta's params.json fields (and max_seq_len, which llama-models' ModelArgs also takes). Those without a default
-# must be present in a params.json.
+# Meta's params.json fields; those without a default must be present. No max_seq_len: it is a runtime argument of
+# llama-models' Llama3.build, which passes it beside **params (a params.json holding it would not load there).
 _PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-                  "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len")
+                  "norm_eps", "rope_theta", "use_scaled_rope")
 _REQUIRED = ("dim", "n_layers", "n_heads", "vocab_size")
 # The published params.json shapes whose scaling and tying are implied, not stated (see the module docstring):
 # (dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of, ffn_dim_multiplier) -> (name, scaling, tied).

@@ -33,8 +33,10 @@ import contextlib
 import datetime
 import functools
 import io
+import json
 import socket
 import threading
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -152,11 +154,24 @@ def freqs_cis(config: LlamaConfig, end: int) -> torch.Tensor:
         return m.precompute_freqs_cis(config.head_dim, end, config.rope_theta, config.use_scaled_rope)
 
 
+@contextlib.contextmanager
+def _llama_models_defaults():
+    """llama-models' loader sets torch's default tensor type to bfloat16 and prints the shards it reads: keep the
+    process's default dtype and the test output as they were."""
+    previous = torch.get_default_dtype()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 # ---- the full model ---------------------------------------------------------------------------
 
 
 class MetaReference:
-    """Meta's `Transformer` at `dtype`, loaded with Meta-layout weights.
+    """Meta's `Transformer` at `dtype`, loaded with Meta-layout weights (or, by `from_checkpoint`, from a
+    checkpoint directory by llama-models itself; `config` is then None: the suite's parser is not consulted).
 
     `max_seq_len` sizes Meta's KV cache (max_batch_size x max_seq_len x n_kv_heads x head_dim per layer, for
     keys and for values) and its RoPE table (2 x max_seq_len positions); None means `config.max_seq_len`.
@@ -174,6 +189,37 @@ class MetaReference:
             transformer = m.Transformer(model_args(config, max_batch_size, self.max_seq_len))
         self.model = load_module(transformer, weights, self.torch_dtype)
 
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, dtype: str, max_batch_size: int = 4,
+                        max_seq_len: int = 2048) -> "MetaReference":
+        """A Meta checkpoint directory loaded as llama-models' `Llama3.build` loads it, at model-parallel size 1:
+        `ModelArgs(max_seq_len=..., max_batch_size=..., **params.json)`, its `maybe_reshard_state_dict` over the
+        consolidated.NN.pth (merging model-parallel shards), `Transformer(args)`, `load_state_dict(strict=True)`;
+        then cast to `dtype`. RoPE scaling is whatever llama-models applies (factor 8 whenever use_scaled_rope).
+        `reference.config_check` compares that reading with the suite's."""
+        from llama_models.checkpoint import maybe_reshard_state_dict
+        from llama_models.llama3.args import ModelArgs
+
+        m, directory = _meta(), Path(directory)
+        params_path = directory / "params.json"
+        try:
+            params = json.loads(params_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{params_path}: unreadable ({err}); a Meta checkpoint needs params.json") from None
+        shards = sorted(directory.glob("*.pth"))
+        if not shards:
+            raise ValueError(f"{directory}: no *.pth file; a Meta checkpoint holds consolidated.NN.pth")
+        args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+        self = cls.__new__(cls)
+        self.config, self.dtype, self.torch_dtype = None, str(dtype), torch_dtype(dtype)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        with _llama_models_defaults():
+            state = maybe_reshard_state_dict(shards, n_kv_heads=args.n_kv_heads)
+        model = m.Transformer(args)
+        model.load_state_dict(state, strict=True)
+        self.model = model.to(self.torch_dtype).eval()
+        return self
+
     def forward(self, tokens, start_pos: int = 0, capture: bool = False):
         """Meta's `Transformer.forward(tokens, start_pos)`; logits (B, S, V) float32, plus the named
         intermediates of this chunk (see reference/layers.py) when `capture`."""
@@ -189,7 +235,7 @@ class MetaReference:
             return to_numpy(self.model.forward(tokens_t, start_pos))
         with self._capture() as store:
             logits = to_numpy(self.model.forward(tokens_t, start_pos))
-        return logits, captured(store, self.config.n_layers, "Meta")
+        return logits, captured(store, len(self.model.layers), "Meta")
 
     __call__ = forward
 
