@@ -27,8 +27,8 @@ _original_all_reduce = model.all_reduce
 _original_write_cache = layers.write_cache
 
 
-def _rope_without_scaling(head_dim, theta, scaled):
-    return _original_rope_frequencies(head_dim, theta, False)
+def _rope_without_scaling(head_dim, theta, scaling):
+    return _original_rope_frequencies(head_dim, theta, None)
 
 
 def _rope_angles_in_bf16(positions, freqs):

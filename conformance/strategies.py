@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 
-from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig
+from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, LlamaConfig
 from llama_spec.layout import parse_mesh
 
 MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_BATCH, MAX_SEQ = 128, 16, 2, 512, 4, 16
@@ -154,13 +154,14 @@ def configs(draw, model_parallel: int = 1) -> LlamaConfig:
         ffn_dim_multiplier=draw(st.sampled_from([None, 1.3])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
         rope_theta=draw(st.sampled_from([500000.0, 10000.0])),
-        use_scaled_rope=draw(st.sampled_from([True, False])),
+        rope_scaling=draw(st.sampled_from([LLAMA31_ROPE_SCALING, None, LLAMA32_ROPE_SCALING])),
     )
 
 
 def start_positions() -> st.SearchStrategy[int]:
     """Early positions, or past the original context where scaled and unscaled RoPE differ most."""
-    return st.one_of(st.integers(0, 64), st.integers(ROPE_ORIGINAL_CONTEXT, 2 * ROPE_ORIGINAL_CONTEXT))
+    original = LLAMA31_ROPE_SCALING.original_max_position_embeddings
+    return st.one_of(st.integers(0, 64), st.integers(original, 2 * original))
 
 
 def meshes(names=MESHES) -> st.SearchStrategy[str]:

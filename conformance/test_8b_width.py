@@ -52,7 +52,7 @@ def checkpoint_8b(tmp_path_factory):
 @pytest.mark.usefixtures("builtin_only")  # tp_llama.layerwise runs the built-in model part by part
 def test_8b_width_layerwise_within_memory(request, checkpoint_8b):
     config, weights = load_checkpoint(checkpoint_8b)
-    widths = ("dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta", "use_scaled_rope")
+    widths = ("dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta", "rope_scaling")
     assert {f: getattr(config, f) for f in widths} == {f: getattr(preset("8b"), f) for f in widths}
     assert config.n_layers == LAYERS and set(weights.dtypes.values()) == {"bfloat16"}
     reset_peak_rss()

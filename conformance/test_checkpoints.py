@@ -21,6 +21,7 @@ from fixtures.checkpoints import synthetic_tensor, write_hf_checkpoint, write_me
 from fixtures.weights import make_tokens
 from parity import assert_parity, assert_parity_many
 from reference.convert import meta_to_jax
+from llama_spec.config import LLAMA32_ROPE_SCALING, LlamaConfig
 from llama_spec.checkpoint import (HF_INDEX, SPLIT_AXIS, CheckpointError, load_checkpoint, load_for_generation,
                                  main, split_axis)
 from tp_llama.layerwise import run_layerwise
@@ -84,10 +85,10 @@ def test_round_trip_is_bit_exact(written, tiny_config, tiny_weights, layout):
     config, weights = load_checkpoint(written[layout])
     if layout == "hf":  # HF stores the SwiGLU width itself, not Meta's rule: compare what the model uses
         derived = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "head_dim", "hidden_dim", "norm_eps",
-                   "rope_theta", "use_scaled_rope", "max_seq_len")
+                   "rope_theta", "rope_scaling", "tie_word_embeddings", "max_seq_len")
         assert {f: getattr(config, f) for f in derived} == {f: getattr(tiny_config, f) for f in derived}
-    else:
-        assert config == tiny_config
+    else:  # Meta's params.json states no context length: the loader's default stands in
+        assert config == tiny_config.replace(max_seq_len=LlamaConfig.max_seq_len)
     assert list(weights) == list(tiny_weights)
     for name, expected in tiny_weights.items():
         actual = weights[name]
@@ -296,12 +297,44 @@ def test_config_json_disagreeing_with_the_weights(written):
     assert_error(directory, "config.json", "model.layers.0.mlp.gate_proj.weight", "intermediate_size=512")
 
 
-def test_config_json_with_another_rope_scaling(written):
+def test_config_json_with_another_rope_scaling_is_read(written):
+    """Llama 3.2's factor 32 is read, not refused and not replaced by Llama 3.1's 8."""
     directory = broken(written, "hf", "rope")
     data = json.loads((directory / "config.json").read_text())
     data["rope_parameters"]["factor"] = 32.0  # Llama 3.2's
     (directory / "config.json").write_text(json.dumps(data))
-    assert_error(directory, "config.json", "factor=32.0")
+    assert load_checkpoint(directory)[0].rope_scaling == LLAMA32_ROPE_SCALING
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "yarn", "factor": 8.0}}, ("rope_type='yarn'",)),
+    ({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}},
+     ("rope_type 'llama3' without 'low_freq_factor'",)),
+    ({"rms_norm_eps": None}, ("missing field 'rms_norm_eps'", "transformers would assume 1e-06")),
+    ({"rope_parameters": {"rope_type": "default"}}, ("missing field 'rope_theta'",)),
+    ({"rope_theta": 10000.0}, ("rope_theta=10000.0 at the top level but 500000.0",)),
+    ({"hidden_act": "gelu"}, ("hidden_act='gelu'",)),
+    ({"head_dim": 32}, ("head_dim=32",)),
+])
+def test_config_json_fields_this_model_cannot_compute(written, change, fragments):
+    directory = broken(written, "hf", "bad_field")
+    edit_json(directory / "config.json", **change)
+    assert_error(directory, "config.json", *fragments)
+
+
+def test_tied_embeddings_are_read_from_the_embedding(tmp_path, tiny_config):
+    """Llama 3.2's layout: no lm_head.weight in the files, the output projection is the embedding."""
+    tied = tiny_config.replace(tie_word_embeddings=True)
+    directory = write_hf_checkpoint(tmp_path / "tied", tied, dtype="float32")
+    config, weights = load_checkpoint(directory)
+    assert config.tie_word_embeddings
+    assert np.array_equal(weights["output.weight"], weights["tok_embeddings.weight"])
+
+
+def test_tied_embeddings_beside_an_lm_head_are_refused(written):
+    directory = broken(written, "hf", "tied_with_head")
+    edit_json(directory / "config.json", tie_word_embeddings=True)
+    assert_error(directory, "lm_head.weight present", "tie_word_embeddings=true")
 
 
 # ---- bad input: the weight files ---------------------------------------------------------------------------

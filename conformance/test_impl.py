@@ -129,7 +129,7 @@ def test_unknown_intermediate_names_fail(request, tiny_config, tiny_weights):
 
 def test_planted_bug_in_an_adapter_is_caught(request, tiny_config, tiny_weights):
     """The example model without Llama 3.1's RoPE scaling: its long-prompt logits and its first q_rope fail."""
-    unscaled = _example(tiny_config, tiny_weights, tiny_config.replace(use_scaled_rope=False))
+    unscaled = _example(tiny_config, tiny_weights, tiny_config.replace(rope_scaling=None))
     with pytest.raises(AssertionError, match="component 'logits'"):
         check_logits(_probe(request), unscaled, "meta", "float32", "1x1", "long")
     with pytest.raises(AssertionError, match="first failing 'layers.0.q_rope'"):

@@ -20,7 +20,7 @@ from fixtures.weights import make_tokens, make_weights
 from reference import hf, meta, oracle
 from reference.convert import hf_to_meta, meta_to_hf
 from reference.layers import intermediate_names, layer_weights
-from llama_spec.config import preset
+from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, preset
 
 IMPLS = {"meta": meta, "hf": hf}
 REFERENCE_CLASSES = {"meta": meta.MetaReference, "hf": hf.HFReference}
@@ -262,7 +262,8 @@ def test_hf_llama3_inv_freq_equals_meta_scaled_freqs(tiny):
     assert torch.equal(rotary.inv_freq, meta_freqs), (rotary.inv_freq - meta_freqs).abs().max()
     # the float64 oracle's frequencies agree to float32 rounding (measured rel 2.6e-7, in the blended band where
     # float32 rounding compounds through the smoothing expression; 1.2e-7 elsewhere)
-    np.testing.assert_allclose(rotary.inv_freq.numpy(), oracle.rope_frequencies(hd, tiny.rope_theta, True), rtol=1e-6)
+    np.testing.assert_allclose(rotary.inv_freq.numpy(), oracle.rope_frequencies(hd, tiny.rope_theta, tiny.rope_scaling),
+                               rtol=1e-6)
     # cos/sin tables: HF's cos/sin of position * inv_freq vs Meta's torch.polar; both float32, same angles,
     # may differ by one float32 ulp (measured max abs 6.0e-8 over positions 0..20000)
     positions = torch.arange(20000)
@@ -308,7 +309,7 @@ def test_missing_rope_scaling_is_caught_past_8192(tiny, weights, tokens, compone
     a bfloat16 bound). It shows in the absolute-position intermediates q_rope/k_rope, which is why every
     comparison includes them.
     """
-    unscaled = tiny.replace(use_scaled_rope=False)
+    unscaled = tiny.replace(rope_scaling=None)
     q, k = component_inputs["q"], component_inputs["k"]
     meta_q, meta_k = meta.meta_rope(q, k, tiny, "float32", 9000)
     bug_q, bug_k = oracle.oracle_rope(q, k, unscaled, 9000)
@@ -323,6 +324,37 @@ def test_missing_rope_scaling_is_caught_past_8192(tiny, weights, tokens, compone
     with pytest.raises(AssertionError, match="q_rope"):
         assert_all_close(inter, bug, F32_REL_FAR, "hf vs unscaled oracle")
     assert rel_l2(logits, bug_logits) > F32_REL_FAR  # measured 2.1e-3
+
+
+def test_metas_scaling_patch_is_metas_own_at_llama31():
+    """reference.meta's parametrised apply_scaling is bit-identical to llama-models' shipped one at the numbers that
+    one hard-codes (8, 1, 4, 8192), for every head_dim and theta the suite uses: the patch changes only them."""
+    from llama_models.llama3.model import apply_scaling
+
+    meta.ensure_model_parallel()
+    for head_dim in (4, 16, 64, 128):
+        for theta in (10000.0, 500000.0):
+            freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+            assert torch.equal(meta._apply_scaling(freqs, LLAMA31_ROPE_SCALING), apply_scaling(freqs)), (head_dim, theta)
+
+
+def test_llama32_scaling_agrees_across_references_and_bites(tiny, component_inputs):
+    """Factor 32 (Llama 3.2 1B/3B) runs in Meta (patched), HF (rope_parameters) and the oracle alike, and Meta's
+    shipped factor 8 would be caught at position 9000."""
+    llama32 = tiny.replace(rope_scaling=LLAMA32_ROPE_SCALING)
+    q, k = component_inputs["q"], component_inputs["k"]
+    exact_q, exact_k = oracle.oracle_rope(q, k, llama32, 9000)
+    for impl in ("meta", "hf"):
+        got_q, got_k = getattr(IMPLS[impl], f"{impl}_rope")(q, k, llama32, "float32", 9000)
+        # measured rel 4.5e-5 (q) / 4.3e-5 (k), Meta and HF alike, as for factor 8
+        assert_close(got_q, exact_q, F32_REL_FAR, f"{impl} q_rope factor 32")
+        assert_close(got_k, exact_k, F32_REL_FAR, f"{impl} k_rope factor 32")
+    hd = tiny.head_dim
+    base = 1.0 / (tiny.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    hf_inv_freq = hf.modeling_llama.LlamaRotaryEmbedding(hf.hf_config(llama32)).inv_freq
+    assert torch.equal(hf_inv_freq, meta._apply_scaling(base, LLAMA32_ROPE_SCALING))  # bit for bit, as at factor 8
+    shipped_q, _ = meta.meta_rope(q, k, tiny, "float32", 9000)  # what llama-models computes unpatched
+    assert rel_l2(shipped_q, exact_q) > 0.1  # measured 0.30
 
 
 def test_missing_qk_permutation_is_caught(tiny, weights, tokens, oracle_run):

@@ -1,4 +1,4 @@
-"""Load Llama 3.1 checkpoints, Meta's original format or Hugging Face safetensors, lazily and safely.
+"""Load Llama 3 checkpoints, Meta's original format or Hugging Face safetensors, lazily and safely.
 
 Why lazy: the real 8B model (16 GB in bfloat16) does not fit beside two references on one 24 GiB host, so
 `load_checkpoint` reads only metadata and validates it; every tensor is read when asked for, memory-mapped,
@@ -32,7 +32,7 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig
+from llama_spec.config import LlamaConfig
 from llama_spec.layout import check_splittable, meta_weight_shapes, parse_mesh
 
 META, HF = "meta", "hf"
@@ -343,6 +343,16 @@ class MetaWeights(LazyWeights):
         return list(self.shards)
 
     def _read(self, name: str) -> np.ndarray:
+        merged = self._merged(name)
+        if name == "output.weight" and self.config.tie_word_embeddings:
+            embedding = self._merged("tok_embeddings.weight")
+            if not np.array_equal(merged.view(np.uint8), embedding.view(np.uint8)):
+                raise CheckpointError(f"{self.shards[0]}: tensor output.weight differs from tok_embeddings.weight, but "
+                                      f"{self.config_path.name} is Llama 3.2's shape, which ties them; not a Llama 3.2 "
+                                      "checkpoint, or a corrupt one")
+        return merged
+
+    def _merged(self, name: str) -> np.ndarray:
         parts = []
         for path in self.shards:
             state = open_pth(path)
@@ -392,6 +402,13 @@ class HFWeights(LazyWeights):
         # Meta name -> the file's name; a name of no known tensor maps to itself and is reported as unexpected
         located = {_meta_name(hf_name): path for hf_name, path in weight_map.items()}
         where = str(index_path or next(iter(weight_map.values()), directory))
+        if config.tie_word_embeddings:  # the output projection is the embedding: the files hold it once
+            if "output.weight" in located:
+                raise CheckpointError(f"{located['output.weight']}: tensor lm_head.weight present, but "
+                                      f"{config_path.name} says tie_word_embeddings=true (transformers would ignore "
+                                      "it and use the embedding); remove one or the other")
+            if "tok_embeddings.weight" in located:
+                located["output.weight"] = located["tok_embeddings.weight"]
         self._check_names(located, where)
         headers: dict[Path, dict] = {}
         for meta_name in self.shapes:
@@ -413,16 +430,19 @@ class HFWeights(LazyWeights):
         return sorted(set(self.weight_map.values()))
 
     def file_name(self, name: str) -> str:
+        if name == "output.weight" and self.config.tie_word_embeddings:
+            name = "tok_embeddings.weight"
         return _hf_name(name)
 
     def _read(self, name: str) -> np.ndarray:
         from reference.convert import hf_to_meta
 
-        hf_name = _hf_name(name)
+        hf_name = self.file_name(name)
         path = self.weight_map[hf_name]
         array = _read_safetensors(path, hf_name)
         check_finite(array, hf_name, path)
-        return hf_to_meta({hf_name: array}, self.config)[name]
+        (converted,) = hf_to_meta({hf_name: array}, self.config).values()
+        return converted
 
 
 # ---- opening a directory ------------------------------------------------------------------------------
@@ -469,26 +489,16 @@ def _meta_shards(directory: Path) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _hf_config(path: Path) -> LlamaConfig:
-    hf = _read_json(path)
-    if hf.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{path}: model_type={hf['model_type']!r}; expected 'llama'")
-    if hf.get("tie_word_embeddings"):
-        raise CheckpointError(f"{path}: tie_word_embeddings=true; Llama 3.1 has a separate output projection")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) == "llama3":
-        for key, value in LLAMA31_ROPE_SCALING.items():
-            if key in rope and float(rope[key]) != value:
-                raise CheckpointError(f"{path}: rope scaling {key}={rope[key]}; Llama 3.1 uses {value} (only that "
-                                      "scaling is implemented)")
+def read_config(path: str | Path) -> LlamaConfig:
+    """The config of a params.json (Meta) or config.json (HF, either style) file, as the loader reads it; every
+    problem is a one-line CheckpointError naming the file and the field."""
+    path = Path(path)
     try:
-        config = LlamaConfig.from_hf(hf, source=str(path))
-    except ValueError as err:
+        if path.name == PARAMS_JSON:
+            return LlamaConfig.from_params_json(path)
+        return LlamaConfig.from_hf(_read_json(path), source=str(path))
+    except (ValueError, FileNotFoundError) as err:
         raise CheckpointError(str(err)) from None
-    if "head_dim" in hf and hf["head_dim"] != config.head_dim:
-        raise CheckpointError(f"{path}: head_dim={hf['head_dim']} but hidden_size/num_attention_heads = "
-                              f"{config.head_dim}")
-    return config
 
 
 def _hf_weight_map(directory: Path) -> tuple[dict[str, Path], Path | None]:
@@ -518,13 +528,10 @@ def load_checkpoint(directory: str | Path) -> tuple[LlamaConfig, LazyWeights]:
     fmt = detect_format(directory)
     if fmt == META:
         config_path = directory / PARAMS_JSON
-        try:
-            config = LlamaConfig.from_params_json(config_path)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
+        config = read_config(config_path)
         return config, MetaWeights(directory, config, config_path, _meta_shards(directory))
     config_path = directory / HF_CONFIG
-    config = _hf_config(config_path)
+    config = read_config(config_path)
     weight_map, index = _hf_weight_map(directory)
     return config, HFWeights(directory, config, config_path, weight_map, index)
 
@@ -564,6 +571,14 @@ def load_for_generation(directory: str | Path):
 # ---- CLI ----------------------------------------------------------------------------------------------
 
 
+def _scaling_text(config: LlamaConfig) -> str:
+    scaling = config.rope_scaling
+    if scaling is None:
+        return "none"
+    return (f"llama3(factor={scaling.factor}, low_freq_factor={scaling.low_freq_factor}, high_freq_factor="
+            f"{scaling.high_freq_factor}, original_max_position_embeddings={scaling.original_max_position_embeddings})")
+
+
 def summary(directory: Path, config: LlamaConfig, weights: LazyWeights) -> list[str]:
     files = weights.files()
     dtypes = sorted(set(weights.dtypes.values()))
@@ -574,7 +589,8 @@ def summary(directory: Path, config: LlamaConfig, weights: LazyWeights) -> list[
         + ", ".join(p.name for p in files[:4]) + (" ..." if len(files) > 4 else ""),
         f"config: dim={config.dim} n_layers={config.n_layers} n_heads={config.n_heads} "
         f"n_kv_heads={config.n_kv_heads} head_dim={config.head_dim} hidden_dim={config.hidden_dim} "
-        f"vocab_size={config.vocab_size} rope_theta={config.rope_theta} use_scaled_rope={config.use_scaled_rope}",
+        f"vocab_size={config.vocab_size} norm_eps={config.norm_eps} rope_theta={config.rope_theta} "
+        f"rope_scaling={_scaling_text(config)} tie_word_embeddings={config.tie_word_embeddings}",
         f"tensors: {len(weights)}, {params / 1e6:.1f} M parameters, {weights.nbytes / 2 ** 20:.1f} MiB, "
         f"dtype {'/'.join(dtypes)}",
     ]

@@ -271,6 +271,30 @@ def record_failure(request: Any, *, component: str, error: str, reference: str |
     return record
 
 
+def assert_config_agrees(request: Any, check: Any) -> dict[str, Any]:
+    """Record one config cross-check (reference.config_check.CrossCheck: the suite's config against what one
+    reference library read from a checkpoint's file) as a parity record of component 'config', so the JSON and
+    the report show it beside the numerical ones; fail naming every disagreeing field.
+
+    The record's name is the file, its reference the library's reference; metrics count the fields compared and
+    those that disagree; the disagreements (field, both values, who read which) are its error, so a disagreement
+    fails in the report as in the test. No bound: any disagreement fails."""
+    __tracebackhide__ = True
+    nodeid, _, properties = _context(request)
+    read = check.read
+    message = check.message()
+    record = {"test": nodeid, "component": "config", "name": f"{read.file.parent.name}/{read.file.name}",
+              "layer": None, "reference": read.reference, "dtype": "config", "mesh": None,
+              "metrics": {"config_fields": float(len(check.compared)),
+                          "config_disagreements": float(len(check.disagreements))},
+              "bounds": {}, "passed": not check.disagreements, "failed_metrics": [], "worst_index": [], "worst": None,
+              "error": None if not check.disagreements else message}
+    properties.append((RECORD_KEY, record))
+    if check.disagreements:
+        raise AssertionError(message)
+    return record
+
+
 def _summary_line(record: Mapping[str, Any]) -> str:
     """One line per failing name for assert_parity_many."""
     where = f" (layer {record['layer']})" if record.get("layer") is not None else ""

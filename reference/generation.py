@@ -63,13 +63,12 @@ def _check_teacher(teacher, prompts) -> None:
 @contextlib.contextmanager
 def _meta_rope_from(reference: MetaReference, start_pos: int):
     """Meta's model with cache slot s at RoPE position start_pos + s (its own table, sliced); restored on exit."""
-    from llama_models.llama3.model import precompute_freqs_cis
+    from reference.meta import freqs_cis
 
     model, config = reference.model, reference.config
     original = model.freqs_cis
     if start_pos:
-        model.freqs_cis = precompute_freqs_cis(config.head_dim, start_pos + 2 * reference.max_seq_len,
-                                               config.rope_theta, config.use_scaled_rope)[start_pos:]
+        model.freqs_cis = freqs_cis(config, start_pos + 2 * reference.max_seq_len)[start_pos:]
     try:
         yield
     finally:

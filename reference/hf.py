@@ -1,7 +1,8 @@
 """Hugging Face transformers' LlamaForCausalLM as an oracle (eager attention, PyTorch).
 
 The model is built from `transformers.LlamaConfig(**config.to_hf())` (rope_parameters with rope_type 'llama3'
-when the config scales RoPE; HF's llama3 inv_freq equals Meta's apply_scaling(freqs) bit for bit in float32)
+and the config's four scaling parameters when it scales RoPE; HF's llama3 inv_freq equals Meta's
+apply_scaling(freqs) bit for bit in float32; tie_word_embeddings as the config says)
 and loaded with `reference.convert.meta_to_hf(weights)`, whose wq/wk row permutation turns Meta's interleaved
 RoPE pairs into HF's rotate-half layout. Inputs and outputs are NumPy in Meta's conventions: q and k after
 RoPE (captured, or from `hf_rope`) are converted back to the interleaved layout, so they compare directly
@@ -23,6 +24,7 @@ and no cache: the tokens attend only to each other, at shifted positions (compar
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -77,18 +79,40 @@ def _build(cls, hc: transformers.LlamaConfig, td: torch.dtype, *args):
 
 
 class HFReference:
-    """HF LlamaForCausalLM at `dtype`, loaded with Meta-layout weights converted by `meta_to_hf`."""
+    """HF LlamaForCausalLM at `dtype`, loaded with Meta-layout weights converted by `meta_to_hf` (or, by
+    `from_checkpoint`, from a checkpoint directory by transformers itself)."""
 
     def __init__(self, config: LlamaConfig, weights: Mapping[str, np.ndarray], dtype: str):
+        if config.tie_word_embeddings and not np.array_equal(weights["output.weight"],
+                                                             weights["tok_embeddings.weight"]):
+            raise ValueError("tie_word_embeddings=true but output.weight differs from tok_embeddings.weight: HF ties "
+                             "them, so one would be silently dropped; pass weights whose output is the embedding")
         self.config = config
         self.dtype = str(dtype)
         self.torch_dtype = torch_dtype(dtype)
         self.hf_config = hf_config(config)
         model = transformers.LlamaForCausalLM._from_config(self.hf_config, dtype=self.torch_dtype)
         self.model = load_module(model, meta_to_hf(weights, config), self.torch_dtype, cast=False)
+        self._check_inv_freq()
+
+    def _check_inv_freq(self) -> None:
         inv_freq = self.model.model.rotary_emb.inv_freq
         if inv_freq.dtype != torch.float32:
             raise RuntimeError(f"HF rotary inv_freq is {inv_freq.dtype}; expected float32 as from_pretrained keeps it")
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, dtype: str) -> "HFReference":
+        """An HF checkpoint directory loaded by transformers alone: `LlamaForCausalLM.from_pretrained(directory,
+        dtype=..., attn_implementation='eager')` reads config.json (either style), the safetensors (and index)
+        and ties lm_head to the embedding when the config says so. `config` is None: the suite's parser is not
+        consulted (`reference.config_check` compares the two readings)."""
+        self = cls.__new__(cls)
+        self.config, self.dtype, self.torch_dtype = None, str(dtype), torch_dtype(dtype)
+        self.model = transformers.LlamaForCausalLM.from_pretrained(Path(directory), dtype=self.torch_dtype,
+                                                                   attn_implementation="eager").eval()
+        self.hf_config = self.model.config
+        self._check_inv_freq()
+        return self
 
     def forward(self, tokens, start_pos: int = 0, capture: bool = False):
         """Logits (B, S, V) float32 of a fresh forward (no cache) at position_ids start_pos + arange(S), plus the
@@ -103,7 +127,7 @@ class HFReference:
                 return to_numpy(self.model(**kwargs).logits)
         with self._capture() as store, torch.inference_mode():
             logits = to_numpy(self.model(**kwargs).logits)
-        return logits, captured(store, self.config.n_layers, "HF")
+        return logits, captured(store, self.hf_config.num_hidden_layers, "HF")
 
     __call__ = forward
 

@@ -1,11 +1,17 @@
 """Meta's official Llama 3 model (pip package llama-models, `llama_models.llama3.model`) as an oracle.
 
-Everything here runs Meta's own modules and functions, unmodified, at the requested dtype ('float32' or
-'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises in
+Everything here runs Meta's own modules and functions, unmodified (one exception, below), at the requested dtype
+('float32' or 'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises in
 float32 then casts back before the weight multiply; RoPE rotates in float32 complex64 with float32 phases;
 attention scores are formed at the run dtype and the softmax runs in float32; logits are `.float()`-ed).
 Inputs and outputs are NumPy; outputs are float32 arrays that hold exactly the values computed at the run
 dtype (bfloat16 values are exactly representable in float32).
+
+RoPE scaling: llama-models 0.3.0's `apply_scaling` hard-codes Llama 3.1's parameters (factor 8, low 1, high 4,
+original context 8192), and Llama 3.2 1B/3B need factor 32 (meta-llama/llama-models#241). For Llama 3.1's
+parameters, or none, Meta's function runs as shipped; for any other, `meta_rope_scaling` swaps in
+`_apply_scaling`, the same torch operations in the same order with the config's numbers, while Meta's code
+builds its RoPE table (test_references checks it is bit-identical to Meta's own at Llama 3.1's numbers).
 
 Meta's modules are fairscale model-parallel layers; they need `torch.distributed` and fairscale's model
 parallel groups. `ensure_model_parallel()` sets both up once per process (gloo on loopback, world size 1,
@@ -24,11 +30,13 @@ Positions and the KV cache:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
+import functools
 import io
+import json
 import socket
 import threading
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -36,7 +44,7 @@ import torch
 
 from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
-from llama_spec.config import LlamaConfig
+from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig, RopeScaling
 
 _INIT_LOCK = threading.Lock()
 
@@ -87,14 +95,46 @@ def _meta():
     return model
 
 
+# The fields of Meta's params.json that llama-models' ModelArgs reads.
+MODEL_ARGS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                     "norm_eps", "rope_theta", "use_scaled_rope")
+
+
 def model_args(config: LlamaConfig, max_batch_size: int, max_seq_len: int):
     """Meta ModelArgs from our config (every params.json field ModelArgs knows) plus the cache sizes."""
     from llama_models.llama3.args import ModelArgs
 
-    known = {f.name for f in dataclasses.fields(ModelArgs)}
-    params = {k: v for k, v in config.to_params().items() if k in known}
-    params.update(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-    return ModelArgs(**params)
+    params = {name: getattr(config, name) for name in MODEL_ARGS_FIELDS}
+    return ModelArgs(**params, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+
+def _apply_scaling(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """llama_models.llama3.model.apply_scaling with `scaling`'s numbers in place of its hard-coded 8, 1, 4, 8192."""
+    scale_factor, low_freq_factor = scaling.factor, scaling.low_freq_factor
+    high_freq_factor, old_context_len = scaling.high_freq_factor, scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * torch.pi / freqs
+    new_freqs = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, freqs)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    return torch.where((wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen),
+                       (1 - smooth) * new_freqs / scale_factor + smooth * new_freqs, new_freqs)
+
+
+@contextlib.contextmanager
+def meta_rope_scaling(config: LlamaConfig):
+    """While the block runs, Meta's precompute_freqs_cis scales by `config.rope_scaling`: as shipped for Llama
+    3.1's parameters or none, through `_apply_scaling` for any other (restored on exit)."""
+    m = _meta()
+    if config.rope_scaling is None or config.rope_scaling == LLAMA31_ROPE_SCALING:
+        yield
+        return
+    shipped = m.apply_scaling
+    m.apply_scaling = functools.partial(_apply_scaling, scaling=config.rope_scaling)
+    try:
+        yield
+    finally:
+        m.apply_scaling = shipped
 
 
 def meta_causal_mask(seqlen: int, start_pos: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -107,16 +147,31 @@ def meta_causal_mask(seqlen: int, start_pos: int, like: torch.Tensor) -> torch.T
     return torch.hstack([torch.zeros((seqlen, start_pos), device=like.device), mask]).type_as(like)
 
 
-def _freqs_cis(config: LlamaConfig, end: int) -> torch.Tensor:
+def freqs_cis(config: LlamaConfig, end: int) -> torch.Tensor:
+    """Meta's precompute_freqs_cis for positions 0 .. end-1 with the config's RoPE scaling."""
     m = _meta()
-    return m.precompute_freqs_cis(config.head_dim, end, config.rope_theta, config.use_scaled_rope)
+    with meta_rope_scaling(config):
+        return m.precompute_freqs_cis(config.head_dim, end, config.rope_theta, config.use_scaled_rope)
+
+
+@contextlib.contextmanager
+def _llama_models_defaults():
+    """llama-models' loader sets torch's default tensor type to bfloat16 and prints the shards it reads: keep the
+    process's default dtype and the test output as they were."""
+    previous = torch.get_default_dtype()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # ---- the full model ---------------------------------------------------------------------------
 
 
 class MetaReference:
-    """Meta's `Transformer` at `dtype`, loaded with Meta-layout weights.
+    """Meta's `Transformer` at `dtype`, loaded with Meta-layout weights (or, by `from_checkpoint`, from a
+    checkpoint directory by llama-models itself; `config` is then None: the suite's parser is not consulted).
 
     `max_seq_len` sizes Meta's KV cache (max_batch_size x max_seq_len x n_kv_heads x head_dim per layer, for
     keys and for values) and its RoPE table (2 x max_seq_len positions); None means `config.max_seq_len`.
@@ -130,8 +185,40 @@ class MetaReference:
         self.torch_dtype = torch_dtype(dtype)
         self.max_batch_size = max_batch_size
         self.max_seq_len = config.max_seq_len if max_seq_len is None else max_seq_len
-        self.model = load_module(m.Transformer(model_args(config, max_batch_size, self.max_seq_len)),
-                                 weights, self.torch_dtype)
+        with meta_rope_scaling(config):
+            transformer = m.Transformer(model_args(config, max_batch_size, self.max_seq_len))
+        self.model = load_module(transformer, weights, self.torch_dtype)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, dtype: str, max_batch_size: int = 4,
+                        max_seq_len: int = 2048) -> "MetaReference":
+        """A Meta checkpoint directory loaded as llama-models' `Llama3.build` loads it, at model-parallel size 1:
+        `ModelArgs(max_seq_len=..., max_batch_size=..., **params.json)`, its `maybe_reshard_state_dict` over the
+        consolidated.NN.pth (merging model-parallel shards), `Transformer(args)`, `load_state_dict(strict=True)`;
+        then cast to `dtype`. RoPE scaling is whatever llama-models applies (factor 8 whenever use_scaled_rope).
+        `reference.config_check` compares that reading with the suite's."""
+        from llama_models.checkpoint import maybe_reshard_state_dict
+        from llama_models.llama3.args import ModelArgs
+
+        m, directory = _meta(), Path(directory)
+        params_path = directory / "params.json"
+        try:
+            params = json.loads(params_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{params_path}: unreadable ({err}); a Meta checkpoint needs params.json") from None
+        shards = sorted(directory.glob("*.pth"))
+        if not shards:
+            raise ValueError(f"{directory}: no *.pth file; a Meta checkpoint holds consolidated.NN.pth")
+        args = ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+        self = cls.__new__(cls)
+        self.config, self.dtype, self.torch_dtype = None, str(dtype), torch_dtype(dtype)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        with _llama_models_defaults():
+            state = maybe_reshard_state_dict(shards, n_kv_heads=args.n_kv_heads)
+        model = m.Transformer(args)
+        model.load_state_dict(state, strict=True)
+        self.model = model.to(self.torch_dtype).eval()
+        return self
 
     def forward(self, tokens, start_pos: int = 0, capture: bool = False):
         """Meta's `Transformer.forward(tokens, start_pos)`; logits (B, S, V) float32, plus the named
@@ -148,7 +235,7 @@ class MetaReference:
             return to_numpy(self.model.forward(tokens_t, start_pos))
         with self._capture() as store:
             logits = to_numpy(self.model.forward(tokens_t, start_pos))
-        return logits, captured(store, self.config.n_layers, "Meta")
+        return logits, captured(store, len(self.model.layers), "Meta")
 
     __call__ = forward
 
@@ -184,10 +271,10 @@ def meta_rms_norm(x, weight, eps: float, dtype: str) -> np.ndarray:
 
 def meta_rope(q, k, config: LlamaConfig, dtype: str, start_pos: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Meta's apply_rotary_emb on q (B,S,H,hd) and k (B,S,KV,hd) (interleaved layout) at positions
-    start_pos .. start_pos+S-1, with precompute_freqs_cis(use_scaled=config.use_scaled_rope)."""
+    start_pos .. start_pos+S-1, with the table of `freqs_cis(config)`."""
     m, td = _meta(), torch_dtype(dtype)
     seqlen = np.shape(q)[1]
-    freqs = _freqs_cis(config, start_pos + seqlen)[start_pos:start_pos + seqlen]
+    freqs = freqs_cis(config, start_pos + seqlen)[start_pos:start_pos + seqlen]
     with torch.inference_mode():
         q_out, k_out = m.apply_rotary_emb(to_torch(q, td), to_torch(k, td), freqs_cis=freqs)
     return to_numpy(q_out), to_numpy(k_out)
@@ -197,7 +284,7 @@ def _run_chunks(module, x_chunks: Sequence, config: LlamaConfig, td: torch.dtype
     """Feed chunks one after another through a Meta Attention or TransformerBlock: chunk c goes to cache slot
     `offset` (tokens before it), RoPE position start_pos + offset, with Transformer.forward's mask."""
     total = sum(np.shape(x)[1] for x in x_chunks)
-    freqs = _freqs_cis(config, start_pos + total)
+    freqs = freqs_cis(config, start_pos + total)
     outputs, offset = [], 0
     with torch.inference_mode():
         for x in x_chunks:

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy Llama 3.1 forward: exact math to compare every implementation against.
+"""An independent float64 NumPy Llama 3 forward: exact math to compare every implementation against.
 
 No torch, no jax; written from the model's definition, not from either reference's code. Weights are the
 Meta layout (Linear weights (out, in), interleaved RoPE pairs (2i, 2i+1)); everything is computed in float64
@@ -21,12 +21,6 @@ import numpy as np
 
 from reference.layers import intermediate_names, layer_weights
 
-# Llama 3.1 RoPE frequency scaling (fixed by the model; Meta hard-codes the same numbers).
-ROPE_SCALE_FACTOR = 8.0
-ROPE_LOW_FREQ_FACTOR = 1.0
-ROPE_HIGH_FREQ_FACTOR = 4.0
-ROPE_ORIGINAL_CONTEXT = 8192
-
 
 def _f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
@@ -40,25 +34,28 @@ def rms_norm(x, weight, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * _f64(weight)
 
 
-def rope_frequencies(head_dim: int, theta: float, use_scaled: bool) -> np.ndarray:
-    """Angular frequency of each rotated pair, (head_dim/2,), with the Llama 3.1 scaling when `use_scaled`:
-    wavelengths shorter than original/high_factor are kept, longer than original/low_factor are slowed by
-    `factor`, and in between the frequency blends linearly (in original/wavelength) between the two."""
+def rope_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
+    """Angular frequency of each rotated pair, (head_dim/2,), with Llama 3's scaling when `scaling` (a
+    llama_spec.config.RopeScaling) is given: wavelengths shorter than original/high_freq_factor are kept, longer
+    than original/low_freq_factor are slowed by `factor`, and in between the frequency blends linearly (in
+    original/wavelength) between the two."""
     freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if not use_scaled:
+    if scaling is None:
         return freqs
+    original = scaling.original_max_position_embeddings
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
     wavelen = 2 * math.pi / freqs
-    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
-    blended = (1 - smooth) * freqs / ROPE_SCALE_FACTOR + smooth * freqs
-    short = wavelen < ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
-    long = wavelen > ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
-    return np.where(short, freqs, np.where(long, freqs / ROPE_SCALE_FACTOR, blended))
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    short = wavelen < original / high
+    long = wavelen > original / low
+    return np.where(short, freqs, np.where(long, freqs / factor, blended))
 
 
 def apply_rope(x, positions, config) -> np.ndarray:
     """Rotate pairs (2i, 2i+1) of x (B, S, heads, head_dim) by angle position * freq_i."""
     x = _f64(x)
-    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.use_scaled_rope)
+    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     angles = _f64(positions)[:, None] * freqs[None, :]           # (S, hd/2)
     cos, sin = np.cos(angles)[None, :, None, :], np.sin(angles)[None, :, None, :]
     even, odd = x[..., 0::2], x[..., 1::2]

@@ -31,7 +31,7 @@ def _layer(params, layer: int):
 
 def _rope_tables(model: TPLlama, positions):
     c = model.config
-    return layers.rope_angles(positions, layers.rope_frequencies(c.head_dim, c.rope_theta, c.use_scaled_rope))
+    return layers.rope_angles(positions, layers.rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
 
 
 def _positions(batch: int, seq: int, start_pos: int):

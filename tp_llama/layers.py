@@ -11,18 +11,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from llama_spec.config import LLAMA31_ROPE_SCALING
+from llama_spec.config import RopeScaling
 
 F32 = jnp.float32
 # Masked scores take the smallest float32 instead of -inf so that a fully masked row (a padding query)
 # gives a finite uniform distribution, not NaN that would leak through 0 * NaN into real rows.
 MASK_VALUE = float(jnp.finfo(F32).min)
-
-# Llama 3.1 RoPE frequency scaling (Meta's apply_scaling).
-ROPE_SCALE_FACTOR = LLAMA31_ROPE_SCALING["factor"]
-ROPE_LOW_FREQ_FACTOR = LLAMA31_ROPE_SCALING["low_freq_factor"]
-ROPE_HIGH_FREQ_FACTOR = LLAMA31_ROPE_SCALING["high_freq_factor"]
-ROPE_ORIGINAL_CONTEXT = LLAMA31_ROPE_SCALING["original_max_position_embeddings"]
 
 
 def matmul_f32(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -41,21 +35,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return normed.astype(x.dtype) * weight.astype(x.dtype)
 
 
-def scale_rope_frequencies(freqs: jax.Array) -> jax.Array:
-    """Llama 3.1 scaling: long wavelengths slowed by 8, a smooth ramp between 2048 and 8192 tokens."""
-    low_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
-    high_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+def scale_rope_frequencies(freqs: jax.Array, scaling: RopeScaling) -> jax.Array:
+    """Llama 3 scaling (Meta's apply_scaling with the config's parameters instead of its hard-coded 8/1/4/8192):
+    wavelengths above original/low slowed by `factor`, a smooth ramp down to original/high."""
+    original = scaling.original_max_position_embeddings
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    low_freq_wavelen, high_freq_wavelen = original / low, original / high
     wavelen = 2 * math.pi / freqs
-    new_freqs = jnp.where(wavelen > low_freq_wavelen, freqs / ROPE_SCALE_FACTOR, freqs)
-    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    new_freqs = jnp.where(wavelen > low_freq_wavelen, freqs / factor, freqs)
+    smooth = (original / wavelen - low) / (high - low)
     in_ramp = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return jnp.where(in_ramp, (1 - smooth) * new_freqs / ROPE_SCALE_FACTOR + smooth * new_freqs, new_freqs)
+    return jnp.where(in_ramp, (1 - smooth) * new_freqs / factor + smooth * new_freqs, new_freqs)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaled: bool) -> jax.Array:
-    """Inverse frequencies (head_dim/2,), always float32."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies (head_dim/2,), always float32; scaled when the config has RoPE scaling."""
     freqs = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
-    return scale_rope_frequencies(freqs) if scaled else freqs
+    return freqs if scaling is None else scale_rope_frequencies(freqs, scaling)
 
 
 def rope_angles(positions: jax.Array, freqs: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -162,7 +162,7 @@ class Transformer(nn.Module):
         config = self.dims.config
         h = VocabParallelEmbed(self.dims, name="tok_embeddings")(tokens, self.dtype)
         tap(self, "embedding", h)
-        freqs = layers.rope_frequencies(config.head_dim, config.rope_theta, config.use_scaled_rope)
+        freqs = layers.rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         cos, sin = layers.rope_angles(positions, freqs)
         mask = layers.causal_mask(q_slots, kv_valid)
         new_cache = []

@@ -53,11 +53,13 @@ def from_meta(config, weights: Mapping[str, np.ndarray], dtype) -> dict:
 
 
 def inverse_frequencies(config) -> jax.Array:
-    """(head_dim/2,) float32, with Llama 3.1's long-context scaling when the config asks for it."""
+    """(head_dim/2,) float32, with Llama 3's long-context scaling when the config has one (its rope_scaling)."""
     hd = config.head_dim
     inv = 1.0 / config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
-    if config.use_scaled_rope:
-        factor, low, high, original = 8.0, 1.0, 4.0, 8192.0
+    scaling = config.rope_scaling
+    if scaling is not None:
+        factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+        original = scaling.original_max_position_embeddings
         wavelength = 2 * math.pi / inv
         ramp = np.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
         inv = (1 - ramp) * inv / factor + ramp * inv
