@@ -402,7 +402,7 @@ class Expectation:
         """2 all-reduces of dim elements in the activation dtype per layer (none without a model axis)."""
         if self.model_parallel == 1:
             return 0.0
-        return 2 * self.n_layers * self.dim * _ELEMENT_BYTES[_NUMPY_NAMES.get(self.dtype, self.dtype)]
+        return float(2 * self.n_layers * self.dim * _ELEMENT_BYTES[_NUMPY_NAMES.get(self.dtype, self.dtype)])
 
     def text(self) -> str:
         if self.model_parallel == 1:
