@@ -30,6 +30,7 @@ BROKEN = "examples.broken"
 
 def check_communication(request, adapter, config, dtype, mesh, batch=BATCH, seq=SEQ):
     """The Megatron claim on the adapter's own compiled forward; not checked without the capability."""
+    __tracebackhide__ = True
     reason = protocol.missing(adapter, "compiled_forward")
     if reason:
         record_not_checked(request, component="communication", names=["compiled_forward"], reason=reason,

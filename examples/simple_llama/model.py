@@ -74,8 +74,9 @@ class Layout:
         return max(1, self.model_parallel // config.n_kv_heads)
 
     def param_shardings(self, params) -> dict:
-        return {name: (jax.tree.map(lambda _, n=name: self.sharding(self.rules[n]), value) if name != "layers"
-                       else {k: self.sharding(self.rules[k]) for k in value}) for name, value in params.items()}
+        """The NamedSharding of every weight, in the shape of the parameter dict."""
+        return {name: ({k: self.sharding(self.rules[k]) for k in value} if name == "layers"
+                       else self.sharding(self.rules[name])) for name, value in params.items()}
 
 
 # ---- weights ---------------------------------------------------------------------------------
