@@ -52,6 +52,7 @@ _INSTRUCTION = re.compile(r"^\s+(ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$")
 
 @dataclasses.dataclass
 class Instruction:
+    """One line of HLO text: `[ROOT] %name = shape opcode(operands), attributes`."""
     name: str
     shape: str
     opcode: str
@@ -72,6 +73,7 @@ class Instruction:
 
 @dataclasses.dataclass
 class Module:
+    """The computations of an HLO module by name, its ENTRY, and num_partitions from the module line."""
     computations: dict[str, dict[str, Instruction]]
     entry: str
     partitions: int | None
@@ -177,7 +179,6 @@ class Collective:
     """One collective instruction of the program."""
     kind: str
     instruction: str
-    computation: str
     operands: tuple[tuple[str, tuple[int, ...]], ...]   # (dtype, dims) of each summed / moved tensor
     result: str                                          # the HLO result shape
     bytes: int                                           # per execution, on one device (see the module doc)
@@ -236,8 +237,8 @@ def _trip_count(module: Module, loop: Instruction) -> int | None:
     condition = module.computations.get(loop.attribute("condition") or "", {})
     called = [module.computations.get(i.attribute("calls") or "", {}) for i in condition.values()]
     body = [i for comp in (condition, *called) for i in comp.values()]
-    constants = [int(i.arguments) for i in body
-                 if i.opcode == "constant" and re.fullmatch(r"[su]\d+\[\]", i.shape) and re.fullmatch(r"-?\d+", i.arguments)]
+    constants = [int(i.arguments) for i in body if i.opcode == "constant"
+                 and re.fullmatch(r"[su]\d+\[\]", i.shape) and re.fullmatch(r"-?\d+", i.arguments)]
     compares = [i for i in body if i.opcode == "compare" and "direction=LT" in i.attributes]
     if len(constants) != 1 or not compares:
         return None
@@ -350,7 +351,7 @@ def _collective(module, computation, instruction, kind, executions, loops, known
         if instruction.operands else ("", "")
     layer_match = _LAYER.search(instruction.op_name) or _LAYER.search(feeder_op_name)
     result = re.sub(r"\{[\d,]*\}", "", instruction.shape)  # without layouts
-    return Collective(kind=kind, instruction=instruction.name, computation=computation, operands=tuple(operands),
+    return Collective(kind=kind, instruction=instruction.name, operands=tuple(operands),
                       result=result,
                       bytes=moved, executions=executions, loop=" in ".join(reversed(loops)) or None,
                       trip_count_known=known, group_size=size,
