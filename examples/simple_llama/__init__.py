@@ -1,4 +1,5 @@
-"""An unsharded pure-jax.numpy Llama 3.1 and its adapter: the suite's adapter protocol, end to end.
+"""A tensor-parallel pure-jax.numpy Llama 3.1 (XLA's partitioner, lax.scan, HF RoPE layout) and its adapter, with
+every capability of the suite's adapter protocol.
 
-    pytest conformance/test_impl.py --impl examples.simple_llama.adapter:SimpleLlamaAdapter
+    pytest --impl examples.simple_llama.adapter:SimpleLlamaAdapter
 """
