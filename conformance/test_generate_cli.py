@@ -16,6 +16,9 @@ import pytest
 
 from tp_llama.generate import main
 
+# The built-in model's own command line: not checked under another --impl.
+pytestmark = pytest.mark.usefixtures("builtin_only")
+
 PROMPT = "The capital of France is"
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m tp_llama.generate"
