@@ -23,6 +23,15 @@ class SimpleLlamaAdapter:
     def build(cls, config, weights, mesh, dtype):
         return cls(config, model.from_meta(config, weights, dtype), dtype)
 
+    @classmethod
+    def build_from_checkpoint(cls, path, mesh, dtype, format):
+        """A checkpoint directory (format 'meta' or 'hf', either config.json style) through the suite's loader,
+        llama_spec.checkpoint, which detects the format itself and hands over Meta-layout weights."""
+        from llama_spec.checkpoint import load_checkpoint
+
+        config, weights = load_checkpoint(path)
+        return cls.build(config, weights, mesh, dtype)
+
     def forward(self, tokens, start_pos=0, capture=False):
         logits, _, named = self._run(self.params, jnp.asarray(tokens, jnp.int32), start_pos)
         return (logits, named) if capture else logits
