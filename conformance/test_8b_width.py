@@ -25,7 +25,7 @@ from llama_spec.checkpoint import load_checkpoint
 from llama_spec.config import preset
 from tp_llama.layerwise import peak_rss_bytes, reset_peak_rss, run_layerwise
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("builtin_only")]  # tp_llama/layerwise.py is the built-in's
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2

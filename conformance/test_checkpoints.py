@@ -1,6 +1,8 @@
-"""Checkpoint loading: both real formats round-trip, Meta shards merge along fairscale's axes, every bad input
-stops with one line naming the file and the field, and the layer-by-layer runner agrees with the references
-on whatever `model_weights` holds (the synthetic tiny set, or --checkpoint-dir).
+"""Checkpoint loading: both real formats round-trip (the --impl implementation gives the same logits from
+either), Meta shards merge along fairscale's axes, every bad input stops with one line naming the file and the
+field, and the built-in model's layer-by-layer runner (tp_llama/layerwise.py; not checked under another --impl)
+agrees with the references on whatever `model_weights` holds (the synthetic tiny set, or --checkpoint-dir).
+The implementation's own checkpoint loader is test_checkpoint_handoff.py's.
 
 Checkpoints here are written by fixtures/checkpoints.py with the same libraries (torch.save, safetensors) and
 layouts as Meta's and Hugging Face's; bad ones are made by breaking a good one in one place.
@@ -19,13 +21,13 @@ import torch
 
 from fixtures.checkpoints import synthetic_tensor, write_hf_checkpoint, write_meta_checkpoint, write_tokenizer
 from fixtures.weights import make_tokens
+from adapters import protocol
 from parity import assert_parity, assert_parity_many
-from reference.convert import meta_to_jax
 from llama_spec.config import LLAMA32_ROPE_SCALING, LlamaConfig
 from llama_spec.checkpoint import (HF_INDEX, SPLIT_AXIS, CheckpointError, load_checkpoint, load_for_generation,
                                  main, split_axis)
+from llama_spec.layout import make_mesh
 from tp_llama.layerwise import run_layerwise
-from tp_llama.model import TPLlama, to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 # Far past Llama 3.1's original 8192-token context, so every RoPE frequency, scaled or not, has turned.
@@ -149,20 +151,22 @@ def test_split_axes_match_metas_parallel_layers(tiny_config, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def round_trip_logits(written, tiny_config):
+def round_trip_logits(request, written, tiny_config):
+    """The --impl implementation built (in memory) from what the suite's loader read back from a checkpoint."""
+    factory = protocol.load(request.config.getoption("impl") or protocol.BUILTIN)
     tokens = make_tokens(tiny_config, batch=2, seq_len=24, seed=11)
 
     def run(layout, mesh, dtype):
         config, weights = load_checkpoint(written[layout])
-        model = TPLlama.on_mesh(config, mesh, dtype)
-        return config, weights, to_numpy(model.forward(model.place(meta_to_jax(weights)), tokens)), tokens
+        adapter = protocol.build(factory, config, weights, make_mesh(mesh), dtype, max_batch_size=2, max_seq_len=24)
+        return config, weights, protocol.host(adapter.forward(tokens)), tokens
 
     return run
 
 
 def test_meta_to_hf_round_trip_gives_the_same_logits(request, round_trip_logits, reference, dtype, mesh):
-    """Meta (2 shards) -> HF -> loaded: the JAX model's logits are identical to the Meta checkpoint's, and both
-    agree with the reference run on the loaded weights."""
+    """Meta (2 shards) -> HF -> loaded: the implementation's logits are identical to the Meta checkpoint's, and
+    both agree with the reference run on the loaded weights."""
     from reference.hf import HFReference
     from reference.meta import MetaReference
 
@@ -457,13 +461,22 @@ def test_tokenizer_of_another_vocab(written):
     assert_error(directory, "tokenizer.model", "768 ids", "vocab_size=512", call=load_for_generation)
 
 
-@pytest.mark.parametrize("changes, field", [({"n_heads": 6, "dim": 96}, "n_heads=6"),
-                                            ({"vocab_size": 514}, "vocab_size=514")])
+UNSPLITTABLE = pytest.mark.parametrize("changes, field", [({"n_heads": 6, "dim": 96}, "n_heads=6"),
+                                                         ({"vocab_size": 514}, "vocab_size=514")])
+
+
+@UNSPLITTABLE
 def test_checkpoint_the_mesh_cannot_split(tmp_path, tiny_config, changes, field):
     config = tiny_config.replace(**changes)
     directory = write_meta_checkpoint(tmp_path / "odd", config, seed=0, dtype="bfloat16")
     load_checkpoint(directory)[1].check_mesh(2)  # a model axis of 2 splits it
     assert_error(directory, "params.json", field, "model axis of 4", call=lambda d: load_checkpoint(d)[1].check_mesh(4))
+
+
+@UNSPLITTABLE
+def test_layerwise_refuses_a_checkpoint_the_mesh_cannot_split(builtin_only, tmp_path, tiny_config, changes, field):
+    config = tiny_config.replace(**changes)
+    directory = write_meta_checkpoint(tmp_path / "odd", config, seed=0, dtype="bfloat16")
     assert_error(directory, "params.json", field, "model axis of 4",
                  call=lambda d: run_layerwise(config, load_checkpoint(d)[1], "1x4", "float32",
                                               make_tokens(config, 1, 4)))
@@ -551,9 +564,9 @@ def check_layerwise(request, run, references, dtype, mesh) -> None:
         raise AssertionError("\n".join(problems))
 
 
-def test_layerwise_conformance(request, model_weights, reference, dtype, mesh):
-    """The JAX model part by part (only that part's weights on the mesh) against a reference, on the synthetic
-    tiny weights or on --checkpoint-dir at any size."""
+def test_layerwise_conformance(request, builtin_only, model_weights, reference, dtype, mesh):
+    """The built-in JAX model part by part (only that part's weights on the mesh) against a reference, on the
+    synthetic tiny weights or on --checkpoint-dir at any size (tp_llama/layerwise.py: the built-in's own code)."""
     if reference == "oracle":
         pytest.skip("layer by layer compares against meta and hf; the oracle is consulted for noise_ratio")
     config, weights = model_weights

@@ -16,7 +16,7 @@ import pytest
 
 from tp_llama.generate import main
 
-# Tests of the built-in model's own code: under another --impl they are not checked.
+# The built-in model's own command line: not checked under another --impl.
 pytestmark = pytest.mark.usefixtures("builtin_only")
 
 PROMPT = "The capital of France is"

@@ -1,7 +1,8 @@
-"""Generation parity: greedy decoding by the model under test against Meta's and HF's own decoding loops.
+"""Generation parity: greedy decoding by the implementation under test against Meta's and HF's own decoding loops.
 
-Four engines decode the same prompts from the same weights: the JAX model on each --mesh (1x1 is the seed's
-single chip, 1x4 its multi chip), HF `generate(do_sample=False)` and Meta's model over its own KV cache
+Four engines decode the same prompts from the same weights: the --impl implementation on each --mesh (1x1 is
+the seed's single chip, 1x4 its multi chip), driven through its Decode capability by the suite's one decoding
+loop (adapters/decoding.py), HF `generate(do_sample=False)` and Meta's model over its own KV cache
 (reference/generation.py). Each pair gets one parity record per case, holding two checks:
 
 - teacher-forced: one side is fed the other's tokens, so both give logits after the same history at every
@@ -15,7 +16,9 @@ Both checks exercise the decode path (one prefill, then one token per step over 
 forward, so a decode-only bug (cache slot, decode mask) fails here while prefill-only tests pass. The record's
 metrics add `first_divergence` (earliest step any prompt's streams part, -1 for none) and `diverged_prompts`;
 its `generation` field (record.schema.json) holds each prompt's two token streams, its first divergence and
-both sides' top-k there, for the HTML report.
+both sides' top-k there, for the HTML report. An implementation without a decode path, or whose step takes no
+`pad` (prompts of different lengths) or no `offset` (a first position past 0), is not checked on the cases that
+need it, with the reason.
 
 Weights: the canonical tiny weights. Measured over 8 prompts x 48 greedy steps (Meta float32): top-1 minus
 top-2 logit gap quantiles 1% 0.010, 5% 0.067, 10% 0.10, median 0.60; mean top-1 probability 0.26; 39 of 48
@@ -35,11 +38,14 @@ import functools
 import numpy as np
 import pytest
 
+from adapters import decoding, protocol
 from fixtures.weights import make_tokens, make_weights
-from parity import metrics as pm
-from reference.generation import hf_generate, meta_generate, meta_stop_tokens
 from llama_spec.config import preset
-from tp_llama.generate import greedy_generate
+from llama_spec.generation import Generation
+from llama_spec.layout import make_mesh, parse_mesh
+from parity import metrics as pm
+from parity.check import record_not_checked
+from reference.generation import hf_generate, meta_generate, meta_stop_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +83,12 @@ case_names = pytest.mark.parametrize(
 class Engines:
     """Every engine's generation of every case, computed on first use and kept for the module.
 
-    An engine is "meta", "hf" or a mesh ("1x4": the model under test on it). With a teacher (a Generation),
-    the engine is fed the teacher's tokens; when its own tokens are the teacher's, that is its free run.
+    An engine is "meta", "hf" or a mesh ("1x4": the implementation under test on it). With a teacher (a
+    Generation), the engine is fed the teacher's tokens; when its own tokens are the teacher's, that is its free run.
     """
 
-    def __init__(self, tp_model, tiny_weights):
-        self.tp_model = tp_model
+    def __init__(self, impl, factory, tiny_weights):
+        self.impl, self.factory = impl, factory
         self.tiny_weights = tiny_weights
         self.runs: dict = {}
 
@@ -108,6 +114,19 @@ class Engines:
     def prompts(self, case: Case) -> list[list[int]]:
         return self._once(("prompts", case), lambda: _encode(case))
 
+    def label(self, engine: str) -> str:
+        return engine if engine in ("meta", "hf") else f"{protocol.name_of(self.factory)} {engine}"
+
+    def adapter(self, case: Case, mesh: str, dtype: str):
+        """The implementation under test on `mesh`: the session's build, or for the text case one built through
+        the same factory with the Llama 3 vocabulary."""
+        if not case.texts:
+            return self.impl(mesh, dtype)
+        prompts = self.prompts(case)
+        return self._once(("text model", mesh, dtype), lambda: protocol.build(
+            self.factory, self.text_config, self.weights(case), make_mesh(mesh), dtype, max_batch_size=len(prompts),
+            max_seq_len=case.start_pos + max(map(len, prompts)) + case.new_tokens))
+
     def generate(self, engine: str, case: Case, dtype: str, teacher=None):
         free = self._once((engine, case, dtype, None), lambda: self._run(engine, case, dtype, None))
         if teacher is None or teacher.tokens == free.tokens:
@@ -129,20 +148,8 @@ class Engines:
         if engine == "hf":
             hf = self._once(("hf model", config, dtype), lambda: HFReference(config, self.weights(case), dtype))
             return hf_generate(hf, prompts, case.new_tokens, **options)
-        model, params = self._model(case, engine, dtype)
-        return greedy_generate(model, params, prompts, case.new_tokens, stop_tokens=meta_stop_tokens(), **options)
-
-    def _model(self, case: Case, mesh: str, dtype: str):
-        if not case.texts:
-            return self.tp_model(mesh, dtype)
-
-        def build():
-            from reference.convert import meta_to_jax
-            from tp_llama.model import TPLlama
-
-            model = TPLlama.on_mesh(self.text_config, mesh, dtype)
-            return model, model.place(meta_to_jax(self.weights(case)))
-        return self._once(("text model", mesh, dtype), build)
+        return decoding.greedy(self.adapter(case, engine, dtype), prompts, case.new_tokens,
+                               stop_tokens=meta_stop_tokens(), **options)
 
 
 def _encode(case: Case) -> list[list[int]]:
@@ -158,13 +165,10 @@ def _encode(case: Case) -> list[list[int]]:
     return meta_ids
 
 
-def _label(engine: str) -> str:
-    return engine if engine in ("meta", "hf") else f"tp_llama {engine}"
-
-
 @pytest.fixture(scope="module")
-def engines(tp_model, tiny_weights):
-    return Engines(tp_model, tiny_weights)
+def engines(request, impl, tiny_weights):
+    factory = protocol.load(request.config.getoption("impl") or protocol.BUILTIN)
+    return Engines(impl, factory, tiny_weights)
 
 
 # ---- the two checks -------------------------------------------------------------------------------------------
@@ -197,6 +201,10 @@ def assert_generation_parity(request, engines: Engines, case_name: str, *, actua
 
     case = CASES[case_name]
     prompts = engines.prompts(case)
+    name = f"{case_name}: teacher-forced logits, free-running tokens"
+    for engine in {actual, expected} - {"meta", "hf"}:
+        _skip_unless_decodable(request, engines, case_name, engine, dtype=dtype, reference=reference, mesh=mesh,
+                               name=name)
     want = engines.generate(expected, case, dtype)
     free = engines.generate(actual, case, dtype)
     forced = engines.generate(actual, case, dtype, teacher=want)
@@ -224,18 +232,33 @@ def assert_generation_parity(request, engines: Engines, case_name: str, *, actua
     if parted:
         metrics["logprob_gap"] = max(p[6] for p in parted)
         metrics["divergence_in_topk"] = float(all(max(p[4], p[5]) < k for p in parted))
-    extra = {"generation": {"case": case_name, "start_pos": case.start_pos, "actual_engine": _label(actual),
-                            "expected_engine": _label(expected), "rows": rows}}
+    extra = {"generation": {"case": case_name, "start_pos": case.start_pos, "actual_engine": engines.label(actual),
+                            "expected_engine": engines.label(expected), "rows": rows}}
     try:
-        assert_parity(request, component="generation", name=f"{case_name}: teacher-forced logits, free-running "
-                      f"tokens", actual=np.stack(forced_a), expected=np.stack(forced_b), reference=reference,
-                      dtype=dtype, mesh=mesh, logits=True, extra_metrics=metrics, extra=extra)
+        assert_parity(request, component="generation", name=name, actual=np.stack(forced_a),
+                      expected=np.stack(forced_b), reference=reference, dtype=dtype, mesh=mesh, logits=True,
+                      extra_metrics=metrics, extra=extra)
     except AssertionError as failure:
-        a_name, b_name = _label(actual), _label(expected)
+        a_name, b_name = engines.label(actual), engines.label(expected)
         details = [f"prompt {i} ({len(prompts[i])} tokens): streams part at step {step}: {a_name} chose {a} (rank "
                    f"{rank_a} for {b_name}), {b_name} chose {b} (rank {rank_b} for {a_name}), log-prob gap {gap:.3g}"
                    for i, step, a, b, rank_a, rank_b, gap in parted]
         raise AssertionError("\n  ".join([str(failure), *details])) from None
+
+
+def _skip_unless_decodable(request, engines: Engines, case_name: str, mesh_engine: str, *, dtype: str,
+                           reference: str, mesh: str | None, name: str) -> None:
+    """Skip when the case's batch does not split over the mesh's data axis; end not checked (recorded) when the
+    implementation cannot decode the case (no decode path, or a step without the `pad` / `offset` it needs)."""
+    case = CASES[case_name]
+    prompts = engines.prompts(case)
+    if len(prompts) % parse_mesh(mesh_engine)[0]:
+        pytest.skip(f"{len(prompts)} prompts do not split over the data axis of {mesh_engine}")
+    reason = decoding.unsupported(engines.adapter(case, mesh_engine, dtype), prompts, case.start_pos)
+    if reason:
+        record_not_checked(request, component="generation", names=[name], reason=reason, reference=reference,
+                           dtype=dtype, mesh=mesh)
+        pytest.skip(reason)
 
 
 def _decoder(case: Case):
@@ -251,7 +274,7 @@ def _decoder(case: Case):
 
 @case_names
 def test_model_generates_like_reference(request, engines, case_name, reference, dtype, mesh):
-    """The model under test on `mesh` against Meta's or HF's own decoding loop."""
+    """The implementation under test on `mesh` against Meta's or HF's own decoding loop."""
     if reference == "oracle":
         pytest.skip("the float64 oracle has no decoding loop; generation parity runs against meta and hf")
     assert_generation_parity(request, engines, case_name, actual=mesh, expected=reference, dtype=dtype,
@@ -274,3 +297,42 @@ def test_references_generate_alike(request, engines, case_name, dtype):
         pytest.skip("needs both --reference meta and --reference hf")
     assert_generation_parity(request, engines, case_name, actual="hf", expected="meta", dtype=dtype,
                              reference="meta", mesh=None)
+
+
+def test_stop_tokens_end_each_row_and_then_the_run(request, impl, tiny_config):
+    """A row ends at its first stop token, kept; the other rows decode on; the run ends when every row has ended.
+    The tiny vocabulary holds no Llama 3 stop id, so the stops are tokens of the free run itself."""
+    adapter = impl("1x1", "float32")
+    prompts = [make_tokens(tiny_config, 1, 9, seed=seed)[0].tolist() for seed in (5, 6)]
+    reason = decoding.unsupported(adapter, prompts)
+    if reason:
+        record_not_checked(request, component="generation", names=["stop tokens"], reason=reason, reference=None,
+                           dtype="float32", mesh="1x1")
+        pytest.skip(reason)
+    free = decoding.greedy(adapter, prompts, 12)
+    for stops in ({free.tokens[0][3]}, {free.tokens[0][3], free.tokens[1][5]}):
+        stopped = decoding.greedy(adapter, prompts, 12, stop_tokens=stops)
+        expected = [next((row[:i + 1] for i, t in enumerate(row) if t in stops), row) for row in free.tokens]
+        assert stopped.tokens == expected, f"stop tokens {sorted(stops)}: rows {stopped.tokens}, expected {expected}"
+        assert len(stopped.step_logits) == max(map(len, expected)), \
+            f"stop tokens {sorted(stops)}: {len(stopped.step_logits)} steps run after every row had ended"
+
+
+@pytest.mark.parametrize("case_name", ["batch", "past_8192"])
+def test_builtin_greedy_generate_is_the_suites_decoding_loop(builtin_only, tp_model, engines, case_name):
+    """tp_llama.generate.greedy_generate (the CLI's own loop) gives the tokens and logits of the suite's loop
+    over the built-in adapter bit for bit, free and teacher-forced, so generation parity covers it too."""
+    from tp_llama.generate import greedy_generate
+
+    case, model_and_params = CASES[case_name], tp_model("1x4", "float32")
+    prompts = engines.prompts(case)
+    free = engines.generate("1x4", case, "float32")
+    teacher = [[(t + 1) % preset("tiny").vocab_size for t in row[:case.new_tokens // 2]] for row in free.tokens]
+    for fed in (None, teacher):
+        ours = greedy_generate(*model_and_params, prompts, case.new_tokens, stop_tokens=meta_stop_tokens(),
+                               teacher=fed, start_pos=case.start_pos)
+        suites = free if fed is None else engines.generate("1x4", case, "float32", teacher=Generation(fed, []))
+        what = f"{case_name}, {'teacher-forced' if fed else 'free'}, 1x4 float32"
+        assert ours.tokens == suites.tokens, f"{what}: greedy_generate chose {ours.tokens}, the suite's loop " \
+                                             f"{suites.tokens}"
+        np.testing.assert_array_equal(np.stack(ours.step_logits), np.stack(suites.step_logits), err_msg=what)

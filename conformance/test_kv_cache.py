@@ -1,51 +1,78 @@
-"""Prefill plus decode steps over the sharded KV cache give the logits of one full forward."""
+"""The implementation's KV cache (its Decode capability, adapters/protocol.py) against its own cache-free path.
+
+- A prefill plus one-token decode steps give the logits of one full forward of the same tokens, from position 0
+  and from a position whose decode steps cross 8192 (`step(..., offset=)` against `forward(start_pos=)`).
+- Prompts of different lengths left-padded into one batch (`step(..., pad=)`) decode, through the suite's
+  decoding loop (adapters/decoding.py), as each does alone: same tokens, same logits.
+
+A step that takes no `offset` or `pad` is not checked on the cases that need it, with the reason.
+"""
 import numpy as np
 import pytest
 
-from parity import assert_parity
-
+from adapters import decoding, protocol
 from fixtures.weights import make_tokens
-from tp_llama.generate import greedy_generate
-from tp_llama.model import to_numpy
+from llama_spec.config import preset
+from parity import assert_parity
+from parity.check import record_not_checked
+
+# Prefill slots 0..15 at positions 8176..8191, then decode steps at 8192..8199: past Llama 3.1's original context.
+PAST_8192 = 8192 - 16
 
 
-def _prefill_then_decode(model, params, tokens, prefill_len):
-    """Logits for every position of `tokens`, computed by a prefill of prefill_len then one-token steps."""
-    batch, total = tokens.shape
-    slots = np.arange(total)
-    positions = np.broadcast_to(slots, (batch, total))
-    cache = model.init_cache(batch, total)
-    logits, cache = model.step(params, tokens[:, :prefill_len], positions[:, :prefill_len], cache, 0,
-                               np.broadcast_to(slots < prefill_len, (batch, total)))
-    out = [to_numpy(logits)]
+TOKENS = make_tokens(preset("tiny"), 2, 24, seed=3)
+
+
+def check_kv_cache(request, adapter, dtype, mesh, start_pos=0, prefill_len=16):
+    """Logits of every position of TOKENS from a prefill of prefill_len then one-token steps, against one forward
+    of them at positions start_pos.."""
+    __tracebackhide__ = True
+    tokens, total = TOKENS, TOKENS.shape[1]
+    full = protocol.host(adapter.forward(tokens, start_pos=start_pos))
+    keywords = {"offset": start_pos} if start_pos else {}
+    cache = adapter.init_cache(2, total)
+    logits, cache = adapter.step(tokens[:, :prefill_len], 0, cache, **keywords)
+    stepped = [protocol.host(logits)]
     for slot in range(prefill_len, total):
-        logits, cache = model.step(params, tokens[:, slot:slot + 1], positions[:, slot:slot + 1], cache, slot,
-                                   np.broadcast_to(slots <= slot, (batch, total)))
-        out.append(to_numpy(logits))
-    return np.concatenate(out, axis=1)
-
-
-def check_kv_cache(request, model, params, dtype, mesh):
-    tokens = make_tokens(model.config, 2, 24, seed=3)
-    full = to_numpy(model.forward(params, tokens))
-    stepped = _prefill_then_decode(model, params, tokens, prefill_len=16)
-    assert_parity(request, component="kv_cache", name="logits", actual=stepped, expected=full, reference="self",
+        logits, cache = adapter.step(tokens[:, slot:slot + 1], slot, cache, **keywords)
+        stepped.append(protocol.host(logits))
+    assert_parity(request, component="kv_cache", name=f"logits, prefill {prefill_len} then steps from position "
+                  f"{start_pos}", actual=np.concatenate(stepped, axis=1), expected=full, reference="self",
                   dtype=dtype, mesh=mesh, logits=True)
 
 
+def _not_checked(request, reason, name, dtype, mesh):
+    record_not_checked(request, component="kv_cache", names=[name], reason=reason, reference="self", dtype=dtype,
+                       mesh=mesh)
+    pytest.skip(reason)
+
+
+@pytest.mark.parametrize("start_pos", [0, PAST_8192], ids=["from_0", "past_8192"])
 @pytest.mark.parametrize("run_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mesh_text", ["1x1", "1x4", "2x4"])
-def test_prefill_plus_decode_equals_full_forward(request, tp_model, mesh_text, run_dtype):
-    check_kv_cache(request, *tp_model(mesh_text, run_dtype), run_dtype, mesh_text)
+def test_prefill_plus_decode_equals_full_forward(request, impl, mesh_text, run_dtype, start_pos):
+    adapter = impl(mesh_text, run_dtype)
+    reason = decoding.unsupported(adapter, TOKENS.tolist(), start_pos)
+    if reason:
+        _not_checked(request, reason, f"logits from position {start_pos}", run_dtype, mesh_text)
+    check_kv_cache(request, adapter, run_dtype, mesh_text, start_pos)
 
 
-def test_batched_prompts_of_different_lengths_match_one_at_a_time(tp_model, tiny_config):
-    """Left padding and its mask leave each row's greedy tokens as if it ran alone."""
-    model, params = tp_model("1x4", "float32")
+@pytest.mark.parametrize("start_pos", [0, PAST_8192], ids=["from_0", "past_8192"])
+def test_batched_prompts_of_different_lengths_match_one_at_a_time(request, impl, tiny_config, start_pos):
+    """Left padding and its mask leave each row's greedy tokens and logits as if it ran alone."""
+    mesh, dtype = "1x4", "float32"
+    adapter = impl(mesh, dtype)
     prompts = [make_tokens(tiny_config, 1, n, seed=n)[0].tolist() for n in (9, 3, 14)]
-    together = greedy_generate(model, params, prompts, max_new_tokens=6)
-    for prompt, tokens, row in zip(prompts, together.tokens, range(3)):
-        alone = greedy_generate(model, params, [prompt], max_new_tokens=6)
-        assert tokens == alone.tokens[0], f"prompt {row} (length {len(prompt)}) decodes differently in a batch"
-        np.testing.assert_allclose(np.stack([s[row] for s in together.step_logits]),
-                                   np.stack([s[0] for s in alone.step_logits]), rtol=0, atol=2e-5)
+    reason = decoding.unsupported(adapter, prompts, start_pos)
+    if reason:
+        _not_checked(request, reason, f"batched prompts from position {start_pos}", dtype, mesh)
+    together = decoding.greedy(adapter, prompts, 6, start_pos=start_pos)
+    for row, (prompt, tokens) in enumerate(zip(prompts, together.tokens)):
+        alone = decoding.greedy(adapter, [prompt], 6, start_pos=start_pos)
+        what = f"prompt {row} ({len(prompt)} tokens) from position {start_pos}"
+        assert tokens == alone.tokens[0], f"{what} decodes differently in a batch: {tokens} vs {alone.tokens[0]}"
+        assert_parity(request, component="kv_cache", name=f"{what}, batched against alone",
+                      actual=np.stack([s[row] for s in together.step_logits]),
+                      expected=np.stack([s[0] for s in alone.step_logits]), reference="self", dtype=dtype,
+                      mesh=mesh, logits=True)

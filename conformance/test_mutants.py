@@ -54,9 +54,9 @@ def test_planted_bug_is_killed(request, tp_model, name):
 
 def test_decode_only_bug_is_killed_by_the_cache_check(request, tp_model):
     model, params = tp_model("1x4", "float32")
+    fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, "float32"), params)
     with mutants.planted("decode_cache_slot"), pytest.raises(AssertionError, match="component 'kv_cache'"):
-        check_kv_cache(scratch_request(request.config), TPLlama(model.config, model.mesh, "float32"), params,
-                       "float32", "1x4")
+        check_kv_cache(scratch_request(request.config), fresh, "float32", "1x4")
 
 
 def test_unplanted_checks_pass(request, tp_model):

@@ -50,6 +50,15 @@ class SimpleLlamaAdapter:
         tokens = jnp.asarray(tokens, jnp.int32)
         return tokens, _positions(tokens.shape, start_pos), jnp.zeros(tokens.shape[0], jnp.int32)
 
+    @classmethod
+    def build_from_checkpoint(cls, path, mesh, dtype, format):
+        """A checkpoint directory (format 'meta' or 'hf', either config.json style) through the suite's loader,
+        llama_spec.checkpoint, which detects the format itself and hands over Meta-layout weights."""
+        from llama_spec.checkpoint import load_checkpoint
+
+        config, weights = load_checkpoint(path)
+        return cls.build(config, weights, mesh, dtype)
+
     def forward(self, tokens, start_pos=0, capture=False):
         args = self._fresh(tokens, start_pos)
         if not capture:
