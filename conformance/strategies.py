@@ -27,7 +27,7 @@ from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, LlamaC
 from llama_spec.layout import parse_mesh
 
 MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_BATCH, MAX_SEQ = 128, 16, 2, 512, 4, 16
-ROPE_ORIGINAL_CONTEXT = LLAMA31_ROPE_SCALING["original_max_position_embeddings"]
+ROPE_ORIGINAL_CONTEXT = LLAMA31_ROPE_SCALING.original_max_position_embeddings
 # What a drawn case can ask of an implementation's build: batches() gives one row per shard of an 8-way data
 # axis; start_positions() reach twice the original context, plus a sequence (and a chunked-prefill probe token).
 MAX_ROWS, MAX_POSITION = 8, 2 * ROPE_ORIGINAL_CONTEXT + MAX_SEQ + 1

@@ -8,8 +8,8 @@ The suite writes the canonical tiny weights in float32, once per session, as
 - `hf_rope_scaling`: the same weights, config.json in the hub's style (top-level `rope_theta`, a `rope_scaling`
   dict), which loaders that know only the other style read as unscaled RoPE;
 and checks the logits and every captured intermediate against Meta's and HF's models on the same weights, with
-the checks and bounds of the in-memory hand-off (conformance/test_impl.py: check_impl_logits,
-check_impl_intermediates). A factory without `build_from_checkpoint` is not checked, with the reason.
+the checks and bounds of the in-memory hand-off (conformance/test_logits.py: check_logits,
+check_intermediates). A factory without `build_from_checkpoint` is not checked, with the reason.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import Callable
 import pytest
 
 from adapters import protocol
-from conformance.test_impl import CASES, EXAMPLE, check_impl_intermediates, check_impl_logits
+from conformance.test_impl import EXAMPLE
+from conformance.test_logits import CASES, check_intermediates, check_logits
 from fixtures.checkpoints import write_hf_checkpoint, write_meta_checkpoint
 from llama_spec.layout import make_mesh, parse_mesh
 from parity.check import record_not_checked
@@ -48,7 +49,7 @@ FORMS = {
 }
 MAX_BATCH_SIZE = max(batch for batch, _ in CASES.values())
 MAX_SEQ_LEN = max(seq for _, seq in CASES.values())
-CHECKS = {"logits": check_impl_logits, "intermediate": check_impl_intermediates}
+CHECKS = {"logits": check_logits, "intermediate": check_intermediates}
 
 
 @pytest.fixture(scope="session")
