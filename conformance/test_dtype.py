@@ -90,3 +90,15 @@ def test_float32_arithmetic_behind_bfloat16_outputs_fails(request, weights):
 
     with pytest.raises(AssertionError, match=r"component 'dtype'.*\n.*\n  noise_floor_ratio = "):
         check_dtype(_probe(request), _Float32Inside(support.weights(weights), cast_outputs=True), "bfloat16", "1x1")
+
+
+def test_the_broken_float32_adapter_fails(request, tiny_weights):
+    """examples/broken's Float32ComputeAdapter (float32 inside, bf16-rounded outputs) fails this check."""
+    from adapters import protocol
+    from conformance.test_impl import _probe
+    from llama_spec.layout import make_mesh
+
+    factory = protocol.load("examples.broken.float32_compute:Float32ComputeAdapter")
+    broken = protocol.build(factory, support.CONFIG, tiny_weights, make_mesh("1x1"), "bfloat16")
+    with pytest.raises(AssertionError, match=r"component 'dtype'.*asked for bfloat16.*\(float32\)"):
+        check_dtype(_probe(request), broken, "bfloat16", "1x1")
