@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conformance.inner_suite import INNER_CONFTEST
-from fixtures.tolerances import SLACK, slack_limit
+from fixtures.tolerances import SLACK, bounds_for, slack_limit
 from parity import baseline as pb
 from parity.plugin import json_safe
 
@@ -116,6 +116,43 @@ def test_a_profile_change_is_noted():
     assert result.passed and "tolerance profile 'strict'" in result.notes[0]
 
 
+def loose(factor=10.0, **kw):
+    """rec() judged by a bound `factor` times looser than rec()'s rel_l2 bound of 1e-5."""
+    record = rec(**kw)
+    record["bounds"] = {"rel_l2": 1e-5 * factor, "topk": 5}
+    return record
+
+
+def test_a_bound_loosened_10x_fails_naming_case_metric_and_both_bounds():
+    result = gate(doc(rec(), rec(name="two")), doc(loose(), loose(name="two")))
+    (regression,) = result.regressions  # one per component, dtype, metric and pair of bounds
+    assert regression.kind == "loosened" and regression.label.startswith("t.py::test_a [out] reference=meta")
+    assert regression.detail == ("bound rel_l2 loosened from 1e-05 to 0.0001 (component mlp, dtype float32 and 1 "
+                                 "more cases); if intended, rewrite the baseline in the same change "
+                                 "(--parity-update-baseline)")
+    assert gate(doc(loose()), doc(loose())).passed  # the baseline updated in the same change
+    assert gate(doc(rec()), doc(loose(0.1))).passed  # tightened: fine
+    params = rec()
+    params["bounds"] = {"rel_l2": 1e-5, "topk": 50}
+    assert gate(doc(rec()), doc(params)).passed  # params are not bounds
+
+
+def test_a_removed_or_lower_bound_loosened_fails():
+    removed = rec()
+    removed["bounds"] = {}
+    (regression,) = gate(doc(rec()), doc(removed)).regressions
+    assert regression.detail.startswith("bound rel_l2 removed (was 1e-05)")
+    old, new = rec(), rec()
+    old["bounds"], new["bounds"] = {"pcc": 0.9999}, {"pcc": 0.999}
+    (regression,) = gate(doc(old), doc(new)).regressions
+    assert regression.detail.startswith("bound pcc loosened from 0.9999 to 0.999")
+
+
+def test_bounds_are_not_compared_across_profiles():
+    result = gate(doc(rec(), profile="strict"), doc(loose(), profile="default"))
+    assert result.passed and result.notes[0].endswith("bounds not compared")
+
+
 def test_summary_names_every_regressed_case():
     result = gate(doc(rec(), rec(name="two")), doc(rec(rel_l2=1.0), rec(name="two", passed=False)))
     lines = pb.summary_lines(result)
@@ -148,7 +185,7 @@ def test_bad_baseline_files_say_which_file_and_how_to_make_one(tmp_path):
         pb.load_baseline(broken)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"records": []}))
-    with pytest.raises(pb.BaselineError, match="format None, expected 'tp_llama-parity-baseline/1'"):
+    with pytest.raises(pb.BaselineError, match=f"format None, expected '{pb.FORMAT}'"):
         pb.load_baseline(other)
     other.write_text(json.dumps({"format": pb.FORMAT, "cases": []}))
     with pytest.raises(pb.BaselineError, match="no list 'passed_tests'"):
@@ -255,3 +292,38 @@ def test_option_mistakes_fail_before_any_test_runs(pytester, monkeypatch):
     result.stderr.fnmatch_lines(["*--parity-baseline missing.json: no such file; write one with: pytest "
                                  "--parity-baseline missing.json --parity-update-baseline*"])
     assert " passed" not in result.stdout.str()  # refused at start-up, nothing ran
+
+
+LOOSEN = """
+import os
+
+from fixtures import tolerances
+
+if os.environ.get("INNER_LOOSEN"):  # a reviewer's one changed number: the mlp float32 rel_l2 bound, loosened
+    for profile in tolerances.PROFILES:
+        tolerances.TABLE[("mlp", "float32")][profile]["rel_l2"] *= float(os.environ["INNER_LOOSEN"])
+"""
+
+
+def test_a_loosened_bound_fails_the_gate_in_a_real_run(pytester, monkeypatch):
+    """Every test passes under the 10x looser bound; the gate names the case and both bounds until the baseline
+    is rewritten with the loosened table."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    pytester.makeconftest(INNER_CONFTEST + LOOSEN)
+    pytester.makepyfile(test_inner=INNER_TESTS)
+    base = pytester.path / "base.json"
+    bound = bounds_for("mlp", "float32", "default", reference="hf", mesh="1x1")["rel_l2"]
+    assert pytester.runpytest_subprocess("-p", "no:xdist", "--parity-update-baseline",
+                                         f"--parity-baseline={base}").ret == pytest.ExitCode.OK
+    monkeypatch.setenv("INNER_LOOSEN", "10")
+    result = pytester.runpytest_subprocess("-n", "2", f"--parity-baseline={base}")
+    result.assert_outcomes(passed=5)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        f"baseline {base}: FAIL (1 regressions; 5 cases compared*",
+        "  REGRESSED test_inner.py::test_mlp [[]mlp] reference=hf dtype=float32 mesh=1x1: bound rel_l2 loosened "
+        f"from {bound:.4g} to {bound * 10:.4g} (component mlp, dtype float32); if intended, rewrite the baseline in "
+        "the same change (--parity-update-baseline)"])
+    assert pytester.runpytest_subprocess("-p", "no:xdist", "--parity-update-baseline",
+                                         f"--parity-baseline={base}").ret == pytest.ExitCode.OK
+    assert pytester.runpytest_subprocess("-n", "2", f"--parity-baseline={base}").ret == pytest.ExitCode.OK

@@ -4,7 +4,11 @@ A case is one parity record, keyed by (test node id, name or else component, lay
 a test that records the same key twice gets occurrence 2, 3, ... in call order. A run regresses when
 - a case that passed in the baseline fails now (crossing a table bound always counts), or
 - a metric that fixtures.tolerances.SLACK lists worsens past `slack_limit(metric, baseline value)`, or
+- a bound is looser than (or gone from) the one the baseline recorded for the same case: a loosened bound in
+  fixtures/tolerances.py fails the gate until the baseline is rewritten in the same change, so review sees both
+  numbers; one regression per (component, dtype, metric, old bound, new bound), naming its first case; or
 - a test that passed in the baseline fails or errors now without any failing case to name (e.g. a setup error).
+Bounds are compared only when the run and the baseline use the same tolerance profile.
 Cases in only one of the two runs are counted, never judged: a narrower selection (`--mesh 2x4`) or a new test
 must not fail the gate, and `--parity-update-baseline` takes new cases in.
 """
@@ -16,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from fixtures.tolerances import SLACK, UPPER, direction, slack_limit
+from fixtures.tolerances import LOWER, SLACK, UPPER, direction, slack_limit
 
-FORMAT = "tp_llama-parity-baseline/1"
+FORMAT = "tp_llama-parity-baseline/2"  # /2: every case records its bounds; a /1 file cannot see a loosened bound
 KEY_FIELDS = ("test", "name", "layer", "reference", "dtype", "mesh", "occurrence")
 _BAD_TEST_OUTCOMES = ("failed", "error")
 
@@ -31,7 +35,7 @@ class BaselineError(ValueError):
 class Regression:
     """One regressed case (or test): `label` names it, `detail` says what got worse and by how much."""
 
-    kind: str  # "failed" (passed before, fails now), "worsened" (a metric past its slack), "test"
+    kind: str  # "failed" (passed before, fails now), "worsened" (a metric past its slack), "loosened" (a bound), "test"
     label: str
     detail: str
 
@@ -82,14 +86,15 @@ def _number(value: Any) -> float:
 
 
 def make_baseline(document: Mapping[str, Any]) -> dict[str, Any]:
-    """The baseline file's content for one run's --parity-json document: every case's verdict and gated metrics,
-    and the tests that passed (only a passing test can regress by failing)."""
+    """The baseline file's content for one run's --parity-json document: every case's verdict, gated metrics and
+    bounds, and the tests that passed (only a passing test can regress by failing)."""
     cases = []
     for key, record in keyed(document["records"]).items():
         case = dict(zip(KEY_FIELDS, key))
         case["component"] = record["component"]
         case["passed"] = bool(record["passed"])
         case["metrics"] = {m: v for m, v in record["metrics"].items() if m in SLACK}
+        case["bounds"] = _directed(record.get("bounds", {}))
         cases.append(case)
     environment = document.get("environment", {})
     return {
@@ -127,7 +132,7 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     if missing:
         raise BaselineError(f"--parity-baseline {path}: no list {' or '.join(map(repr, missing))}; {fix}")
     for number, case in enumerate(content["cases"]):
-        missing = [k for k in (*KEY_FIELDS, "passed", "metrics") if k not in case]
+        missing = [k for k in (*KEY_FIELDS, "passed", "metrics", "bounds") if k not in case]
         if missing:
             raise BaselineError(f"--parity-baseline {path}: case {number} lacks {', '.join(missing)}; {fix}")
     return content
@@ -151,6 +156,40 @@ def _worsened(metric: str, old: float, new: float) -> str | None:
     return f"{metric} = {new:.4g} {sign} limit {limit:.4g} (baseline {old:.4g}, slack {allowed})"
 
 
+def _directed(bounds: Mapping[str, Any]) -> dict[str, Any]:
+    """The bounds that bound something (not params such as topk)."""
+    return {m: b for m, b in bounds.items() if direction(m) in (UPPER, LOWER)}
+
+
+def _loosened(old: Mapping[str, Any], record: Mapping[str, Any]) -> list[tuple[str, float, float | None]]:
+    """(metric, baseline bound, bound now; None when removed) for every bound looser now than in the baseline.
+
+    A removed bound counts when the case still computes the metric: nothing judges it any more."""
+    found = []
+    new_bounds = _directed(record.get("bounds", {}))
+    for metric, was in _directed(old.get("bounds", {})).items():
+        was = _number(was)
+        if metric not in new_bounds:
+            if metric in record["metrics"]:
+                found.append((metric, was, None))
+            continue
+        now = _number(new_bounds[metric])
+        if (now > was) if direction(metric) == UPPER else (now < was):
+            found.append((metric, was, now))
+    return found
+
+
+def _loosened_regressions(groups: Mapping[tuple, list[str]]) -> list[Regression]:
+    out = []
+    for (component, dtype, metric, was, now), labels in groups.items():
+        change = f"removed (was {was:.4g})" if now is None else f"loosened from {was:.4g} to {now:.4g}"
+        more = f" and {len(labels) - 1} more cases" if len(labels) > 1 else ""
+        out.append(Regression("loosened", labels[0],
+                              f"bound {metric} {change} (component {component}, dtype {dtype}{more}); if intended, "
+                              f"rewrite the baseline in the same change (--parity-update-baseline)"))
+    return out
+
+
 def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str = "baseline") -> GateResult:
     """Judge one run (a --parity-json document) against a loaded baseline."""
     result = GateResult(path=str(path))
@@ -158,7 +197,10 @@ def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str 
     new_cases = keyed(document["records"])
     result.new = len(new_cases.keys() - old_cases.keys())
     result.missing = len(old_cases.keys() - new_cases.keys())
+    run_profile = document.get("environment", {}).get("tolerance_profile")
+    same_profile = baseline.get("tolerance_profile") in (None, run_profile)
     named_tests = set()
+    loosened: dict[tuple, list[str]] = {}
     for key in sorted(new_cases.keys() & old_cases.keys(), key=repr):
         old, record = old_cases[key], new_cases[key]
         result.compared += 1
@@ -166,6 +208,9 @@ def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str 
         result.regressions += found
         if found:
             named_tests.add(key[0])
+        for metric, was, now in (_loosened(old, record) if same_profile else []):
+            loosened.setdefault((record["component"], record["dtype"], metric, was, now), []).append(case_label(key))
+    result.regressions += _loosened_regressions(loosened)
     passed_before = set(baseline["passed_tests"])
     for test in document.get("tests", []):
         nodeid = test["nodeid"]
@@ -173,10 +218,9 @@ def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str 
             first_line = (test.get("message") or "no message").splitlines()[0]
             result.regressions.append(Regression("test", nodeid, f"passed in the baseline, {test['outcome']} now: "
                                                                   f"{first_line}"))
-    run_profile = document.get("environment", {}).get("tolerance_profile")
-    if baseline.get("tolerance_profile") not in (None, run_profile):
+    if not same_profile:
         result.notes.append(f"baseline was taken under tolerance profile {baseline['tolerance_profile']!r}, "
-                            f"this run uses {run_profile!r}")
+                            f"this run uses {run_profile!r}; bounds not compared")
     return result
 
 
