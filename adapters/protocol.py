@@ -162,10 +162,12 @@ def load(spec: str):
 
 
 def describe(spec: str) -> dict[str, str | None]:
-    """The implementation under test for the JSON environment and the report title: factory, package, version."""
+    """The implementation under test for the JSON environment and the report title: factory, package, version.
+    The package is the factory's `package` attribute (the distribution it runs, e.g. 'keras-hub') if it has one,
+    else the top-level module of MODULE."""
     from importlib import metadata
 
-    package = spec.partition(":")[0].split(".")[0]
+    package = getattr(load(spec), "package", None) or spec.partition(":")[0].split(".")[0]
     try:
         version = metadata.version(package)
     except metadata.PackageNotFoundError:

@@ -1,0 +1,30 @@
+"""keras-hub's Llama 3 under the conformance suite (`pip install -r requirements-ecosystem.txt`, its own venv).
+
+    pytest -n 2 -rs --impl adapters.keras_hub:KerasHubLlama      --parity-json out/kh_direct.json
+    pytest -n 2 -rs --impl adapters.keras_hub:KerasHubLlamaHF    --parity-json out/kh_hf.json
+    pytest -n 2 -rs --impl adapters.keras_hub:KerasHubLlamaHFHub --parity-json out/kh_hf_hub.json
+    pytest -m ecosystem conformance/test_ecosystem.py
+
+Factories (adapters/keras_hub/adapter.py):
+- `KerasHubLlama`: Llama3Backbone built directly from the suite's config and weights;
+- `KerasHubLlamaHF`: loaded by keras-hub's Hugging Face converter (`Llama3Backbone.from_preset(DIR)`) from the
+  checkpoint directory the suite writes, config.json in transformers 5's `rope_parameters` style;
+- `KerasHubLlamaHFHub`: the same with the hub's config.json style (`rope_theta` + `rope_scaling`).
+Each also has `build_from_checkpoint(DIR, mesh, dtype, 'hf')`, keras-hub's loader on any HF directory.
+
+The factories are imported on first use (keras and keras-hub with them); the first sets KERAS_BACKEND=jax when it
+is unset (keras reads it at import). `checkpoint` and `table` need neither.
+"""
+import os
+
+_FACTORIES = ("KerasHubLlama", "KerasHubLlamaAdapter", "KerasHubLlamaHF", "KerasHubLlamaHFHub", "keras_distribution")
+__all__ = list(_FACTORIES)
+
+
+def __getattr__(name):
+    if name in _FACTORIES:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        from adapters.keras_hub import adapter
+
+        return getattr(adapter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

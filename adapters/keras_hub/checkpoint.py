@@ -1,0 +1,167 @@
+"""What keras-hub is given: its backbone arguments for a suite config, the suite's Meta weights in keras-hub's
+variable layout, and HF checkpoint directories in either config.json style for its Hugging Face converter.
+
+No keras or keras-hub import here: the mapping is plain data and NumPy, so it can be read and tested without them.
+
+keras-hub's Llama (keras_hub/src/models/llama/) keeps one variable per Meta tensor:
+
+| Meta name | keras-hub variable | shape |
+| --- | --- | --- |
+| tok_embeddings.weight | token_embedding/embeddings | (vocab, dim) |
+| output.weight | token_embedding/reverse_embeddings (absent when tied) | (dim, vocab) |
+| layers.i.attention.wq.weight | transformer_layer_i/self_attention/query/kernel | (dim, n_heads, head_dim) |
+| layers.i.attention.wk.weight | transformer_layer_i/self_attention/key/kernel | (dim, n_kv_heads, head_dim) |
+| layers.i.attention.wv.weight | transformer_layer_i/self_attention/value/kernel | (dim, n_kv_heads, head_dim) |
+| layers.i.attention.wo.weight | transformer_layer_i/self_attention/attention_output/kernel | (n_heads, head_dim, dim) |
+| layers.i.feed_forward.w1.weight | transformer_layer_i/feedforward_gate_dense/kernel | (dim, hidden) |
+| layers.i.feed_forward.w3.weight | transformer_layer_i/feedforward_intermediate_dense/kernel | (dim, hidden) |
+| layers.i.feed_forward.w2.weight | transformer_layer_i/feedforward_output_dense/kernel | (hidden, dim) |
+| layers.i.attention_norm.weight | transformer_layer_i/self_attention_layernorm/scale | (dim,) |
+| layers.i.ffn_norm.weight | transformer_layer_i/feedforward_layernorm/scale | (dim,) |
+| norm.weight | sequence_output_layernorm/scale | (dim,) |
+
+keras-hub rotates halves (`RotaryEmbedding._apply_rotary_pos_emb`: x1, x2 = split(x, 2)), as HF does, so wq and
+wk get HF's row permutation within each head (reference.convert.meta_to_hf) before the transpose.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from llama_spec.config import LlamaConfig
+
+CONFIG_STYLES = ("rope_parameters", "rope_scaling")
+_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def rope_scaling_of(config: LlamaConfig) -> dict[str, float] | None:
+    """The Llama 3 RoPE scaling parameters of a suite config under HF's names, None when RoPE is unscaled.
+    (Reads both LlamaConfig generations: `use_scaled_rope` with Llama 3.1's constants, or a `rope_scaling`
+    object carrying the four parameters.)"""
+    from llama_spec import config as spec
+
+    if not config.use_scaled_rope:
+        return None
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling is None:
+        return dict(spec.LLAMA31_ROPE_SCALING)
+    if isinstance(scaling, Mapping):
+        return {k: scaling[k] for k in _ROPE_KEYS}
+    return {k: getattr(scaling, k) for k in _ROPE_KEYS}
+
+
+def tied(config: LlamaConfig) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def backbone_kwargs(config: LlamaConfig) -> dict[str, Any]:
+    """Llama3Backbone's arguments for a suite config: every field that keras-hub's backbone takes (head_dim it
+    derives as hidden_dim / num_query_heads, which is the suite's definition too)."""
+    kwargs = dict(vocabulary_size=config.vocab_size, num_layers=config.n_layers, num_query_heads=config.n_heads,
+                  hidden_dim=config.dim, intermediate_dim=config.hidden_dim, num_key_value_heads=config.n_kv_heads,
+                  rope_max_wavelength=config.rope_theta, layer_norm_epsilon=config.norm_eps,
+                  tie_word_embeddings=tied(config))
+    scaling = rope_scaling_of(config)
+    if scaling is not None:
+        kwargs.update(rope_frequency_adjustment_factor=scaling["factor"],
+                      rope_low_freq_factor=scaling["low_freq_factor"],
+                      rope_high_freq_factor=scaling["high_freq_factor"],
+                      rope_pretraining_sequence_length=scaling["original_max_position_embeddings"])
+    return kwargs
+
+
+def _halves(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta's interleaved RoPE rows of wq/wk -> the half layout keras-hub (and HF) rotate."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def keras_path(meta_name: str) -> str:
+    """The keras-hub variable path (`variable.path`) holding a Meta tensor."""
+    top = {"tok_embeddings.weight": "token_embedding/embeddings",
+           "output.weight": "token_embedding/reverse_embeddings",
+           "norm.weight": "sequence_output_layernorm/scale"}
+    if meta_name in top:
+        return top[meta_name]
+    m = _LAYER.fullmatch(meta_name)
+    per_layer = {"attention.wq.weight": "self_attention/query/kernel",
+                 "attention.wk.weight": "self_attention/key/kernel",
+                 "attention.wv.weight": "self_attention/value/kernel",
+                 "attention.wo.weight": "self_attention/attention_output/kernel",
+                 "feed_forward.w1.weight": "feedforward_gate_dense/kernel",
+                 "feed_forward.w3.weight": "feedforward_intermediate_dense/kernel",
+                 "feed_forward.w2.weight": "feedforward_output_dense/kernel",
+                 "attention_norm.weight": "self_attention_layernorm/scale",
+                 "ffn_norm.weight": "feedforward_layernorm/scale"}
+    if not m or m.group(2) not in per_layer:
+        raise KeyError(f"{meta_name}: not a Meta Llama parameter name")
+    return f"transformer_layer_{m.group(1)}/{per_layer[m.group(2)]}"
+
+
+def keras_value(meta_name: str, value: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """A Meta tensor (Linear weights (out, in), interleaved RoPE rows) as keras-hub's variable holds it."""
+    value = np.asarray(value, np.float32)
+    d, hd = config.dim, config.head_dim
+    m = _LAYER.fullmatch(meta_name)
+    rest = m.group(2) if m else meta_name
+    if rest == "output.weight":
+        return value.T
+    if rest == "attention.wq.weight":
+        return _halves(value, config.n_heads).T.reshape(d, config.n_heads, hd)
+    if rest == "attention.wk.weight":
+        return _halves(value, config.n_kv_heads).T.reshape(d, config.n_kv_heads, hd)
+    if rest == "attention.wv.weight":
+        return value.T.reshape(d, config.n_kv_heads, hd)
+    if rest == "attention.wo.weight":
+        return value.T.reshape(config.n_heads, hd, d)
+    if rest.startswith("feed_forward."):
+        return value.T
+    return value  # embedding and norms
+
+
+def keras_weights(weights: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Meta state dict -> {keras-hub variable path: value}. With tied embeddings, output.weight is not a variable."""
+    return {keras_path(name): keras_value(name, value, config) for name, value in weights.items()
+            if not (name == "output.weight" and tied(config))}
+
+
+# ---- HF checkpoint directories in both config.json styles ------------------------------------------------
+
+def restyle_config_json(data: Mapping[str, Any], style: str) -> dict[str, Any]:
+    """An HF config.json in the other style, the same model:
+    - 'rope_parameters' (transformers 5): rope_theta and the scaling inside `rope_parameters`;
+    - 'rope_scaling' (the hub's, Llama 3.1's own file): a top-level `rope_theta` and a `rope_scaling` dict with
+      rope_type 'llama3', factor, low/high_freq_factor, original_max_position_embeddings (null when unscaled)."""
+    if style not in CONFIG_STYLES:
+        raise ValueError(f"config.json style {style!r}; choose one of {CONFIG_STYLES}")
+    data = dict(data)
+    rope = dict(data.pop("rope_parameters", None) or {})
+    hub = data.pop("rope_scaling", None)
+    theta = rope.pop("rope_theta", data.pop("rope_theta", None))
+    if hub:
+        rope = {**hub, **rope}
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    scaled = rope_type != "default"
+    if style == "rope_parameters":
+        data["rope_parameters"] = {"rope_theta": theta, "rope_type": rope_type,
+                                   **({k: rope[k] for k in _ROPE_KEYS} if scaled else {})}
+    else:
+        data["rope_theta"] = theta
+        data["rope_scaling"] = {"rope_type": rope_type, **{k: rope[k] for k in _ROPE_KEYS}} if scaled else None
+    return data
+
+
+def write_hf(directory: str | Path, config: LlamaConfig, weights: Mapping[str, np.ndarray], style: str) -> Path:
+    """The suite's own HF checkpoint writer (fixtures.checkpoints, float32 safetensors, HF's q/k permutation),
+    then config.json in `style`."""
+    from fixtures.checkpoints import write_hf_checkpoint
+
+    directory = write_hf_checkpoint(directory, config, weights, dtype="float32")
+    path = Path(directory) / "config.json"
+    path.write_text(json.dumps(restyle_config_json(json.loads(path.read_text()), style), indent=2) + "\n")
+    return Path(directory)
