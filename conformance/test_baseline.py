@@ -127,8 +127,8 @@ def test_a_bound_loosened_10x_fails_naming_case_metric_and_both_bounds():
     result = gate(doc(rec(), rec(name="two")), doc(loose(), loose(name="two")))
     (regression,) = result.regressions  # one per component, dtype, metric and pair of bounds
     assert regression.kind == "loosened" and regression.label.startswith("t.py::test_a [out] reference=meta")
-    assert regression.detail == ("bound rel_l2 loosened from 1e-05 to 0.0001 (component mlp, dtype float32 and 1 "
-                                 "more cases); if intended, rewrite the baseline in the same change "
+    assert regression.detail == ("bound rel_l2 loosened from 1e-05 to 0.0001 (component mlp, dtype float32; 2 cases, "
+                                 "the first named); if intended, rewrite the baseline in the same change "
                                  "(--parity-update-baseline)")
     assert gate(doc(loose()), doc(loose())).passed  # the baseline updated in the same change
     assert gate(doc(rec()), doc(loose(0.1))).passed  # tightened: fine

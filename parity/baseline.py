@@ -183,7 +183,7 @@ def _loosened_regressions(groups: Mapping[tuple, list[str]]) -> list[Regression]
     out = []
     for (component, dtype, metric, was, now), labels in groups.items():
         change = f"removed (was {was:.4g})" if now is None else f"loosened from {was:.4g} to {now:.4g}"
-        more = f" and {len(labels) - 1} more cases" if len(labels) > 1 else ""
+        more = f"; {len(labels)} cases, the first named" if len(labels) > 1 else ""
         out.append(Regression("loosened", labels[0],
                               f"bound {metric} {change} (component {component}, dtype {dtype}{more}); if intended, "
                               f"rewrite the baseline in the same change (--parity-update-baseline)"))
