@@ -129,7 +129,7 @@ class _KnowsOneStyle:
 
         config, weights = load_checkpoint(path)
         if "rope_parameters" not in json.loads((Path(path) / "config.json").read_text()):
-            config = config.replace(use_scaled_rope=False)
+            config = config.replace(rope_scaling=None)
         return protocol.load(EXAMPLE).build(config, weights, mesh, dtype)
 
 
