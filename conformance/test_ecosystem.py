@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +277,29 @@ def test_converter_loaded_model_matches_hf_at_float32(request, kh, hf_dirs, tiny
     except AssertionError as err:
         failures.append(str(err))
     assert not failures, f"config.json style {style}: {len(failures)} tensors fail; first:\n" + failures[0]
+
+
+PUBLISHED = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "published_configs").glob("*/config.*.json"))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"{EPS_FINDING}; {ROPE_FINDING}")
+@pytest.mark.parametrize("path", PUBLISHED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_converter_reads_every_field_of_the_published_configs(kh, path):
+    """keras-hub's config conversion alone (convert_backbone_config) on each published Llama 3 config.json the
+    suite keeps as golden data (fixtures/published_configs/, when present), field by field."""
+    from keras_hub.src.utils.transformers import convert_llama3
+
+    data = json.loads(path.read_text())
+    converted = convert_llama3.convert_backbone_config(data)
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    scaled = rope.get("rope_type", rope.get("type")) == "llama3"
+    wanted = {"rope_max_wavelength": rope.get("rope_theta", data.get("rope_theta")),
+              "layer_norm_epsilon": data["rms_norm_eps"],
+              "tie_word_embeddings": bool(data.get("tie_word_embeddings", False)),
+              "rope_frequency_adjustment_factor": rope.get("factor") if scaled else None,
+              "rope_pretraining_sequence_length": rope.get("original_max_position_embeddings") if scaled else None}
+    got = {key: converted.get(key, {"layer_norm_epsilon": 1e-6}.get(key)) for key in wanted}  # backbone defaults
+    assert got == wanted, f"{path.parent.name}/{path.name}: keras-hub reads {got}, the file says {wanted}"
 
 
 def test_converter_with_tied_embeddings_matches_hf(request, kh, tmp_path, tiny_config, tiny_weights):
