@@ -30,13 +30,13 @@ def _size(shape_text: str) -> int:
     return total
 
 
-def _site(rest: str) -> str:
+def _site(rest: str, depth: int = 5) -> str:
     m = re.search(r'op_name="([^"]*)"', rest)
     if not m:
         return "?"
     parts = [p for p in m.group(1).split("/") if not p.startswith(("jit(", "pjit", "shard_map")) and p]
     # keep the layer names (keras name scopes / flax modules), drop the primitive at the end
-    return "/".join(parts[:-1][:3]) or parts[-1]
+    return "/".join(parts[:-1][:depth]) or parts[-1]
 
 
 def collectives(hlo: str) -> list[tuple[str, str, int]]:
