@@ -69,10 +69,12 @@ def diagnosis_for(record: dict, factory: str, diagnosed: Iterable[dict]) -> str:
     if record.get("diagnosis"):
         return record["diagnosis"]["summary"]
     style = _style(factory)
-    for other in diagnosed:
-        if (other.get("diagnosis") and other.get("name") == record.get("name") and other["dtype"] == record["dtype"]
-                and (style is None or f"[{style}-" in other["test"])):
-            return other["diagnosis"]["summary"] + f" (from {other['test'].split('::')[-1]})"
+    same = [other for other in (diagnosed if style else ())  # only the converter-loaded factories share them
+            if other.get("diagnosis") and other.get("name") == record.get("name")
+            and other["dtype"] == record["dtype"] and style in other["test"]]
+    same.sort(key=lambda other: other["diagnosis"]["cause"] is None)  # a matched cause first, as the test names it
+    if same:
+        return same[0]["diagnosis"]["summary"] + f" (from {same[0]['test'].split('::')[-1]})"
     if record.get("error"):
         return "raised: " + record["error"].splitlines()[0][:160]
     return closeness(record) or "no diagnosis recorded"
