@@ -163,10 +163,10 @@ def markdown(documents: list[dict], diagnosed: list[dict], commands: dict[str, s
             outcomes[test["outcome"]] = outcomes.get(test["outcome"], 0) + 1
         reasons: dict[str, int] = {}
         for entry in document.get("not_checked", []):
-            reason = re.sub(r"\(.*", "", entry["reason"]).strip()
+            reason = re.sub(r"\(.*", "", entry["reason"]).strip().removeprefix("not checked: ")
             reasons[reason] = reasons.get(reason, 0) + 1
         lines.append(f"- `{_factory(document)}`: tests {dict(sorted(outcomes.items()))}, wall time "
-                     f"{env.get('wall_time_s')} s, exit status {document.get('exitstatus')}"
+                     f"{round(env.get('wall_time_s') or 0)} s, exit status {document.get('exitstatus')}"
                      + (f"; `{commands[_factory(document)]}`" if commands and _factory(document) in commands else ""))
         for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
             lines.append(f"  - {count} not checked: {reason}")
