@@ -401,3 +401,33 @@ def test_converter_with_another_head_dim_fails_loudly(kh, tmp_path):
     with pytest.raises(Exception) as info:
         _from_preset(kh, tmp_path / "head_dim")
     assert "shape" in str(info.value).lower() or "reshape" in str(info.value).lower(), str(info.value)
+
+
+# ---- the README table ---------------------------------------------------------------------------------------
+
+def test_table_names_the_earliest_failing_tensor_and_its_diagnosis():
+    """adapters.keras_hub.table on a small parity document: counts per dtype, the first failing tensor in forward
+    order (a later layer's failure and a component's come after layer 0's attention_norm), a borrowed diagnosis."""
+    from adapters.keras_hub import table
+
+    def record(name, passed, dtype="float32", component="intermediate", test="t::test_intermediates[hf-float32-1x4]",
+               **extra):
+        return {"test": test, "component": component, "name": name, "layer": None, "reference": "hf", "dtype": dtype,
+                "mesh": "1x4", "metrics": {"rel_l2": 1.0}, "bounds": {"rel_l2": 0.1}, "passed": passed, **extra}
+
+    document = {"environment": {"implementation": {"factory": "adapters.keras_hub:KerasHubLlamaHFHub",
+                                                   "package": "keras-hub", "version": "0.32.0"},
+                                "versions": {"jax": "0.10.2"}, "wall_time_s": 1.0},
+                "exitstatus": 1, "tests": [], "not_checked": [{"test": "t", "reason": "not checked: x", "dtype": None}],
+                "records": [record("layers.1.q_rope", False), record("logits.batch", False),
+                            record("attention_norm", False, component="rmsnorm", test="t::test_rmsnorm"),
+                            record("layers.0.attention_norm", False), record("embedding", True),
+                            record("embedding", True, dtype="bfloat16")]}
+    diagnosed = [record("layers.0.attention_norm", False, test="e::test_x[rope_scaling-batch]",
+                        diagnosis={"cause": "eps", "summary": "probable cause: eps"})]
+    rows = {row["dtype"]: row for row in table.rows([document], diagnosed)}
+    assert (rows["float32"]["run"], rows["float32"]["passed"], rows["float32"]["failed"]) == (5, 1, 4)
+    assert rows["float32"]["not_checked"] == rows["bfloat16"]["not_checked"] == 1
+    assert rows["float32"]["first_failing"].startswith("`layers.0.attention_norm`")
+    assert rows["float32"]["diagnosis"].startswith("probable cause: eps")
+    assert rows["bfloat16"]["first_failing"] is None and "keras-hub 0.32.0" in table.markdown([document], diagnosed)
