@@ -1,8 +1,13 @@
-"""Planted bugs: realistic mistakes patched into the JAX model at test time (its source never changes).
+"""The catalogue of known deviations: realistic mistakes, each both planted and predicted.
 
-Each mutant replaces one function of tp_llama.layers or tp_llama.model with a wrong version. The suite must
-kill every one: `python -m conformance.mutants` runs pytest once per mutant (`pytest --mutant NAME`) and
-prints which tests killed it; conformance/test_mutants.py checks a fast subset in the default run.
+One entry per deviation (`MUTANTS`, the only list): its name and description; the planted bug, one function of
+tp_llama.layers or tp_llama.model replaced with a wrong version at test time (the model's source never
+changes); and, where exact math can say what it computes, the prediction: a changed config and/or switches of
+the float64 oracle's `Variant` (reference/oracle.py). The suite must kill every planted one:
+`python -m conformance.mutants` runs pytest once per mutant (`pytest --mutant NAME`) and prints which tests
+killed it and the diagnosis of the first failure; conformance/test_mutants.py checks a fast subset in the
+default run. Run in reverse, the predictions name the bug behind a failing record (`predictions`, called by
+conformance.support.diagnosis for parity.diagnosis); conformance/test_diagnosis.py is the confusion matrix.
 """
 from __future__ import annotations
 
@@ -14,15 +19,19 @@ import re
 import subprocess
 import sys
 import time
+import types
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from llama_spec.layout import parse_mesh
+from reference import oracle
 from tp_llama import layers, model
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 _original_rope_frequencies = layers.rope_frequencies
+_original_rope_angles = layers.rope_angles
 _original_all_reduce = model.all_reduce
 _original_write_cache = layers.write_cache
 
@@ -31,9 +40,36 @@ def _rope_without_scaling(head_dim, theta, scaling):
     return _original_rope_frequencies(head_dim, theta, None)
 
 
+def _rope_with(**changes):
+    """RoPE frequencies from a misread config (theta or scaling fields), the model's own code otherwise."""
+    theta_change = changes.pop("rope_theta", None)
+
+    def frequencies(head_dim, theta, scaling):
+        return _original_rope_frequencies(head_dim, theta_change or theta,
+                                          dataclasses.replace(scaling, **changes) if changes else scaling)
+    return frequencies
+
+
+def _swapped(scaling):
+    """The scaling with low_freq_factor and high_freq_factor swapped: not a valid RopeScaling (it checks), so a
+    plain namespace of its fields, as a loader that never validated them would hold."""
+    return types.SimpleNamespace(**{**dataclasses.asdict(scaling), "low_freq_factor": scaling.high_freq_factor,
+                                    "high_freq_factor": scaling.low_freq_factor})
+
+
+def _rope_low_high_swapped(head_dim, theta, scaling):
+    """Meta's apply_scaling (the oracle's order of cases) fed low_freq_factor and high_freq_factor swapped."""
+    return jnp.asarray(oracle.rope_frequencies(head_dim, theta, _swapped(scaling)), F32)
+
+
 def _rope_angles_in_bf16(positions, freqs):
     angles = positions.astype(BF16)[..., None] * freqs.astype(BF16)
     return jnp.cos(angles).astype(F32), jnp.sin(angles).astype(F32)
+
+
+def _rope_tables_in_bf16(positions, freqs):
+    cos, sin = _original_rope_angles(positions, freqs)
+    return cos.astype(BF16).astype(F32), sin.astype(BF16).astype(F32)
 
 
 def _rotate_half(x, cos, sin):
@@ -94,8 +130,23 @@ def _decode_mask_hides_current(q_slots, kv_valid):
     return (t[None, None, :] < q_slots[:, :, None]) & kv_valid[:, None, :]
 
 
+def _attention_scores_in_bf16(q, k, v, mask):
+    """layers.attention with the q.k scores rounded to bfloat16 whatever the activation dtype."""
+    b, s, h, d = q.shape
+    qg = layers.group_query_heads(q, k.shape[2])
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32).astype(BF16)
+    scores = scores / layers.score_divisor(d)
+    probs = layers.attention_softmax(scores, mask[:, None, None, :, :]).astype(q.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=F32).astype(q.dtype)
+    return out.reshape(b, s, h * d)
+
+
 def _swiglu_swapped(gate, up):
     return layers.silu_f32(up) * gate
+
+
+def _silu_in_activation_dtype(gate, up):
+    return gate * jax.nn.sigmoid(gate) * up
 
 
 def _skip_reduce_at(site):
@@ -119,46 +170,129 @@ def _decode_writes_one_slot_late(cache, new, index):
 
 @dataclasses.dataclass(frozen=True)
 class Mutant:
+    """One catalogued deviation: planted by replacing `target.attribute` with `replacement`; predicted (when
+    `configure` or `switches` is given) by the float64 oracle on the changed config with those Variant switches,
+    which `evidence` names in a diagnosis ("the output matches <evidence>")."""
     name: str
     description: str
     target: object
     attribute: str
     replacement: Callable
+    evidence: str | None = None
+    configure: Callable | None = None  # LlamaConfig -> the config the deviating implementation really used
+    switches: dict = dataclasses.field(default_factory=dict)  # reference.oracle.Variant fields
+
+    @property
+    def predicted(self) -> bool:
+        return bool(self.evidence)
+
+
+def _changed(**changes):
+    return lambda config: config.replace(**changes)
+
+
+def _scaling(**changes):
+    return lambda config: config.replace(rope_scaling=dataclasses.replace(config.rope_scaling, **changes))
+
+
+def _switched(text, **switches):
+    return dict(evidence=f"the float64 oracle with {text}", switches=switches)
+
+
+def _configured(text, configure, **switches):
+    return dict(evidence=f"the float64 oracle with {text}", configure=configure, switches=switches)
+
+
+def _swap_low_high(config):
+    swapped = dataclasses.replace(config)
+    object.__setattr__(swapped, "rope_scaling", _swapped(config.rope_scaling))
+    return swapped
 
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in [
-    Mutant("rope_unscaled", "RoPE without the Llama 3.1 frequency scaling", layers, "rope_frequencies",
-           _rope_without_scaling),
-    Mutant("rope_bf16_phases", "RoPE angles computed in bfloat16", layers, "rope_angles", _rope_angles_in_bf16),
-    Mutant("rope_rotate_half", "rotate-half applied to the interleaved layout", layers, "apply_rope", _rotate_half),
+    Mutant("rope_unscaled", "Llama 3.1 RoPE scaling not applied", layers, "rope_frequencies",
+           _rope_without_scaling, **_configured("use_scaled_rope=False", _changed(rope_scaling=None))),
+    Mutant("rope_theta_1e4", "rope_theta 10000 (Llama 2's) instead of the config's 500000", layers,
+           "rope_frequencies", _rope_with(rope_theta=1e4), **_configured("rope_theta=10000", _changed(rope_theta=1e4))),
+    Mutant("rope_factor_32", "RoPE scaling factor 32 (Llama 3.2's) instead of the config's 8", layers,
+           "rope_frequencies", _rope_with(factor=32.0), **_configured("rope scaling factor 32", _scaling(factor=32.0))),
+    Mutant("rope_low_high_swapped", "RoPE scaling with low_freq_factor and high_freq_factor swapped", layers,
+           "rope_frequencies", _rope_low_high_swapped,
+           **_configured("low_freq_factor and high_freq_factor swapped", _swap_low_high)),
+    Mutant("rope_original_context", "RoPE scaling with original_max_position_embeddings 131072 (the extended "
+           "context) instead of 8192", layers, "rope_frequencies",
+           _rope_with(original_max_position_embeddings=131072),
+           **_configured("original_max_position_embeddings=131072",
+                         _scaling(original_max_position_embeddings=131072))),
+    Mutant("rope_bf16_phases", "RoPE angles computed in bfloat16", layers, "rope_angles", _rope_angles_in_bf16,
+           **_switched("position x frequency rounded to bfloat16", rope_angles_bf16=True)),
+    Mutant("rope_tables_bf16", "RoPE cos/sin tables rounded to bfloat16", layers, "rope_angles",
+           _rope_tables_in_bf16, **_switched("cos/sin rounded to bfloat16", rope_tables_bf16=True)),
+    Mutant("rope_rotate_half", "rotate-half applied to the interleaved layout (the HF/Meta permutation missing)",
+           layers, "apply_rope", _rotate_half, **_switched("rotate-half pairing", rope_rotate_half=True)),
     Mutant("rmsnorm_no_upcast", "RMSNorm computed in the activation dtype", layers, "rms_norm",
-           _rms_norm_without_upcast),
+           _rms_norm_without_upcast, **_switched("RMSNorm rounded at the activation dtype", norm_in_dtype=True)),
     Mutant("rmsnorm_eps", "RMSNorm with eps 1e-6 (Llama 2's) instead of the config's 1e-5", layers, "rms_norm",
-           _rms_norm_llama2_eps),
-    Mutant("rmsnorm_no_weight", "RMSNorm without its weight", layers, "rms_norm", _rms_norm_without_weight),
+           _rms_norm_llama2_eps, **_configured("norm_eps=1e-6", _changed(norm_eps=1e-6))),
+    Mutant("rmsnorm_no_weight", "RMSNorm without its weight", layers, "rms_norm", _rms_norm_without_weight,
+           **_switched("RMSNorm weight left out", norm_without_weight=True)),
     Mutant("rmsnorm_all_axes", "RMSNorm's mean taken over the whole batch, not per token", layers, "rms_norm",
-           _rms_norm_over_all_axes),
+           _rms_norm_over_all_axes, **_switched("RMSNorm mean over all axes", norm_over_all_axes=True)),
     Mutant("kv_group_order", "kv heads repeated in tile order instead of repeat order", layers,
-           "group_query_heads", _kv_groups_interleaved),
+           "group_query_heads", _kv_groups_interleaved, **_switched("query heads grouped in tile order", kv_tile_order=True)),
+    Mutant("scores_bf16", "attention scores in bfloat16 when float32 was asked", layers, "attention",
+           _attention_scores_in_bf16, **_switched("scores rounded to bfloat16", scores_in_bf16=True)),
     Mutant("softmax_bf16", "attention softmax in the activation dtype", layers, "attention_softmax",
-           _softmax_in_activation_dtype),
+           _softmax_in_activation_dtype, **_switched("softmax rounded at the activation dtype",
+                                                     softmax_in_dtype=True)),
     Mutant("attention_scale", "scores divided by head_dim instead of sqrt(head_dim)", layers, "score_divisor",
-           lambda head_dim: float(head_dim)),
+           lambda head_dim: float(head_dim), **_switched("scores / head_dim", score_divisor_head_dim=True)),
     Mutant("causal_off_by_one", "causal mask lets each token see the next one", layers, "causal_mask",
-           _causal_mask_sees_next),
-    Mutant("gate_up_swapped", "SwiGLU gate (w1) and up (w3) swapped", layers, "swiglu", _swiglu_swapped),
+           _causal_mask_sees_next, **_switched("a causal mask one token wide", causal_sees_next=True)),
+    Mutant("gate_up_swapped", "SwiGLU gate (w1) and up (w3) swapped", layers, "swiglu", _swiglu_swapped,
+           **_switched("w1 and w3 swapped", gate_up_swapped=True)),
+    Mutant("silu_bf16", "SiLU in the activation dtype", layers, "swiglu", _silu_in_activation_dtype,
+           **_switched("SiLU rounded at the activation dtype", silu_in_dtype=True)),
     Mutant("missing_psum_wo", "no all-reduce after the attention output projection", model, "all_reduce",
-           _skip_reduce_at("wo")),
+           _skip_reduce_at("wo"), **_switched("device 0's partial sum after wo", missing_reduce="wo")),
+    Mutant("double_psum_wo", "the attention all-reduce applied twice", model, "all_reduce", _reduce_twice_at("wo"),
+           **_switched("wo's output summed twice (M times too large)", double_reduce="wo")),
     Mutant("missing_psum_w2", "no all-reduce after the MLP down projection", model, "all_reduce",
-           _skip_reduce_at("w2")),
-    Mutant("double_psum_w2", "the MLP all-reduce applied twice", model, "all_reduce", _reduce_twice_at("w2")),
+           _skip_reduce_at("w2"), **_switched("device 0's partial sum after w2", missing_reduce="w2")),
+    Mutant("double_psum_w2", "the MLP all-reduce applied twice", model, "all_reduce", _reduce_twice_at("w2"),
+           **_switched("w2's output summed twice (M times too large)", double_reduce="w2")),
     Mutant("vocab_shards_reversed", "vocab shards of the embedding taken in reverse order", model,
-           "vocab_shard_start", _vocab_shards_reversed),
+           "vocab_shard_start", _vocab_shards_reversed,
+           **_switched("the embedding's vocab shards reversed", vocab_shards_reversed=True)),
+    # decode-only: a one-token step after a prefill; no component check sees them, so no prediction (the
+    # kv_cache check compares decode with the implementation's own forward, not with exact math).
     Mutant("decode_cache_slot", "decode writes the KV cache one slot late", layers, "write_cache",
            _decode_writes_one_slot_late),
     Mutant("decode_mask_off_by_one", "decode steps cannot see the token being decoded", layers, "causal_mask",
            _decode_mask_hides_current),
 ]}
+
+
+def predictions(config, dtype: str, mesh: str, compute: Callable) -> dict:
+    """{name: parity.diagnosis.Prediction} of every predicted deviation that changes this output.
+
+    compute(config, variant) -> the float64 oracle's output on the failing check's own inputs; it is called once
+    exactly and once per predicted deviation (the cost of a diagnosis). A deviation whose prediction equals the
+    exact output here (a dtype switch at float32, a reduce switch on one device) cannot be told from a correct
+    result and is left out."""
+    from parity.diagnosis import Prediction, residual
+
+    base = oracle.Variant(dtype=dtype, shards=parse_mesh(mesh)[1] if mesh else 1)
+    exact = compute(config, base)
+    out = {}
+    for mutant in MUTANTS.values():
+        if not mutant.predicted:
+            continue
+        changed = mutant.configure(config) if mutant.configure else config
+        value = compute(changed, dataclasses.replace(base, **mutant.switches))
+        if residual(value, exact) > 1e-12:
+            out[mutant.name] = Prediction(mutant.description, mutant.evidence, value)
+    return out
 
 
 def apply(name: str) -> Callable[[], None]:

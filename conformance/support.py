@@ -123,6 +123,17 @@ def _reference(name: str):
     return _COMPONENTS[name]
 
 
+def diagnosis(dtype: str, mesh: str, compute):
+    """`diagnose=` for parity.assert_parity: the catalogued deviations (conformance/mutants.py) predicted by the
+    float64 oracle on the check's own inputs, compute(config, variant) -> that output; evaluated only when the
+    record fails. It uses only what the check already has, so it works on any --impl adapter."""
+    def predict():
+        from conformance.mutants import predictions
+
+        return predictions(CONFIG, dtype, mesh, compute)
+    return predict
+
+
 # ---- cached (reference result, oracle result) per case --------------------------------------
 
 @functools.lru_cache(maxsize=None)

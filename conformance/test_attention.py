@@ -9,6 +9,7 @@ import pytest
 from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
+from reference import oracle
 
 CASES = {
     "prefill": ((20,), 0),
@@ -22,14 +23,18 @@ def check_attention(request, adapter, reference, dtype, mesh, case, layer_index)
     scope = dict(component="attention", reference=reference, dtype=dtype, mesh=mesh)
     names = [f"{case}.chunk{chunk}" for chunk in range(len(sizes))]
     support.require(request, adapter, "attention", **scope, names=names)
-    actual = support.run(request, adapter.attention, support.attention_chunks(dtype, sizes), layer_index,
+    chunks = support.attention_chunks(dtype, sizes)
+    actual = support.run(request, adapter.attention, chunks, layer_index,
                          start_pos, **scope, layer=layer_index, name=case)
     expected, exact = support.attention(reference, dtype, layer_index, sizes, start_pos)
     if len(actual) != len(expected):
         raise AssertionError(f"component 'attention', layer {layer_index}: {len(sizes)} chunks in, "
                              f"{len(actual)} outputs back")
-    for name, a, e, o in zip(names, actual, expected, exact):
-        assert_parity(request, name=name, layer=layer_index, actual=host(a), expected=e, oracle=o, **scope)
+    for index, (name, a, e, o) in enumerate(zip(names, actual, expected, exact)):
+        diagnose = support.diagnosis(dtype, mesh, lambda config, variant, index=index: oracle.oracle_attention(
+            chunks, support.layer(dtype, layer_index), config, start_pos, variant)[index])
+        assert_parity(request, name=name, layer=layer_index, actual=host(a), expected=e, oracle=o, **scope,
+                      diagnose=diagnose)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

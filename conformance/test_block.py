@@ -5,17 +5,21 @@ import pytest
 from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
+from reference import oracle
 
 
 def check_block(request, adapter, reference, dtype, mesh, layer_index, start_pos):
     scope = dict(component="block", reference=reference, dtype=dtype, mesh=mesh)
     name = f"block_out@{start_pos}"
     support.require(request, adapter, "block", **scope, names=[name])
-    actual = support.run(request, adapter.block, support.activations(dtype, 16, seed=15), layer_index, start_pos,
+    x = support.activations(dtype, 16, seed=15)
+    actual = support.run(request, adapter.block, x, layer_index, start_pos,
                          **scope, layer=layer_index, name=name)
     expected, exact = support.block(reference, dtype, layer_index, start_pos)
+    diagnose = support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_block(
+        x, support.layer(dtype, layer_index), config, start_pos, variant))
     assert_parity(request, name=name, layer=layer_index, actual=host(actual), expected=expected, oracle=exact,
-                  **scope)
+                  **scope, diagnose=diagnose)
 
 
 @pytest.mark.parametrize("start_pos", [0, 9000], ids=lambda p: f"pos{p}")

@@ -11,6 +11,7 @@ from adapters import protocol
 from conformance import support
 from parity import assert_parity, assert_parity_many
 from parity.check import record_not_checked
+from reference import oracle
 from reference.layers import intermediate_names
 
 CASES = {"batch": (2, 48), "long": (1, 512)}
@@ -22,8 +23,11 @@ def check_logits(request, adapter, reference, dtype, mesh, case):
     logits = support.run(request, adapter.forward, support.tokens(batch, seq, seed=16), start_pos=0, **scope,
                          name=f"logits.{case}")
     (ref_logits, _), (exact_logits, _) = support.full_forward(reference, dtype, batch, seq)
+    toks = support.tokens(batch, seq, seed=16)
+    diagnose = support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_forward(
+        config, support.weights(dtype), toks, 0, variant=variant))
     assert_parity(request, name=f"logits.{case}", actual=protocol.host(logits), expected=ref_logits,
-                  oracle=exact_logits, logits=True, **scope)
+                  oracle=exact_logits, logits=True, **scope, diagnose=diagnose)
 
 
 def check_intermediates(request, adapter, reference, dtype, mesh, case):
@@ -40,8 +44,12 @@ def check_intermediates(request, adapter, reference, dtype, mesh, case):
                                     "use the names of reference/layers.py")
     provided = [n for n in known if n in taps]
     if provided:
+        toks = support.tokens(batch, seq, seed=16)
+        diagnose = lambda name: support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_forward(  # noqa: E731
+            config, support.weights(dtype), toks, 0, capture=True, variant=variant)[1][name])
         assert_parity_many(request, actual={n: protocol.host(taps[n]) for n in provided},
-                           expected={n: ref_taps[n] for n in provided}, oracle=exact_taps, **scope)
+                           expected={n: ref_taps[n] for n in provided}, oracle=exact_taps, **scope,
+                           diagnose=diagnose)
     missing = [n for n in known if n not in taps]
     if missing:
         reason = (f"not checked: {type(adapter).__name__} does not capture {len(missing)} of {len(known)} "
@@ -53,11 +61,14 @@ def check_intermediates(request, adapter, reference, dtype, mesh, case):
 def check_head(request, adapter, reference, dtype, mesh):
     scope = dict(component="logits", reference=reference, dtype=dtype, mesh=mesh)
     support.require(request, adapter, "head", **scope, names=["head"])
-    actual = support.run(request, adapter.head, support.activations(dtype, 16, seed=17, spread=True), **scope,
-                         name="head")
+    x = support.activations(dtype, 16, seed=17, spread=True)
+    actual = support.run(request, adapter.head, x, **scope, name="head")
     expected, exact = support.head(reference, dtype)
+    w = support.weights(dtype)
+    diagnose = support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_head(
+        x, w["norm.weight"], w["output.weight"], config.norm_eps, variant))
     assert_parity(request, name="head", actual=protocol.host(actual), expected=expected, oracle=exact,
-                  logits=True, **scope)
+                  logits=True, **scope, diagnose=diagnose)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,6 +8,7 @@ import pytest
 from adapters.protocol import host
 from conformance import support
 from parity import assert_parity
+from reference import oracle
 
 
 def check_rope(request, adapter, reference, dtype, mesh, start_pos):
@@ -18,8 +19,10 @@ def check_rope(request, adapter, reference, dtype, mesh, start_pos):
     actual = support.run(request, adapter.rope, q, k, start_pos, **scope, name=names[0])
     expected, exact = support.rope(reference, dtype, start_pos)
     for index, name in enumerate(names):
+        diagnose = support.diagnosis(dtype, mesh, lambda config, variant, index=index: oracle.oracle_rope(
+            q, k, config, start_pos, variant)[index])
         assert_parity(request, name=name, actual=host(actual[index]), expected=expected[index],
-                      oracle=exact[index], **scope)
+                      oracle=exact[index], **scope, diagnose=diagnose)
 
 
 @pytest.mark.parametrize("start_pos", [0, 4000, 9000], ids=lambda p: f"pos{p}")

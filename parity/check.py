@@ -205,12 +205,15 @@ def failure_message(record: Mapping[str, Any], profile: str) -> str:
 
 def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any], expected: Mapping[str, Any],
                        reference: str | None, dtype: Any, mesh: Any, oracle: Mapping[str, Any] | None = None,
-                       logits: bool = False) -> list[dict[str, Any]]:
+                       logits: bool = False, diagnose: Any = None) -> list[dict[str, Any]]:
     """Check many named tensors (e.g. per-layer intermediates) at once, recording every one.
 
     The reference's names set the order; a name missing on either side fails. The layer of each record is
     parsed from its name ('layers.3.attention_out' -> 3). Fails once, listing every failing name, the first
     failing one (in the reference's order, usually where a bug enters) named first.
+    `diagnose`: name -> the `diagnose` callable of assert_parity for that tensor; only the first failing record
+    is diagnosed (where a bug enters, before later tensors mix its effect with others), and its summary ends the
+    message.
     """
     __tracebackhide__ = True
     nodeid, profile, properties = _context(request)
@@ -221,6 +224,8 @@ def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any
         record = _evaluate(nodeid, profile, component=component, actual=actual[name], expected=expected[name],
                            reference=reference, dtype=dtype, mesh=mesh, layer=None,
                            oracle=(oracle or {}).get(name), logits=logits, name=name, extra_metrics=None)
+        if diagnose is not None and not record["passed"] and all(r["passed"] for r in records):
+            record["diagnosis"] = _diagnosis(actual[name], expected[name], (oracle or {}).get(name), diagnose(name))
         properties.append((RECORD_KEY, record))
         records.append(record)
         if not record["passed"]:
@@ -236,7 +241,8 @@ def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any
         head = (f"parity failed for component '{component}': {len(failed)} of {len(records)} named tensors"
                 + (f", first failing '{failed[0]}'" if failed else ""))
         scope = _scope_text({"reference": reference, "dtype": dtype_name(dtype), "mesh": mesh_name(mesh)}, profile)
-        raise AssertionError("\n  ".join([head, scope, *problems]))
+        causes = [r["diagnosis"]["summary"] for r in records if r.get("diagnosis")]
+        raise AssertionError("\n  ".join([head, scope, *problems, *causes]))
     return records
 
 

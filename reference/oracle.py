@@ -14,9 +14,12 @@ Positions: a call covers a sequence of tokens at consecutive positions, attended
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from reference.layers import intermediate_names, layer_weights
@@ -26,12 +29,68 @@ def _f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Switches for known deviations from Llama 3.1, for predicting what a deviating implementation computes
+    (conformance/mutants.py names each one; parity/diagnosis.py compares). The default is exact math: every
+    oracle function called without a variant computes what it always did. Config-level deviations (eps, theta,
+    RoPE scaling) are not switches: pass the changed config. `dtype` is the activation dtype an "in the
+    activation dtype" switch rounds at; `shards` the model-axis size M the tensor-parallel switches use."""
+    dtype: str = "float32"
+    shards: int = 1
+    norm_in_dtype: bool = False        # RMSNorm without the float32 upcast: every step rounded at `dtype`
+    norm_without_weight: bool = False
+    norm_over_all_axes: bool = False   # mean square over the whole tensor, not per token
+    rope_angles_bf16: bool = False     # position * frequency computed in bfloat16
+    rope_tables_bf16: bool = False     # cos/sin tables rounded to bfloat16
+    rope_rotate_half: bool = False     # HF's rotate-half pairing applied to the interleaved layout
+    kv_tile_order: bool = False        # local query head j reads local kv head j % kv (tile), not j // group
+    scores_in_bf16: bool = False       # q.k scores rounded to bfloat16 whatever the dtype
+    softmax_in_dtype: bool = False     # softmax steps rounded at `dtype`
+    score_divisor_head_dim: bool = False
+    causal_sees_next: bool = False     # each query also sees the next key
+    silu_in_dtype: bool = False        # SiLU's sigmoid and product rounded at `dtype`
+    gate_up_swapped: bool = False
+    missing_reduce: str | None = None  # 'wo' | 'w2': the output is device 0's partial sum
+    double_reduce: str | None = None   # 'wo' | 'w2': the output is summed again, M times too large
+    vocab_shards_reversed: bool = False  # the embedding reads vocab shard M-1-b for tokens of shard b
+
+
+EXACT = Variant()
+
+
+def _round(x, dtype: str) -> np.ndarray:
+    """x rounded to `dtype` (float32 or bfloat16) and back to float64."""
+    numpy_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    return np.asarray(x).astype(numpy_dtype).astype(np.float64)
+
+
+def _reduced(partial_sums, variant: Variant, site: str) -> np.ndarray:
+    """The all-reduce at `site` of per-device partial sums (M, ...), under the variant's reduce deviations."""
+    total = partial_sums.sum(axis=0)
+    if variant.missing_reduce == site:
+        return partial_sums[0]
+    return total * variant.shards if variant.double_reduce == site else total
+
+
+def _split_contraction(x, w, shards: int) -> np.ndarray:
+    """x @ w.T as M partial sums over equal slices of the contracted axis (row-parallel), (M, ..., out)."""
+    xs, ws = np.split(x, shards, axis=-1), np.split(w, shards, axis=-1)
+    return np.stack([a @ b.T for a, b in zip(xs, ws)])
+
+
 # ---- pieces ------------------------------------------------------------------------------------
 
 
-def rms_norm(x, weight, eps: float) -> np.ndarray:
+def rms_norm(x, weight, eps: float, variant: Variant = EXACT) -> np.ndarray:
     x = _f64(x)
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * _f64(weight)
+    axis = None if variant.norm_over_all_axes else -1
+    weight = 1.0 if variant.norm_without_weight else _f64(weight)
+    if variant.norm_in_dtype:
+        r = functools.partial(_round, dtype=variant.dtype)
+        inverse = r(1 / np.sqrt(r(r(np.mean(r(x * x), axis=axis, keepdims=True)) + eps)))
+        return r(r(x * inverse) * weight)
+    return x / np.sqrt(np.mean(x * x, axis=axis, keepdims=True) + eps) * weight
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
@@ -52,12 +111,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
     return np.where(short, freqs, np.where(long, freqs / factor, blended))
 
 
-def apply_rope(x, positions, config) -> np.ndarray:
+def apply_rope(x, positions, config, variant: Variant = EXACT) -> np.ndarray:
     """Rotate pairs (2i, 2i+1) of x (B, S, heads, head_dim) by angle position * freq_i."""
     x = _f64(x)
     freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-    angles = _f64(positions)[:, None] * freqs[None, :]           # (S, hd/2)
+    if variant.rope_angles_bf16:
+        angles = _round(_round(positions, "bfloat16")[:, None] * _round(freqs, "bfloat16")[None, :], "bfloat16")
+    else:
+        angles = _f64(positions)[:, None] * freqs[None, :]       # (S, hd/2)
     cos, sin = np.cos(angles)[None, :, None, :], np.sin(angles)[None, :, None, :]
+    if variant.rope_tables_bf16:
+        cos, sin = _round(cos, "bfloat16"), _round(sin, "bfloat16")
+    if variant.rope_rotate_half:
+        half = x.shape[-1] // 2
+        x0, x1 = x[..., :half], x[..., half:]
+        return np.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
     even, odd = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
     out[..., 0::2] = even * cos - odd * sin
@@ -65,7 +133,32 @@ def apply_rope(x, positions, config) -> np.ndarray:
     return out
 
 
-def attention(x, lw: Mapping[str, np.ndarray], config, positions):
+def query_order(config, variant: Variant = EXACT) -> np.ndarray:
+    """The query head in each attention slot; slot p reads kv head p // (h // kv) (Meta's repeat_kv) and its
+    output goes to slot p. Exact: slot p holds head p. With `kv_tile_order`, each device's local query heads are
+    grouped in jnp.tile order: local slot kv_i * group + g holds local head g * kv_local + kv_i (so head j reads
+    kv head j % kv_local) and its output stays in that slot."""
+    h, kv, m = config.n_heads, config.n_kv_heads, variant.shards
+    if not variant.kv_tile_order:
+        return np.arange(h)
+    local_h, local_kv = h // m, max(1, kv // m)
+    group = local_h // local_kv
+    device, slot = np.divmod(np.arange(h), local_h)
+    kv_i, g = np.divmod(slot, group)
+    return device * local_h + g * local_kv + kv_i
+
+
+def _softmax(scores, variant: Variant) -> np.ndarray:
+    if not variant.softmax_in_dtype:
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return scores / scores.sum(axis=-1, keepdims=True)
+    r = functools.partial(_round, dtype=variant.dtype)
+    scores = r(scores)
+    e = r(np.exp(r(scores - scores.max(axis=-1, keepdims=True))))
+    return r(e / r(e.sum(axis=-1, keepdims=True)))
+
+
+def attention(x, lw: Mapping[str, np.ndarray], config, positions, variant: Variant = EXACT):
     """Causal GQA self-attention over the whole sequence x (B, T, D). Returns (wo output, q_rope, k_rope)."""
     x = _f64(x)
     b, t, _ = x.shape
@@ -73,31 +166,43 @@ def attention(x, lw: Mapping[str, np.ndarray], config, positions):
     q = (x @ _f64(lw["wq"]).T).reshape(b, t, h, hd)
     k = (x @ _f64(lw["wk"]).T).reshape(b, t, kv, hd)
     v = (x @ _f64(lw["wv"]).T).reshape(b, t, kv, hd)
-    q, k = apply_rope(q, positions, config), apply_rope(k, positions, config)
+    q, k = apply_rope(q, positions, config, variant), apply_rope(k, positions, config, variant)
     # query head j reads kv head j // (h // kv)
     k_all, v_all = np.repeat(k, h // kv, axis=2), np.repeat(v, h // kv, axis=2)
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k_all) / math.sqrt(hd)
-    scores = np.where(np.tril(np.ones((t, t), dtype=bool)), scores, -np.inf)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
+    scores = np.einsum("bqhd,bkhd->bhqk", q[:, :, query_order(config, variant)], k_all)
+    if variant.scores_in_bf16:
+        scores = _round(scores, "bfloat16")
+    scores = scores / (hd if variant.score_divisor_head_dim else math.sqrt(hd))
+    if variant.scores_in_bf16:
+        scores = _round(scores, "bfloat16")
+    scores = np.where(np.tril(np.ones((t, t), dtype=bool), k=int(variant.causal_sees_next)), scores, -np.inf)
+    probs = _softmax(scores, variant)
     out = np.einsum("bhqk,bkhd->bqhd", probs, v_all).reshape(b, t, h * hd)
-    return out @ _f64(lw["wo"]).T, q, k
+    return _reduced(_split_contraction(out, _f64(lw["wo"]), variant.shards), variant, "wo"), q, k
 
 
-def feed_forward(x, w1, w2, w3) -> np.ndarray:
+def feed_forward(x, w1, w2, w3, variant: Variant = EXACT) -> np.ndarray:
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
     x = _f64(x)
-    gate = x @ _f64(w1).T
-    return (gate / (1 + np.exp(-gate)) * (x @ _f64(w3).T)) @ _f64(w2).T
+    gate, up = x @ _f64(w1).T, x @ _f64(w3).T
+    if variant.gate_up_swapped:
+        gate, up = up, gate
+    if variant.silu_in_dtype:
+        r = functools.partial(_round, dtype=variant.dtype)
+        hidden = r(r(gate) * r(1 / (1 + np.exp(-gate)))) * up
+    else:
+        hidden = gate / (1 + np.exp(-gate)) * up
+    return _reduced(_split_contraction(hidden, _f64(w2), variant.shards), variant, "w2")
 
 
-def block(x, lw: Mapping[str, np.ndarray], config, positions, store: dict | None = None, prefix: str = ""):
+def block(x, lw: Mapping[str, np.ndarray], config, positions, store: dict | None = None, prefix: str = "",
+          variant: Variant = EXACT):
     x = _f64(x)
-    normed = rms_norm(x, lw["attention_norm"], config.norm_eps)
-    attn, q, k = attention(normed, lw, config, positions)
+    normed = rms_norm(x, lw["attention_norm"], config.norm_eps, variant)
+    attn, q, k = attention(normed, lw, config, positions, variant)
     h = x + attn
-    normed2 = rms_norm(h, lw["ffn_norm"], config.norm_eps)
-    mlp = feed_forward(normed2, lw["w1"], lw["w2"], lw["w3"])
+    normed2 = rms_norm(h, lw["ffn_norm"], config.norm_eps, variant)
+    mlp = feed_forward(normed2, lw["w1"], lw["w2"], lw["w3"], variant)
     out = h + mlp
     if store is not None:
         store.update({prefix + "attention_norm": normed, prefix + "q_rope": q, prefix + "k_rope": k,
@@ -110,7 +215,7 @@ def block(x, lw: Mapping[str, np.ndarray], config, positions, store: dict | None
 
 
 def oracle_forward(config, weights: Mapping[str, np.ndarray], tokens, start_pos: int = 0, prefix_tokens=None,
-                   capture: bool = False):
+                   capture: bool = False, variant: Variant = EXACT):
     """float64 logits (B, S, V) for `tokens` (B, S) at positions start_pos .. start_pos+S-1, and the named
     intermediates (reference/layers.py) of those S positions when `capture`.
 
@@ -132,11 +237,14 @@ def oracle_forward(config, weights: Mapping[str, np.ndarray], tokens, start_pos:
         positions = start_pos + np.arange(seqlen)
 
     store: dict = {}
-    h = _f64(weights["tok_embeddings.weight"])[tokens]
+    table = _f64(weights["tok_embeddings.weight"])
+    if variant.vocab_shards_reversed:
+        table = np.concatenate(np.split(table, variant.shards)[::-1])
+    h = table[tokens]
     store["embedding"] = h
     for i in range(config.n_layers):
-        h = block(h, layer_weights(weights, i), config, positions, store, f"layers.{i}.")
-    store["final_norm"] = rms_norm(h, weights["norm.weight"], config.norm_eps)
+        h = block(h, layer_weights(weights, i), config, positions, store, f"layers.{i}.", variant)
+    store["final_norm"] = rms_norm(h, weights["norm.weight"], config.norm_eps, variant)
     store["logits"] = store["final_norm"] @ _f64(weights["output.weight"]).T
     tail = {name: store[name][:, -seqlen:] for name in intermediate_names(config.n_layers)}
     return (tail["logits"], tail) if capture else tail["logits"]
@@ -145,32 +253,33 @@ def oracle_forward(config, weights: Mapping[str, np.ndarray], tokens, start_pos:
 # ---- components, same signatures as reference/meta.py minus dtype ---------------------------------
 
 
-def oracle_rms_norm(x, weight, eps: float) -> np.ndarray:
-    return rms_norm(x, weight, eps)
+def oracle_rms_norm(x, weight, eps: float, variant: Variant = EXACT) -> np.ndarray:
+    return rms_norm(x, weight, eps, variant)
 
 
-def oracle_rope(q, k, config, start_pos: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def oracle_rope(q, k, config, start_pos: int = 0, variant: Variant = EXACT) -> tuple[np.ndarray, np.ndarray]:
     """q (B,S,H,hd) and k (B,S,KV,hd), interleaved layout, rotated for positions start_pos .. start_pos+S-1."""
     positions = start_pos + np.arange(np.shape(q)[1])
-    return apply_rope(q, positions, config), apply_rope(k, positions, config)
+    return apply_rope(q, positions, config, variant), apply_rope(k, positions, config, variant)
 
 
 def oracle_attention(x_chunks: Sequence, layer_weights: Mapping[str, np.ndarray], config,
-                     start_pos: int = 0) -> list[np.ndarray]:
+                     start_pos: int = 0, variant: Variant = EXACT) -> list[np.ndarray]:
     """The chunks as one causal sequence from position start_pos; wo's output split back per chunk."""
     x = np.concatenate([_f64(c) for c in x_chunks], axis=1)
-    out, _, _ = attention(x, layer_weights, config, start_pos + np.arange(x.shape[1]))
+    out, _, _ = attention(x, layer_weights, config, start_pos + np.arange(x.shape[1]), variant)
     bounds = np.cumsum([np.shape(c)[1] for c in x_chunks])[:-1]
     return np.split(out, bounds, axis=1)
 
 
-def oracle_feed_forward(x, w1, w2, w3) -> np.ndarray:
-    return feed_forward(x, w1, w2, w3)
+def oracle_feed_forward(x, w1, w2, w3, variant: Variant = EXACT) -> np.ndarray:
+    return feed_forward(x, w1, w2, w3, variant)
 
 
-def oracle_block(x, layer_weights: Mapping[str, np.ndarray], config, start_pos: int = 0) -> np.ndarray:
-    return block(x, layer_weights, config, start_pos + np.arange(np.shape(x)[1]))
+def oracle_block(x, layer_weights: Mapping[str, np.ndarray], config, start_pos: int = 0,
+                 variant: Variant = EXACT) -> np.ndarray:
+    return block(x, layer_weights, config, start_pos + np.arange(np.shape(x)[1]), variant=variant)
 
 
-def oracle_head(x, norm_weight, output_weight, eps: float) -> np.ndarray:
-    return rms_norm(x, norm_weight, eps) @ _f64(output_weight).T
+def oracle_head(x, norm_weight, output_weight, eps: float, variant: Variant = EXACT) -> np.ndarray:
+    return rms_norm(x, norm_weight, eps, variant) @ _f64(output_weight).T
