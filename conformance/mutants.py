@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import subprocess
 import sys
+import tempfile
 import time
-import types
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -50,11 +52,19 @@ def _rope_with(**changes):
     return frequencies
 
 
+@dataclasses.dataclass(frozen=True)
+class UncheckedScaling:
+    """RopeScaling's fields without its validation, as a loader that never checked them would hold."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
 def _swapped(scaling):
-    """The scaling with low_freq_factor and high_freq_factor swapped: not a valid RopeScaling (it checks), so a
-    plain namespace of its fields, as a loader that never validated them would hold."""
-    return types.SimpleNamespace(**{**dataclasses.asdict(scaling), "low_freq_factor": scaling.high_freq_factor,
-                                    "high_freq_factor": scaling.low_freq_factor})
+    """The scaling with low_freq_factor and high_freq_factor swapped (not a valid RopeScaling)."""
+    return UncheckedScaling(scaling.factor, scaling.high_freq_factor, scaling.low_freq_factor,
+                            scaling.original_max_position_embeddings)
 
 
 def _rope_low_high_swapped(head_dim, theta, scaling):
@@ -273,8 +283,25 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
 ]}
 
 
-def predictions(config, dtype: str, mesh: str, compute: Callable) -> dict:
-    """{name: parity.diagnosis.Prediction} of every predicted deviation that changes this output.
+def combined(*names: str) -> Mutant:
+    """Several catalogued deviations at once (an implementation can have more than one bug), as one hypothesis
+    named 'a+b': their config changes and oracle switches together; nothing to plant."""
+    parts = [MUTANTS[name] for name in names]
+
+    def configure(config):
+        for part in parts:
+            config = part.configure(config) if part.configure else config
+        return config
+
+    switches = {key: value for part in parts for key, value in part.switches.items()}
+    evidence = " and ".join(part.evidence.removeprefix("the float64 oracle with ") for part in parts)
+    return Mutant("+".join(names), " and ".join(part.description for part in parts), None, "", None,
+                  f"the float64 oracle with {evidence}", configure, switches)
+
+
+def predictions(config, dtype: str, mesh: str, compute: Callable, combinations=()) -> dict:
+    """{name: parity.diagnosis.Prediction} of every predicted deviation that changes this output, and of each
+    combination of catalogued names in `combinations` (e.g. [("rmsnorm_eps", "rope_unscaled")]).
 
     compute(config, variant) -> the float64 oracle's output on the failing check's own inputs; it is called once
     exactly and once per predicted deviation (the cost of a diagnosis). A deviation whose prediction equals the
@@ -285,7 +312,7 @@ def predictions(config, dtype: str, mesh: str, compute: Callable) -> dict:
     base = oracle.Variant(dtype=dtype, shards=parse_mesh(mesh)[1] if mesh else 1)
     exact = compute(config, base)
     out = {}
-    for mutant in MUTANTS.values():
+    for mutant in [*MUTANTS.values(), *(combined(*names) for names in combinations)]:
         if not mutant.predicted:
             continue
         changed = mutant.configure(config) if mutant.configure else config
@@ -319,38 +346,53 @@ def planted(name: str):
 FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 
 
-def run_one(name: str, pytest_args: list[str], all_killers: bool) -> tuple[list[str], float, str]:
-    """Run pytest with the mutant planted; the killers are the tests that failed."""
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--mutant", name, "-p", "no:cacheprovider",
-               *([] if all_killers else ["-x"]), *pytest_args]
-    start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True)
-    elapsed = time.monotonic() - start
+def run_one(name: str, pytest_args: list[str], all_killers: bool) -> tuple[list[str], float, str, list[dict]]:
+    """Run pytest with the mutant planted; the killers are the tests that failed, the records its parity JSON."""
+    with tempfile.TemporaryDirectory() as scratch:
+        json_path = Path(scratch) / "parity.json"
+        command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--mutant", name, "-p", "no:cacheprovider",
+                   "--parity-json", str(json_path), *([] if all_killers else ["-x"]), *pytest_args]
+        start = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True)
+        elapsed = time.monotonic() - start
+        records = json.loads(json_path.read_text())["records"] if json_path.exists() else []
     killers = FAILED_LINE.findall(done.stdout)
     if done.returncode not in (0, 1) or (done.returncode == 1 and not killers):
-        return [], elapsed, f"pytest exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-    return killers, elapsed, ""
+        return [], elapsed, f"pytest exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}", records
+    return killers, elapsed, "", records
+
+
+def diagnosis_of(killer: str, records: list[dict]) -> str:
+    """The top diagnosis of the killing test's first diagnosed failing record: its cause, 'no known cause', or
+    'not diagnosed' (a failure no check diagnoses: an error raised, a decode or sharding check)."""
+    failing = [r for r in records if r["test"] == killer and not r["passed"]]
+    diagnosed = [r["diagnosis"] for r in failing if r.get("diagnosis")]
+    if not diagnosed:
+        return "not diagnosed"
+    return diagnosed[0]["cause"] or "no known cause"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.mutants",
                                      description="Run the suite once per planted bug and report which tests "
-                                                 "killed it. Exit 1 when any bug survives.")
+                                                 "killed it and the diagnosis of the first kill. Exit 1 when any "
+                                                 "bug survives.")
     parser.add_argument("--only", action="append", choices=sorted(MUTANTS), help="mutants to run (repeatable)")
     parser.add_argument("--all-killers", action="store_true",
                         help="run every test per mutant instead of stopping at the first failure")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (default: the default test selection)")
     args = parser.parse_args(argv)
     names = args.only or list(MUTANTS)
-    print(f"{'mutant':24} {'verdict':9} {'time':>7}  killed by")
+    print(f"{'mutant':24} {'verdict':9} {'time':>7}  {'diagnosis':24} killed by")
     survivors = 0
     for name in names:
-        killers, elapsed, problem = run_one(name, args.pytest_args, args.all_killers)
+        killers, elapsed, problem, records = run_one(name, args.pytest_args, args.all_killers)
         verdict = "killed" if killers else ("ERROR" if problem else "SURVIVED")
         survivors += not killers
         first = killers[0] if killers else (problem.splitlines()[0] if problem else "-")
         more = f" (+{len(killers) - 1} more)" if len(killers) > 1 else ""
-        print(f"{name:24} {verdict:9} {elapsed:6.1f}s  {first}{more}", flush=True)
+        diagnosis = diagnosis_of(killers[0], records) if killers else "-"
+        print(f"{name:24} {verdict:9} {elapsed:6.1f}s  {diagnosis:24} {first}{more}", flush=True)
         if problem:
             print(problem, file=sys.stderr)
     print(f"{len(names) - survivors} of {len(names)} planted bugs killed")

@@ -123,15 +123,24 @@ def _reference(name: str):
     return _COMPONENTS[name]
 
 
-def diagnosis(dtype: str, mesh: str, compute):
-    """`diagnose=` for parity.assert_parity: the catalogued deviations (conformance/mutants.py) predicted by the
-    float64 oracle on the check's own inputs, compute(config, variant) -> that output; evaluated only when the
-    record fails. It uses only what the check already has, so it works on any --impl adapter."""
+def diagnosis(dtype: str, mesh: str, compute, combinations=()):
+    """`diagnose=` for parity.assert_parity: the catalogued deviations (conformance/mutants.py), and any
+    `combinations` of them, predicted by the float64 oracle on the check's own inputs, compute(config, variant)
+    -> that output; evaluated only when the record fails. It uses only what the check already has, so it works on
+    any --impl adapter."""
     def predict():
         from conformance.mutants import predictions
 
-        return predictions(CONFIG, dtype, mesh, compute)
+        return predictions(CONFIG, dtype, mesh, compute, combinations)
     return predict
+
+
+@functools.lru_cache(maxsize=64)
+def oracle_forward(config, variant, dtype: str, batch: int, seq: int):
+    """The float64 oracle's (logits, intermediates) on the tokens of full_forward under a deviation's config and
+    variant: shared by the logits and intermediates diagnoses of every reference and mesh (hashable keys)."""
+    return oracle.oracle_forward(config, weights(dtype), tokens(batch, seq, seed=16), 0, capture=True,
+                                 variant=variant)
 
 
 # ---- cached (reference result, oracle result) per case --------------------------------------

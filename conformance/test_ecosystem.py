@@ -55,33 +55,18 @@ def _mesh(text):
     return make_mesh(text)
 
 
-def unscaled(config):
-    """The config with plain RoPE (either LlamaConfig generation)."""
-    if "rope_scaling" in getattr(config, "__dataclass_fields__", {}):
-        return config.replace(rope_scaling=None)
-    return config.replace(use_scaled_rope=False)
+# keras-hub's converter has two of the catalogued deviations at once on the rope_parameters style.
+BOTH = [("rmsnorm_eps", "rope_unscaled")]
 
 
-def deviations(config, weights, tokens, name: str | None = None):
-    """The catalogued deviations of a Hugging Face converter, as exact math (the float64 oracle) predicts them:
-    for parity.diagnosis (called only when a record fails)."""
-    from parity.diagnosis import Prediction
-    from reference.oracle import oracle_forward
+def deviations(dtype: str, batch: int, seq: int, name: str | None = None):
+    """The catalogued deviations (conformance/mutants.py) and the converter's two together, as the float64 oracle
+    predicts them on the tokens of support.full_forward: for parity.diagnosis (called only when a record fails)."""
+    def output(config, variant):
+        logits, taps = support.oracle_forward(config, variant, dtype, batch, seq)
+        return logits if name is None else taps[name]
 
-    def predict():
-        out = {}
-        for key, description, changed in (
-                ("rms_norm_eps_1e-6", "RMSNorm eps 1e-6 instead of the config's rms_norm_eps 1e-5",
-                 config.replace(norm_eps=1e-6)),
-                ("rope_unscaled", "Llama 3.1 RoPE scaling not applied", unscaled(config)),
-                ("rms_norm_eps_1e-6+rope_unscaled", "RMSNorm eps 1e-6 and RoPE scaling not applied",
-                 unscaled(config).replace(norm_eps=1e-6))):
-            logits, taps = oracle_forward(changed, weights, tokens, 0, capture=True)
-            value = logits if name is None else taps[name]
-            out[key] = Prediction(description, f"the float64 oracle with {key}", value)
-        return out
-
-    return predict
+    return support.diagnosis(dtype, "1x1", output, BOTH)
 
 
 # ---- the adapter itself is faithful -------------------------------------------------------------------------
@@ -258,7 +243,6 @@ def check_converter_loaded(request, kh, directory, config, case: str, dtype: str
     logits at `dtype`, default bounds, one record per tensor, each failure diagnosed against the converter's
     catalogued deviations (parity.diagnosis)."""
     from adapters.protocol import host
-    from fixtures.weights import canonical_weights
 
     batch, seq = CASES[case]
     tokens = support.tokens(batch, seq, seed=16)
@@ -267,18 +251,17 @@ def check_converter_loaded(request, kh, directory, config, case: str, dtype: str
     (ref_logits, ref_taps), (exact_logits, exact_taps) = support.full_forward("hf", dtype, batch, seq)
     names = [n for n in intermediate_names(config.n_layers) if n != "logits"]
     scope = dict(reference="hf", dtype=dtype, mesh="1x1")
-    weights = support.weights(dtype) if dtype != "float32" else canonical_weights("tiny")
     failures = []
     for name in names:
         try:
             assert_parity(request, component="intermediate", name=name, actual=host(taps[name]),
                           expected=ref_taps[name], oracle=exact_taps[name], **scope,
-                          diagnose=deviations(config, weights, tokens, name))
+                          diagnose=deviations(dtype, batch, seq, name))
         except AssertionError as err:
             failures.append(str(err))
     try:
         assert_parity(request, component="logits", name=f"logits.{case}", actual=host(logits), expected=ref_logits,
-                      oracle=exact_logits, logits=True, **scope, diagnose=deviations(config, weights, tokens))
+                      oracle=exact_logits, logits=True, **scope, diagnose=deviations(dtype, batch, seq))
     except AssertionError as err:
         failures.append(str(err))
     assert not failures, f"{directory.name}, {dtype}: {len(failures)} tensors fail; first:\n" + failures[0]
@@ -303,7 +286,6 @@ def test_converter_loaded_model_matches_hf_at_bfloat16_rope_parameters(request, 
 def test_converter_loaded_rms_norm_matches_hf(request, kh, hf_dirs, style, dtype):
     """The converter-loaded model's attention_norm of layer 0 alone, on the suite's RMSNorm inputs (rows spread
     over [1e-3, 10] in scale, where eps shows), vs HF at each --dtype, diagnosed (eps 1e-6 predicted exactly)."""
-    from parity.diagnosis import Prediction
     from reference.oracle import oracle_rms_norm
     from adapters.protocol import host
 
@@ -311,9 +293,8 @@ def test_converter_loaded_rms_norm_matches_hf(request, kh, hf_dirs, style, dtype
     weight = support.layer(dtype, 0)["attention_norm"]
     expected, exact = support.rms_norm("hf", dtype, 0, "attention_norm")
     actual = _from_preset(kh, hf_dirs[style], dtype).rms_norm(x, 0, "attention_norm")
-    predict = lambda: {"rms_norm_eps_1e-6": Prediction("RMSNorm eps 1e-6 instead of the config's rms_norm_eps 1e-5",
-                                                       "the float64 oracle with eps 1e-6",
-                                                       oracle_rms_norm(x, weight, 1e-6))}  # noqa: E731
+    predict = support.diagnosis(dtype, "1x1", lambda config, variant: oracle_rms_norm(x, weight, config.norm_eps,
+                                                                                    variant))
     assert_parity(request, component="rmsnorm", name="attention_norm", layer=0, actual=host(actual),
                   expected=expected, oracle=exact, reference="hf", dtype=dtype, mesh="1x1", diagnose=predict)
 

@@ -23,9 +23,8 @@ def check_logits(request, adapter, reference, dtype, mesh, case):
     logits = support.run(request, adapter.forward, support.tokens(batch, seq, seed=16), start_pos=0, **scope,
                          name=f"logits.{case}")
     (ref_logits, _), (exact_logits, _) = support.full_forward(reference, dtype, batch, seq)
-    toks = support.tokens(batch, seq, seed=16)
-    diagnose = support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_forward(
-        config, support.weights(dtype), toks, 0, variant=variant))
+    diagnose = support.diagnosis(dtype, mesh, lambda config, variant: support.oracle_forward(
+        config, variant, dtype, batch, seq)[0])
     assert_parity(request, name=f"logits.{case}", actual=protocol.host(logits), expected=ref_logits,
                   oracle=exact_logits, logits=True, **scope, diagnose=diagnose)
 
@@ -44,9 +43,8 @@ def check_intermediates(request, adapter, reference, dtype, mesh, case):
                                     "use the names of reference/layers.py")
     provided = [n for n in known if n in taps]
     if provided:
-        toks = support.tokens(batch, seq, seed=16)
-        diagnose = lambda name: support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_forward(  # noqa: E731
-            config, support.weights(dtype), toks, 0, capture=True, variant=variant)[1][name])
+        diagnose = lambda name: support.diagnosis(dtype, mesh, lambda config, variant: support.oracle_forward(  # noqa: E731
+            config, variant, dtype, batch, seq)[1][name])
         assert_parity_many(request, actual={n: protocol.host(taps[n]) for n in provided},
                            expected={n: ref_taps[n] for n in provided}, oracle=exact_taps, **scope,
                            diagnose=diagnose)

@@ -325,10 +325,25 @@ def summary_lines(records: list[dict], tests: list[dict], json_path: str | None,
         lines.append(f"  {component:<14} {metric} = {value} (bound {bound}, {used:.3g}x)  {label}")
     for record in [r for r in failed_records if r.get("error")][:5]:
         lines.append(f"  error in {record['test']} [{record.get('name')}]: {record['error'].splitlines()[0]}")
+    lines += cause_lines(failed_records, outcomes)
     if gate is not None:
         lines += pb.summary_lines(gate)
     if json_path:
         lines.append(f"parity JSON: {json_path}")
+    return lines
+
+
+def cause_lines(failed_records: list[dict], outcomes: dict[str, str]) -> list[str]:
+    """The probable causes of the failing records (parity.diagnosis, grouped as the report's summary does), when
+    any failing record was diagnosed."""
+    from parity.report import probable_causes
+
+    if not any(r.get("diagnosis") for r in failed_records):
+        return []
+    lines = ["probable causes (failing records / tests):"]
+    for group in probable_causes(failed_records, outcomes)[:8]:
+        about = f" — {group['description']}" if group["description"] else ""
+        lines.append(f"  {group['records']:4d} / {group['tests']:<4d} {group['cause']}{about}")
     return lines
 
 
