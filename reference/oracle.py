@@ -75,6 +75,8 @@ def _reduced(partial_sums, variant: Variant, site: str) -> np.ndarray:
 
 def _split_contraction(x, w, shards: int) -> np.ndarray:
     """x @ w.T as M partial sums over equal slices of the contracted axis (row-parallel), (M, ..., out)."""
+    if shards == 1:
+        return (x @ w.T)[None]
     xs, ws = np.split(x, shards, axis=-1), np.split(w, shards, axis=-1)
     return np.stack([a @ b.T for a, b in zip(xs, ws)])
 
@@ -169,7 +171,8 @@ def attention(x, lw: Mapping[str, np.ndarray], config, positions, variant: Varia
     q, k = apply_rope(q, positions, config, variant), apply_rope(k, positions, config, variant)
     # query head j reads kv head j // (h // kv)
     k_all, v_all = np.repeat(k, h // kv, axis=2), np.repeat(v, h // kv, axis=2)
-    scores = np.einsum("bqhd,bkhd->bhqk", q[:, :, query_order(config, variant)], k_all)
+    scores = np.einsum("bqhd,bkhd->bhqk", q[:, :, query_order(config, variant)] if variant.kv_tile_order else q,
+                       k_all)
     if variant.scores_in_bf16:
         scores = _round(scores, "bfloat16")
     scores = scores / (hd if variant.score_divisor_head_dim else math.sqrt(hd))
