@@ -464,3 +464,23 @@ def test_schema_rejects_malformed_documents():
 def test_schema_agrees_with_jsonschema_when_installed():
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.Draft202012Validator.check_schema(load_schema())
+
+
+def test_terminal_summary_lists_the_probable_causes_of_failing_records():
+    """parity.plugin.cause_lines: failing records grouped by diagnosis, as the report's causes summary; nothing
+    when no failing record was diagnosed."""
+    from parity.plugin import cause_lines
+
+    def failed(test, cause=None, diagnosed=True):
+        diagnosis = {"cause": cause, "summary": "", "hypotheses": [
+            {"name": cause or "x", "description": "RoPE scaling not applied", "residual": 1e-7,
+             "matched": cause is not None}]}
+        return {"test": test, "passed": False, "error": None, **({"diagnosis": diagnosis} if diagnosed else {})}
+
+    records = [failed("t::a", "rope_unscaled"), failed("t::a", "rope_unscaled"), failed("t::b"),
+               failed("t::c", diagnosed=False)]
+    lines = cause_lines(records, {"t::a": "failed", "t::b": "failed", "t::c": "failed"})
+    assert lines[0] == "probable causes (failing records / tests):"
+    assert lines[1].split() == ["2", "/", "1", "rope_unscaled", "—", "RoPE", "scaling", "not", "applied"]
+    assert [line.split()[3] for line in lines[2:]] == ["no", "not"]
+    assert cause_lines([failed("t::c", diagnosed=False)], {"t::c": "failed"}) == []
