@@ -117,6 +117,19 @@ def _decode_writes_one_slot_late(cache, new, index):
     return _original_write_cache(cache, new, index + (new.shape[1] == 1))
 
 
+def _stop_rule_mutants():
+    """Planted in the suite's own generation rules (llama_spec.generation), not in the model: each reference's rule
+    is its library's, so only the comparison with those catches them (conformance/test_stop_tokens.py)."""
+    from llama_spec import generation
+
+    return [
+        Mutant("stop_without_eot", "the suite's stop set lacks <|eot_id|> 128009", generation, "stop_tokens",
+               lambda: (128001, 128008)),
+        Mutant("stop_one_token_late", "a row ends one token after its stop token", generation, "ends",
+               lambda row, stops: len(row) >= 2 and int(row[-2]) in stops),
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Mutant:
     name: str
@@ -158,6 +171,7 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            _decode_writes_one_slot_late),
     Mutant("decode_mask_off_by_one", "decode steps cannot see the token being decoded", layers, "causal_mask",
            _decode_mask_hides_current),
+    *_stop_rule_mutants(),
 ]}
 
 
