@@ -130,6 +130,27 @@ def _stop_rule_mutants():
     ]
 
 
+def _fragile_formulation_mutants():
+    """Formulations right on tame inputs and wrong at real-world magnitudes (fixtures/extremes.py): the extremes
+    cases of the component tests must kill them."""
+    def softmax_without_max(scores, mask):
+        e = jnp.where(mask, jnp.exp(scores.astype(F32)), 0.0)  # exp overflows float32 at scores above 88.7
+        return e / jnp.sum(e, axis=-1, keepdims=True)
+
+    def rms_norm_square_in_activation_dtype(x, weight, eps):
+        squares = x * x  # rounded to the activation dtype, and summed there, before the float32 normalisation
+        mean = jax.lax.reduce(squares, jnp.zeros((), x.dtype), jax.lax.add, (x.ndim - 1,))[..., None] / x.shape[-1]
+        normed = x.astype(F32) * jax.lax.rsqrt(mean.astype(F32) + eps)
+        return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+    return [
+        Mutant("softmax_no_max_subtraction", "attention softmax as exp(scores) / sum, without subtracting the row "
+               "max", layers, "attention_softmax", softmax_without_max),
+        Mutant("rmsnorm_square_in_activation_dtype", "RMSNorm's mean of squares in the activation dtype", layers,
+               "rms_norm", rms_norm_square_in_activation_dtype),
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Mutant:
     name: str
@@ -172,6 +193,7 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
     Mutant("decode_mask_off_by_one", "decode steps cannot see the token being decoded", layers, "causal_mask",
            _decode_mask_hides_current),
     *_stop_rule_mutants(),
+    *_fragile_formulation_mutants(),
 ]}
 
 
