@@ -12,9 +12,11 @@ Both return `llama_spec.generation.Generation`, the type the model under test re
 up to and including the first stop token (at most `max_new_tokens`), and per step the (batch, vocab) float32
 logits that chose them (a row's entries after its stop token mean nothing).
 
-Stopping is Meta's: `Llama3.generate` ends a row at any of its tokenizer's `stop_tokens`; so does the Meta loop
-here, HF is given the same ids as `eos_token_id`, and the model under test takes them as `stop_tokens`
-(default: `meta_stop_tokens()`). A synthetic vocabulary smaller than the first stop id (the tiny preset's 512
+Stopping is each reference's own: `Llama3.generate` ends a row at any of its tokenizer's `stop_tokens`; so
+does the Meta loop here (`meta_stop_tokens()`); HF is given the same ids as `eos_token_id`, or with
+`own_generation_config` stops at its model's generation config (`hf_stop_tokens(DIR)` reads that list from a
+checkpoint's generation_config.json). The model under test stops by the suite's rule (llama_spec.generation),
+which conformance/test_stop_tokens.py compares with these. A synthetic vocabulary smaller than the first stop id (the tiny preset's 512
 with the packaged tokenizer) never stops.
 
 `start_pos` puts each prompt's first token at RoPE position start_pos with nothing before it, so a short run
