@@ -2,8 +2,9 @@
 
 The suite's one decoding loop for the implementation under test, the counterpart of Meta's and HF's own loops
 (reference/generation.py): prompts of different lengths are left-padded into one batch (`step(..., pad=)`),
-one prefill writes every prompt, then one token per step, argmax of the last position's logits. A row ends at
-its first stop token (kept); with a teacher, row i is fed teacher[i][t] at step t instead of its argmax while it
+one prefill writes every prompt, then one token per step, argmax of the last position's logits. A row ends by
+the suite's stop rule (`llama_spec.generation.ends`: at its first stop token, kept; the stop ids default to
+`llama_spec.generation.stop_tokens()`); with a teacher, row i is fed teacher[i][t] at step t instead of its argmax while it
 has one. `start_pos` puts each prompt's first token at that RoPE position with nothing before it
 (`step(..., offset=)`). `pad` and `offset` are passed only when a run needs them, so an adapter whose step takes
 neither still decodes prompts of one length from position 0; `unsupported` says which runs it cannot serve.
@@ -15,6 +16,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from adapters import protocol
+from llama_spec import generation as rules
 from llama_spec.generation import Generation, left_pad
 
 
@@ -41,7 +43,7 @@ def unsupported(adapter, prompts: Sequence[Sequence[int]], start_pos: int = 0) -
     return None
 
 
-def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop_tokens: Collection[int] = (),
+def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop_tokens: Collection[int] | None = None,
            teacher: Sequence[Sequence[int]] | None = None, start_pos: int = 0) -> Generation:
     """Greedy tokens and step logits of `adapter` over its own KV cache; see the module docstring."""
     reason = unsupported(adapter, prompts, start_pos)
@@ -55,7 +57,7 @@ def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, st
     needs = _needs(prompts, start_pos)
     keywords = {**({"pad": pads} if "pad" in needs else {}), **({"offset": start_pos} if "offset" in needs else {})}
     batch, prompt_len = tokens.shape
-    stops = set(int(t) for t in stop_tokens)
+    stops = set(int(t) for t in (rules.stop_tokens() if stop_tokens is None else stop_tokens))
     cache = adapter.init_cache(batch, prompt_len + max_new_tokens)
     logits, cache = adapter.step(tokens, 0, cache, **keywords)
     rows: list[list[int]] = [[] for _ in range(batch)]
@@ -69,7 +71,7 @@ def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, st
                 chosen[i] = teacher[i][step]
             if not done[i]:
                 rows[i].append(int(chosen[i]))
-                done[i] = int(chosen[i]) in stops
+                done[i] = rules.ends(rows[i], stops)
         step_logits.append(last)
         if step == max_new_tokens - 1 or done.all():
             break

@@ -178,6 +178,40 @@ def _decode_writes_one_slot_late(cache, new, index):
     return _original_write_cache(cache, new, index + (new.shape[1] == 1))
 
 
+def _stop_rule_mutants():
+    """Planted in the suite's own generation rules (llama_spec.generation), not in the model: each reference's rule
+    is its library's, so only the comparison with those catches them (conformance/test_stop_tokens.py)."""
+    from llama_spec import generation
+
+    return [
+        Mutant("stop_without_eot", "the suite's stop set lacks <|eot_id|> 128009", generation, "stop_tokens",
+               lambda: (128001, 128008)),
+        Mutant("stop_one_token_late", "a row ends one token after its stop token", generation, "ends",
+               lambda row, stops: len(row) >= 2 and int(row[-2]) in stops),
+    ]
+
+
+def _fragile_formulation_mutants():
+    """Formulations right on tame inputs and wrong at real-world magnitudes (fixtures/extremes.py): the extremes
+    cases of the component tests must kill them."""
+    def softmax_without_max(scores, mask):
+        e = jnp.where(mask, jnp.exp(scores.astype(F32)), 0.0)  # exp overflows float32 at scores above 88.7
+        return e / jnp.sum(e, axis=-1, keepdims=True)
+
+    def rms_norm_square_in_activation_dtype(x, weight, eps):
+        squares = x * x  # rounded to the activation dtype, and summed there, before the float32 normalisation
+        mean = jax.lax.reduce(squares, jnp.zeros((), x.dtype), jax.lax.add, (x.ndim - 1,))[..., None] / x.shape[-1]
+        normed = x.astype(F32) * jax.lax.rsqrt(mean.astype(F32) + eps)
+        return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+    return [
+        Mutant("softmax_no_max_subtraction", "attention softmax as exp(scores) / sum, without subtracting the row "
+               "max", layers, "attention_softmax", softmax_without_max),
+        Mutant("rmsnorm_square_in_activation_dtype", "RMSNorm's mean of squares in the activation dtype", layers,
+               "rms_norm", rms_norm_square_in_activation_dtype),
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Mutant:
     """One catalogued deviation: planted by replacing `target.attribute` with `replacement`; predicted (when
@@ -280,6 +314,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            _decode_writes_one_slot_late),
     Mutant("decode_mask_off_by_one", "decode steps cannot see the token being decoded", layers, "causal_mask",
            _decode_mask_hides_current),
+    *_stop_rule_mutants(),
+    *_fragile_formulation_mutants(),
 ]}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from adapters import protocol
+from fixtures import extremes
 from fixtures.weights import canonical_weights
 from llama_spec.config import preset
 from parity.check import record_failure, record_not_checked
@@ -85,22 +86,34 @@ def layer(dtype: str, index: int) -> dict[str, np.ndarray]:
     return layer_weights(weights(dtype), index)
 
 
-@functools.lru_cache(maxsize=32)
-def activations(dtype: str, seq: int, seed: int, spread: bool = False) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def activations(dtype: str, seq: int, seed: int, spread: bool = False, extreme: str | None = None) -> np.ndarray:
     """(BATCH, seq, dim) inputs; with `spread`, each position is scaled log-uniformly over [1e-3, 10] so that
-    RMSNorm's eps matters for the small rows."""
+    RMSNorm's eps matters for the small rows. `extreme` (fixtures/extremes.py): 'outliers' (channels x 10^3),
+    'dominant' (each state along an output row: one token's probability > 0.999); attention's 'scores' are
+    `attention_chunks`'."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((BATCH, seq, CONFIG.dim)).astype(np.float32)
     if spread:
         x *= 10.0 ** rng.uniform(-3, 1, size=(BATCH, seq, 1)).astype(np.float32)
+    if extreme == "outliers":
+        x = extremes.outlier_channels(x)
+    elif extreme == "dominant":
+        w = canonical_weights("tiny")
+        x = extremes.aligned_with_rows(x, w["output.weight"], w["norm.weight"], seed=seed)
+    elif extreme is not None:
+        raise ValueError(f"extreme={extreme!r}: choose outliers or dominant")
     return rounded(x, dtype)
 
 
 @functools.lru_cache(maxsize=8)
-def heads(dtype: str, seq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """q (BATCH, seq, n_heads, head_dim) and k (BATCH, seq, n_kv_heads, head_dim) for RoPE."""
+def heads(dtype: str, seq: int, seed: int, extreme: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """q (BATCH, seq, n_heads, head_dim) and k (BATCH, seq, n_kv_heads, head_dim) for RoPE; `extreme='peaked'`
+    scales the queries so that their scores reach >= 100."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((BATCH, seq, CONFIG.n_heads, CONFIG.head_dim)).astype(np.float32)
+    if extreme == "peaked":
+        q *= np.float32(extremes.PEAKED_QUERY_SCALE)
     k = rng.standard_normal((BATCH, seq, CONFIG.n_kv_heads, CONFIG.head_dim)).astype(np.float32)
     return rounded(q, dtype), rounded(k, dtype)
 
@@ -146,53 +159,71 @@ def oracle_forward(config, variant, dtype: str, batch: int, seq: int):
 # ---- cached (reference result, oracle result) per case --------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def rms_norm(reference: str, dtype: str, layer_index: int, which: str):
-    x = activations(dtype, 16, seed=11, spread=True)
+def rms_norm(reference: str, dtype: str, layer_index: int, which: str, extreme: str | None = None):
+    x = activations(dtype, 16, seed=11, spread=True, extreme=extreme)
     w = layer(dtype, layer_index)[which]
     return (_reference(reference)[0](x, w, CONFIG.norm_eps, dtype), oracle.oracle_rms_norm(x, w, CONFIG.norm_eps))
 
 
 @functools.lru_cache(maxsize=None)
-def rope(reference: str, dtype: str, start_pos: int):
-    q, k = heads(dtype, 16, seed=12)
+def rope(reference: str, dtype: str, start_pos: int, extreme: str | None = None):
+    q, k = heads(dtype, 16, seed=12, extreme=extreme)
     return (_reference(reference)[1](q, k, CONFIG, dtype, start_pos=start_pos),
             oracle.oracle_rope(q, k, CONFIG, start_pos=start_pos))
 
 
-def attention_chunks(dtype: str, sizes: tuple[int, ...]) -> list[np.ndarray]:
+@functools.lru_cache(maxsize=None)
+def attention_input(dtype: str, sizes: tuple[int, ...], extreme: str | None = None, layer_index: int = 0,
+                    start_pos: int = 0) -> np.ndarray:
+    """(BATCH, sum(sizes), dim) attention inputs; `extreme='scores'`: a long run of one repeated position, scaled
+    so that layer `layer_index`'s largest causal score after 1/sqrt(head_dim) is extremes.TARGET_SCORE (scores
+    are quadratic in the input, so one factor from the oracle's unscaled scores does it)."""
     x = activations(dtype, sum(sizes), seed=13)
+    if extreme is None:
+        return x
+    if extreme != "scores":
+        raise ValueError(f"extreme={extreme!r}: attention inputs know 'scores'")
+    x = extremes.repeated_run(x)
+    _, q, k = oracle.attention(x, layer(dtype, layer_index), CONFIG, start_pos + np.arange(x.shape[1]))
+    return rounded(x * np.sqrt(extremes.TARGET_SCORE / extremes.max_causal_score(q, k)), dtype)
+
+
+def attention_chunks(dtype: str, sizes: tuple[int, ...], extreme: str | None = None, layer_index: int = 0,
+                     start_pos: int = 0) -> list[np.ndarray]:
+    x = attention_input(dtype, sizes, extreme, layer_index, start_pos)
     edges = np.cumsum(sizes)[:-1]
     return np.split(x, edges, axis=1)
 
 
 @functools.lru_cache(maxsize=None)
-def attention(reference: str, dtype: str, layer_index: int, sizes: tuple[int, ...], start_pos: int):
-    chunks = attention_chunks(dtype, sizes)
+def attention(reference: str, dtype: str, layer_index: int, sizes: tuple[int, ...], start_pos: int,
+              extreme: str | None = None):
+    chunks = attention_chunks(dtype, sizes, extreme, layer_index, start_pos)
     lw = layer(dtype, layer_index)
     return (_reference(reference)[2](chunks, lw, CONFIG, dtype, start_pos=start_pos),
             oracle.oracle_attention(chunks, lw, CONFIG, start_pos=start_pos))
 
 
 @functools.lru_cache(maxsize=None)
-def feed_forward(reference: str, dtype: str, layer_index: int):
-    x = activations(dtype, 16, seed=14)
+def feed_forward(reference: str, dtype: str, layer_index: int, extreme: str | None = None):
+    x = activations(dtype, 16, seed=14, extreme=extreme)
     lw = layer(dtype, layer_index)
     return (_reference(reference)[3](x, lw["w1"], lw["w2"], lw["w3"], dtype),
             oracle.oracle_feed_forward(x, lw["w1"], lw["w2"], lw["w3"]))
 
 
 @functools.lru_cache(maxsize=None)
-def block(reference: str, dtype: str, layer_index: int, start_pos: int):
-    x = activations(dtype, 16, seed=15)
+def block(reference: str, dtype: str, layer_index: int, start_pos: int, extreme: str | None = None):
+    x = activations(dtype, 16, seed=15, extreme=extreme)
     lw = layer(dtype, layer_index)
     return (_reference(reference)[4](x, lw, CONFIG, dtype, start_pos=start_pos),
             oracle.oracle_block(x, lw, CONFIG, start_pos=start_pos))
 
 
 @functools.lru_cache(maxsize=None)
-def head(reference: str, dtype: str):
+def head(reference: str, dtype: str, extreme: str | None = None):
     """Final norm and output projection on hidden states spread over [1e-3, 10] in scale."""
-    x = activations(dtype, 16, seed=17, spread=True)
+    x = activations(dtype, 16, seed=17, spread=True, extreme=extreme)
     w = weights(dtype)
     return (_reference(reference)[5](x, w["norm.weight"], w["output.weight"], CONFIG.norm_eps, dtype),
             oracle.oracle_head(x, w["norm.weight"], w["output.weight"], CONFIG.norm_eps))

@@ -2,12 +2,16 @@
 and without the KV cache.
 
 'prefill' is one chunk; 'cached' feeds chunks of 12, 6, 1 and 1 tokens so that later chunks read keys and
-values written by earlier ones; 'pos9000' is one chunk starting past the original RoPE context.
+values written by earlier ones; 'pos9000' is one chunk starting past the original RoPE context; 'extreme' is the
+chunks of 'cached' on inputs with a long run of one repeated position, scaled so that scores after the
+1/sqrt(head_dim) scaling reach >= 100 (asserted on the oracle's q and k; fixtures/extremes.py).
 """
+import numpy as np
 import pytest
 
 from adapters.protocol import host
 from conformance import support
+from fixtures import extremes
 from parity import assert_parity
 from reference import oracle
 
@@ -15,18 +19,25 @@ CASES = {
     "prefill": ((20,), 0),
     "cached": ((12, 6, 1, 1), 0),
     "pos9000": ((20,), 9000),
+    "extreme": ((12, 6, 1, 1), 0, "scores"),
 }
 
 
 def check_attention(request, adapter, reference, dtype, mesh, case, layer_index):
-    sizes, start_pos = CASES[case]
+    sizes, start_pos, *extreme = CASES[case]
+    extreme = extreme[0] if extreme else None
     scope = dict(component="attention", reference=reference, dtype=dtype, mesh=mesh)
     names = [f"{case}.chunk{chunk}" for chunk in range(len(sizes))]
     support.require(request, adapter, "attention", **scope, names=names)
-    chunks = support.attention_chunks(dtype, sizes)
-    actual = support.run(request, adapter.attention, chunks, layer_index,
-                         start_pos, **scope, layer=layer_index, name=case)
-    expected, exact = support.attention(reference, dtype, layer_index, sizes, start_pos)
+    chunks = support.attention_chunks(dtype, sizes, extreme, layer_index, start_pos)
+    if extreme:
+        _, q, k = oracle.attention(np.concatenate(chunks, axis=1), support.layer(dtype, layer_index), support.CONFIG,
+                                   start_pos + np.arange(sum(sizes)))
+        reached = extremes.max_causal_score(q, k)
+        assert reached >= extremes.MIN_SCORE, f"case {case}: scores reach only {reached:.1f}"
+    actual = support.run(request, adapter.attention, chunks, layer_index, start_pos, **scope, layer=layer_index,
+                         name=case)
+    expected, exact = support.attention(reference, dtype, layer_index, sizes, start_pos, extreme)
     if len(actual) != len(expected):
         raise AssertionError(f"component 'attention', layer {layer_index}: {len(sizes)} chunks in, "
                              f"{len(actual)} outputs back")

@@ -193,7 +193,7 @@ def test_load_for_generation_returns_a_matching_tokenizer(written, tiny_config):
 
 def test_hf_without_index_is_one_file(tmp_path, tiny_config, tiny_weights):
     directory = write_hf_checkpoint(tmp_path / "one", tiny_config, tiny_weights, dtype="bfloat16")
-    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     config, weights, tokenizer = load_for_generation(directory)
     assert tokenizer is None
     assert np.array_equal(weights["layers.1.attention.wk.weight"],

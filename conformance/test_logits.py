@@ -4,11 +4,21 @@
 'batch' is two sequences of 48 tokens; 'long' is one sequence of 512 tokens, because RoPE is close to the
 identity at early positions and a partial-RoPE bug can pass short prompts. Intermediates the implementation
 does not capture are reported as not checked (the test ends skipped and names them), never as passed.
+
+Extremes (fixtures/extremes.py): the head on hidden states each along one output row (a dominant token,
+probability > 0.999), and the full model built through the --impl factory from crafted weights on a prompt with a
+long run of one repeated token: outlier channels 10^3 times the rest in the embeddings of a few tokens (massive
+activations), layer 0's scores >= 100, output scaled so that most positions have a token of probability > 0.999
+(each asserted on the float64 oracle's tensors).
 """
+import functools
+
+import numpy as np
 import pytest
 
 from adapters import protocol
 from conformance import support
+from fixtures import extremes
 from parity import assert_parity, assert_parity_many
 from parity.check import record_not_checked
 from reference import oracle
@@ -56,16 +66,17 @@ def check_intermediates(request, adapter, reference, dtype, mesh, case):
         pytest.skip(reason)
 
 
-def check_head(request, adapter, reference, dtype, mesh):
+def check_head(request, adapter, reference, dtype, mesh, extreme=None):
     scope = dict(component="logits", reference=reference, dtype=dtype, mesh=mesh)
-    support.require(request, adapter, "head", **scope, names=["head"])
-    x = support.activations(dtype, 16, seed=17, spread=True)
-    actual = support.run(request, adapter.head, x, **scope, name="head")
-    expected, exact = support.head(reference, dtype)
+    name = "head" if extreme is None else f"head.{extreme}"
+    support.require(request, adapter, "head", **scope, names=[name])
+    x = support.activations(dtype, 16, seed=17, spread=True, extreme=extreme)
+    actual = support.run(request, adapter.head, x, **scope, name=name)
+    expected, exact = support.head(reference, dtype, extreme)
     w = support.weights(dtype)
     diagnose = support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_head(
         x, w["norm.weight"], w["output.weight"], config.norm_eps, variant))
-    assert_parity(request, name="head", actual=protocol.host(actual), expected=expected, oracle=exact,
+    assert_parity(request, name=name, actual=protocol.host(actual), expected=expected, oracle=exact,
                   logits=True, **scope, diagnose=diagnose)
 
 
@@ -87,3 +98,68 @@ def test_head(request, impl, reference, dtype, mesh):
     support.data_split(mesh, support.BATCH)
     adapter = support.subject(request, impl, mesh, dtype, component="logits", reference=reference)
     check_head(request, adapter, reference, dtype, mesh)
+
+
+def test_head_extremes(request, impl, reference, dtype, mesh):
+    """A dominant token at every position: the softmax the KL is taken over is nearly one-hot."""
+    support.data_split(mesh, support.BATCH)
+    _, exact = support.head(reference, dtype, "dominant")
+    assert extremes.top_probability(exact).min() > extremes.MIN_TOP_PROBABILITY
+    adapter = support.subject(request, impl, mesh, dtype, component="logits", reference=reference)
+    check_head(request, adapter, reference, dtype, mesh, extreme="dominant")
+
+
+EXTREME_BATCH, EXTREME_SEQ = 2, 48
+
+
+@functools.lru_cache(maxsize=1)
+def _extreme_case():
+    """(tokens, crafted float32 weights) of the full-model extremes."""
+    tokens = extremes.repeated_tokens(support.tokens(EXTREME_BATCH, EXTREME_SEQ, seed=16))
+    return tokens, extremes.extreme_weights(support.canonical_weights("tiny"), tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _extreme_expected(reference: str, dtype: str):
+    """(reference logits, oracle logits and intermediates) on the crafted weights."""
+    from reference import hf, meta, oracle
+
+    tokens, weights = _extreme_case()
+    if reference == "meta":
+        ref = meta.MetaReference(support.CONFIG, weights, dtype, max_batch_size=EXTREME_BATCH,
+                                 max_seq_len=EXTREME_SEQ).forward(tokens, 0)
+    elif reference == "hf":
+        ref = hf.HFReference(support.CONFIG, weights, dtype).forward(tokens, 0)
+    else:
+        raise ValueError(f"--reference {reference}: full-model references are meta and hf")
+    rounded = {k: support.rounded(v, dtype) for k, v in weights.items()}
+    return ref, oracle.oracle_forward(support.CONFIG, rounded, tokens, 0, capture=True)
+
+
+_extreme_builds: dict = {}
+
+
+def test_logits_extremes(request, impl_factory, reference, dtype, mesh):
+    """The full model on crafted weights reaching all three extremes at once; logits against the reference."""
+    from llama_spec.layout import make_mesh
+
+    support.data_split(mesh, EXTREME_BATCH)
+    if reference == "oracle":
+        pytest.skip("the float64 oracle is consulted for noise_ratio; logits are compared with meta and hf")
+    tokens, weights = _extreme_case()
+    ref_logits, (exact_logits, taps) = _extreme_expected(reference, dtype)
+    outliers = extremes.outlier_ratio(taps["embedding"])
+    scores = extremes.max_causal_score(taps["layers.0.q_rope"], taps["layers.0.k_rope"])
+    dominant = float(np.mean(extremes.top_probability(exact_logits) > extremes.MIN_TOP_PROBABILITY))
+    assert outliers >= extremes.MIN_OUTLIER_RATIO and scores >= extremes.MIN_SCORE and dominant >= extremes.MIN_DOMINANT_SHARE, \
+        f"extremes not reached: outlier ratio {outliers:.3g}, max score {scores:.3g}, share of positions with " \
+        f"p > {extremes.MIN_TOP_PROBABILITY}: {dominant:.2f}"
+    scope = dict(component="logits", reference=reference, dtype=dtype, mesh=mesh)
+    key = (protocol.name_of(impl_factory), mesh, dtype)
+    if key not in _extreme_builds:
+        _extreme_builds[key] = support.run(request, protocol.build, impl_factory, support.CONFIG, weights,
+                                           make_mesh(mesh), dtype, max_batch_size=EXTREME_BATCH,
+                                           max_seq_len=EXTREME_SEQ, **scope, what=f"building --impl on {mesh}")
+    logits = support.run(request, _extreme_builds[key].forward, tokens, start_pos=0, **scope, name="logits.extreme")
+    assert_parity(request, name="logits.extreme", actual=protocol.host(logits), expected=ref_logits,
+                  oracle=exact_logits, logits=True, **scope)

@@ -1,9 +1,15 @@
 """What greedy generation means, for the model under test and the references alike: the result of a run, the
-requests no engine can serve, and the left padding of prompts of different lengths into one batch."""
+stop rule, the requests no engine can serve, and the left padding of prompts of different lengths into one batch.
+
+The stop rule is the suite's own statement of the published one (Llama 3.1 model card and chat format): a row
+ends at the first of end of text, end of message or end of turn, and that token is kept. The references define
+it for themselves (llama-models' `Tokenizer.stop_tokens`, `eos_token_id` of HF's generation_config.json);
+conformance/test_stop_tokens.py compares this statement with both and runs streams that end at each id.
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -12,6 +18,21 @@ import numpy as np
 class Generation:
     tokens: list[list[int]]            # new tokens per prompt, up to and including its first stop token
     step_logits: list[np.ndarray]      # (batch, vocab) float32 logits that chose each new token
+
+
+# Llama 3's stop tokens by name (ids of the Llama 3 tokenizer's special tokens).
+STOP_TOKENS: dict[str, int] = {"<|end_of_text|>": 128001, "<|eom_id|>": 128008, "<|eot_id|>": 128009}
+
+
+def stop_tokens() -> tuple[int, ...]:
+    """The ids at which a greedy row ends, ascending."""
+    return tuple(sorted(STOP_TOKENS.values()))
+
+
+def ends(row: Sequence[int], stops: Collection[int]) -> bool:
+    """Whether a row of new tokens is complete: its last token is a stop token (kept in the row). A decoding loop
+    asks this after appending each token and feeds the row no further once it holds."""
+    return bool(row) and int(row[-1]) in stops
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,

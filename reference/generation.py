@@ -12,9 +12,11 @@ Both return `llama_spec.generation.Generation`, the type the model under test re
 up to and including the first stop token (at most `max_new_tokens`), and per step the (batch, vocab) float32
 logits that chose them (a row's entries after its stop token mean nothing).
 
-Stopping is Meta's: `Llama3.generate` ends a row at any of its tokenizer's `stop_tokens`; so does the Meta loop
-here, HF is given the same ids as `eos_token_id`, and the model under test takes them as `stop_tokens`
-(default: `meta_stop_tokens()`). A synthetic vocabulary smaller than the first stop id (the tiny preset's 512
+Stopping is each reference's own: `Llama3.generate` ends a row at any of its tokenizer's `stop_tokens`; so
+does the Meta loop here (`meta_stop_tokens()`); HF is given the same ids as `eos_token_id`, or with
+`own_generation_config` stops at its model's generation config (`hf_stop_tokens(DIR)` reads that list from a
+checkpoint's generation_config.json). The model under test stops by the suite's rule (llama_spec.generation),
+which conformance/test_stop_tokens.py compares with these. A synthetic vocabulary smaller than the first stop id (the tiny preset's 512
 with the packaged tokenizer) never stops.
 
 `start_pos` puts each prompt's first token at RoPE position start_pos with nothing before it, so a short run
@@ -43,6 +45,25 @@ def meta_stop_tokens() -> tuple[int, ...]:
     from reference.tokenizer import meta_tokenizer
 
     return tuple(int(t) for t in meta_tokenizer().stop_tokens)
+
+
+def hf_stop_tokens(directory) -> tuple[int, ...]:
+    """The ids at which transformers' `generate` ends a row for the checkpoint in `directory`: `eos_token_id` of
+    `GenerationConfig.from_pretrained(directory)` (its generation_config.json), as a tuple (one id or a list)."""
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(directory).eos_token_id
+    return tuple(int(t) for t in ([] if eos is None else [eos] if isinstance(eos, int) else eos))
+
+
+def _limits(reference) -> tuple[int, int]:
+    """(max_seq_len, vocab_size) of a reference, from the suite's config or, for one built by `from_checkpoint`
+    (config None), from what its own library read."""
+    if reference.config is not None:
+        return reference.config.max_seq_len, reference.config.vocab_size
+    if isinstance(reference, HFReference):
+        return reference.hf_config.max_position_embeddings, reference.hf_config.vocab_size
+    return reference.model.params.max_seq_len, reference.model.params.vocab_size
 
 
 def _truncate(row: list[int], stops: Sequence[int], limit: int) -> list[int]:
@@ -102,7 +123,7 @@ def meta_generate(reference: MetaReference, prompts: Sequence[Sequence[int]], ma
     longest prompt (progress display).
     `teacher` (teacher forcing): row i takes teacher[i][t] at step t instead of its argmax while it has one.
     """
-    check_prompts(prompts, max_new_tokens, reference.config.max_seq_len, reference.config.vocab_size, start_pos)
+    check_prompts(prompts, max_new_tokens, *_limits(reference), start_pos)
     if len(prompts) > reference.max_batch_size:
         raise ValueError(f"{len(prompts)} prompts exceed the Meta reference's max_batch_size "
                          f"{reference.max_batch_size}; build MetaReference with a larger one")
@@ -141,7 +162,7 @@ def meta_generate(reference: MetaReference, prompts: Sequence[Sequence[int]], ma
             if done.all():
                 break
             prev = cur
-    zeros = np.zeros(reference.config.vocab_size, np.float32)
+    zeros = np.zeros(_limits(reference)[1], np.float32)
     step_logits = [np.stack([row[step] if step < len(row) else zeros for row in logits_of])
                    for step in range(max(map(len, rows)))]
     return Generation(tokens=rows, step_logits=step_logits)
@@ -150,8 +171,10 @@ def meta_generate(reference: MetaReference, prompts: Sequence[Sequence[int]], ma
 def hf_generate(reference: HFReference, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 on_token: Callable[[int], None] | None = None, start_pos: int = 0,
                 teacher: Sequence[Sequence[int]] | None = None, stop_tokens: Collection[int] | None = None,
-                pad_id: int = 0) -> Generation:
-    """Greedy tokens and step logits from HF `generate(do_sample=False)`, stopping at Meta's stop tokens.
+                pad_id: int = 0, own_generation_config: bool = False) -> Generation:
+    """Greedy tokens and step logits from HF `generate(do_sample=False)`, stopping at Meta's stop tokens, or with
+    `own_generation_config` at the model's own: no eos_token_id is passed, so `generate` stops at the
+    `eos_token_id` of `model.generation_config` (what `from_pretrained` read from generation_config.json).
 
     Prompts are left-padded with `pad_id` (masked out; it must be a valid id, since HF still embeds it).
     `on_token(step)` is called at every step, from a logits processor. `teacher` (teacher forcing): a logits
@@ -160,11 +183,19 @@ def hf_generate(reference: HFReference, prompts: Sequence[Sequence[int]], max_ne
     """
     from transformers import LogitsProcessorList
 
-    check_prompts(prompts, max_new_tokens, reference.config.max_seq_len, reference.config.vocab_size, start_pos)
+    check_prompts(prompts, max_new_tokens, *_limits(reference), start_pos)
     tokens, pads = left_pad(prompts, pad_id)
     mask = np.arange(tokens.shape[1])[None, :] >= pads[:, None]
     _check_teacher(teacher, prompts)
-    stops = sorted(set(meta_stop_tokens() if stop_tokens is None else stop_tokens))
+    if own_generation_config:
+        if stop_tokens is not None:
+            raise ValueError("give stop_tokens or own_generation_config, not both")
+        eos = reference.model.generation_config.eos_token_id
+        stops = sorted({int(t) for t in ([] if eos is None else [eos] if isinstance(eos, int) else eos)})
+        stop_option = {}
+    else:
+        stops = sorted(set(meta_stop_tokens() if stop_tokens is None else stop_tokens))
+        stop_option = {"eos_token_id": list(stops) or None}
 
     def force(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: the teacher's token is the only finite score of its row."""
@@ -184,7 +215,7 @@ def hf_generate(reference: HFReference, prompts: Sequence[Sequence[int]], max_ne
             input_ids=torch.from_numpy(tokens.astype(np.int64)),
             attention_mask=torch.from_numpy(mask.astype(np.int64)),
             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
-            eos_token_id=list(stops) or None, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
+            **stop_option, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None,
             logits_processor=LogitsProcessorList(processors),
             output_logits=True, return_dict_in_generate=True)
     rows = [_truncate(row, stops, max_new_tokens) for row in out.sequences[:, tokens.shape[1]:].tolist()]
