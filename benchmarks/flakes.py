@@ -10,6 +10,7 @@ their ids, when the runs end.
     python -m benchmarks.flakes                                  # the default `pytest -n 2`, 5 runs
     python -m benchmarks.flakes --runs 3 --load 6 -- conformance/test_properties.py conformance/test_metamorphic.py
     python -m benchmarks.flakes --ci                             # as CI runs it: CI=true, the derandomized `ci` profile
+    python -m benchmarks.flakes --fresh-cache                    # run 1 cold, the rest warm, in a new cache directory
 
 Everything after `--` goes to pytest (the default selection when nothing is given). Each run writes
 `run-K.log` (pytest's whole output), `run-K.json` (the parity record, whose `tests` list gives every test's
@@ -151,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="busy processes to run beside the suite, a parallel CPU load (default: none)")
     parser.add_argument("--ci", action="store_true",
                         help="run with CI=true (the derandomized `ci` hypothesis profile); else CI is unset (`dev`)")
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="point $TP_LLAMA_COMPILATION_CACHE at a new directory under --out: run 1 starts cold, "
+                             "later runs find what it wrote (warm), as `python -m benchmarks --only suite` measures")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where the logs go (default: out/flakes/<date-time>)")
     parser.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
@@ -167,12 +171,24 @@ def main(argv=None, log: Callable[[str], None] = print) -> int:
     out = Path(args.out) if args.out else ROOT / "out" / "flakes" / stamp
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    if args.fresh_cache:
+        env["TP_LLAMA_COMPILATION_CACHE"] = str((out / "compilation_cache").resolve())
     if args.ci:
         env["CI"] = "true"
     else:
         env.pop("CI", None)
     load = start_load(args.load)
-    runs = []
+    runs: list[dict] = []
+
+    def write_summary() -> dict[str, dict]:
+        """summary.json after every run, so a stress run stopped early keeps what it measured."""
+        per_test = tally(runs)
+        summary = {"command": pytest_command(args.workers, out / "run-K.json", args.pytest_args)[1:],
+                   "ci": args.ci, "fresh_cache": args.fresh_cache, "load_processes": args.load,
+                   "cpu_count": os.cpu_count(), "runs": runs, "failures_per_test": per_test}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return per_test
+
     try:
         for index in range(1, args.runs + 1):
             shown = " ".join(pytest_command(args.workers, out / f"run-{index}.json", args.pytest_args)[3:])
@@ -181,13 +197,10 @@ def main(argv=None, log: Callable[[str], None] = print) -> int:
             failed = runs[-1]["failed"]
             log(f"flakes: run {index}: {runs[-1]['summary']}; {runs[-1]['wall_s']:.0f} s"
                 + (f"; failed: {', '.join(failed)}" if failed else ""))
+            write_summary()
     finally:
         stop_load(load)
-    per_test = tally(runs)
-    summary = {"command": pytest_command(args.workers, out / "run-K.json", args.pytest_args)[1:],
-               "ci": args.ci, "load_processes": args.load, "cpu_count": os.cpu_count(), "runs": runs,
-               "failures_per_test": per_test}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    per_test = write_summary()
     for line in report_lines(runs, per_test, args.load):
         log(line)
     log(f"flakes: logs and summary.json in {out}")
