@@ -38,8 +38,9 @@ def _rope_tables(model: TPLlama, positions):
     return layers.rope_angles(positions, layers.rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
 
 
-def _positions(batch: int, seq: int, start_pos: int):
-    return jnp.broadcast_to(start_pos + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+def _positions(batch: int, seq: int, start_pos: int) -> np.ndarray:
+    """Host-side (NumPy) like every index input here: eager jnp ops would compile a program per new shape."""
+    return np.broadcast_to(start_pos + np.arange(seq, dtype=np.int32), (batch, seq))
 
 
 def rms_norm(model: TPLlama, params, x, layer: int = 0, which: str = "attention_norm") -> np.ndarray:
@@ -88,12 +89,12 @@ def attention(model: TPLlama, params, x_chunks: Sequence, layer: int = 0, start_
     outputs, slot = [], 0
     for x in x_chunks:
         s = np.shape(x)[1]
-        valid = jnp.broadcast_to(jnp.arange(total) < slot + s, (b, total))
+        valid = np.broadcast_to(np.arange(total) < slot + s, (b, total))
         out, cache = _run(model, ("attention", layer), local,
                           (layer_specs, HIDDEN, TOKENS, TOKENS, TOKENS, (cache_spec, cache_spec), spec(())),
                           (HIDDEN, (cache_spec, cache_spec)),
                           _layer(params, layer)["attention"], jnp.asarray(x, model.dtype),
-                          _positions(b, s, start_pos + slot), valid, _positions(b, s, slot), cache, jnp.int32(slot))
+                          _positions(b, s, start_pos + slot), valid, _positions(b, s, slot), cache, np.int32(slot))
         outputs.append(to_numpy(out))
         slot += s
     return outputs
