@@ -11,6 +11,10 @@ the case it came from, the default and strict bounds and the margin (bound / wor
     python -m benchmarks.drawn_bounds --profile dev -- -k meshes_agree   # more pytest arguments after --
     python -m benchmarks.drawn_bounds --records out/drawn/records.json   # analyse an earlier run again
 
+Beside `python -m fixtures.calibrate --run --thorough` (same draws, bounds judged: the first failing example stops
+its test and hypothesis shrinks it, so the worst value of that test is never reached) this switches bounds off and
+names the case behind every worst value. Folding it into calibrate as an option is left to do.
+
 As a pytest plugin (`-p benchmarks.drawn_bounds`, what the command above adds) it judges nothing and notes
 each example's reproduction per record tag in $DRAWN_BOUNDS_CASES/cases-PID.jsonl.
 """
