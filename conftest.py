@@ -15,12 +15,14 @@ DEFAULT_DTYPES = ("float32", "bfloat16")
 DEFAULT_REFERENCES = ("meta", "hf")
 SIMULATED_CPU_DEVICES = 8
 
-pytest_plugins = ["parity.plugin"]
+pytest_plugins = ["parity.plugin", "parity.compiles"]
 
 # Hypothesis profiles, registered at import so that hypothesis's own `--hypothesis-profile NAME` (applied in its
 # pytest_configure, after this file is imported) can pick one. Without it: `ci` under CI=true, else `dev`.
 # Each derives from hypothesis's "default" profile, not the active one (hypothesis itself activates its own
-# "ci" whenever $CI is set). Model-level properties run a share of max_examples (strategies.model_settings).
+# "ci" whenever $CI is set). Model-level properties run a share of max_examples (strategies.model_settings);
+# under `dev` they take their models and shapes from a small fixed set and draw only the values, so runs reuse
+# compilations (strategies.FIXED_SHAPE_PROFILES); `ci` (derandomized) and `thorough` draw every shape.
 _HYPOTHESIS_BASE = settings(settings.get_profile("default"), deadline=None,
                             suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", _HYPOTHESIS_BASE, derandomize=True, database=None, print_blob=True, max_examples=100)

@@ -3,12 +3,17 @@
 A `Case` is everything one example needs: a small LlamaConfig whose dim, heads, kv heads and head_dim agree
 and whose heads, SwiGLU width and vocab split over the drawn mesh's model axis, the mesh, batch (a multiple
 of the data axis), sequence length, start position (half of the draws past Llama 3.1's original 8192-token
-context, where RoPE scaling shows), dtype and a seed for weights and inputs. Every choice shrinks towards the
-smallest case (1x1, one head of 4, one layer, batch 1, one token, position 0, float32), so a failure shrinks
-to a small config, and `run_case` prints it as a ready-to-paste `@example(...)`.
+context, where RoPE scaling shows), dtype, a seed for the inputs and one for the weights. Every choice shrinks
+towards the smallest case (1x1, one head of 4, one layer, batch 1, one token, position 0, float32), so a
+failure shrinks to a small config, and `run_case` prints it as a ready-to-paste `@example(...)`.
 
-Model-level properties compile XLA programs for every drawn shape; `model_settings()` gives them a fixed
-share of the active hypothesis profile's examples (profiles: conftest.py).
+Model-level properties compile XLA programs for every new shape; `model_settings()` gives them a fixed
+share of the active hypothesis profile's examples (profiles: conftest.py). Under the developer profile
+(FIXED_SHAPE_PROFILES: `dev`) the model and every shape come from a small fixed set (FIXED_MODELS:
+one config, its weights, batch and length per mesh, on three meshes), and only the values are drawn: inputs,
+positions, dtype. Every run, test and worker then reuses the same models and XLA programs (in memory, and across runs
+through the persistent compilation cache). `ci` draws every field too, derandomized (the same configs every run,
+so CI reuses its compilations across runs and keeps its config variety); `thorough` draws every field at random.
 """
 from __future__ import annotations
 
@@ -38,6 +43,15 @@ MESHES = ("1x1", "1x2", "2x1", "1x4", "2x2", "4x1", "1x8", "2x4", "4x2", "8x1")
 DTYPES = ("float32", "bfloat16")
 # A model-level example costs about a second of XLA compilation; a cheap one (the tokenizer fuzz) microseconds.
 COMPILE_SHARE = 20
+# Profiles whose model-level draws take the model and the shapes from `fixed_shapes` (see the docstring).
+FIXED_SHAPE_PROFILES = ("dev",)
+# Chunkings of the chunked-prefill relation under those profiles (cut points, folded into 1..seq-1).
+FIXED_CUTS = ((1,), (MAX_SEQ // 2,), (3, 11))
+
+
+def shapes_are_fixed() -> bool:
+    """True under a profile of FIXED_SHAPE_PROFILES: asked when drawing, after pytest chose the profile."""
+    return settings.get_current_profile_name() in FIXED_SHAPE_PROFILES
 
 
 def model_settings() -> settings:
@@ -57,7 +71,8 @@ def config_source(config: LlamaConfig) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One drawn example; its repr is Python that rebuilds it."""
+    """One drawn example; its repr is Python that rebuilds it. `seed` draws the inputs, `weights_seed` the
+    weights (make_weights), so the fixed-shape profiles can keep one model per shape and vary its inputs."""
     config: LlamaConfig
     mesh: str = "1x1"
     batch: int = 1
@@ -65,10 +80,12 @@ class Case:
     start_pos: int = 0
     dtype: str = "float32"
     seed: int = 0
+    weights_seed: int = 0
 
     def __repr__(self) -> str:
         return (f"Case(config={config_source(self.config)}, mesh={self.mesh!r}, batch={self.batch}, "
-                f"seq={self.seq}, start_pos={self.start_pos}, dtype={self.dtype!r}, seed={self.seed})")
+                f"seq={self.seq}, start_pos={self.start_pos}, dtype={self.dtype!r}, seed={self.seed}, "
+                f"weights_seed={self.weights_seed})")
 
     @property
     def tag(self) -> str:
@@ -76,13 +93,14 @@ class Case:
         return f"case{zlib.crc32(repr(self).encode()):08x}"
 
     def weights(self) -> dict[str, np.ndarray]:
-        """make_weights(config, seed) rounded to the run dtype: what every side (and the oracle) computes with."""
-        return _weights(self.config, self.seed, self.dtype)
+        """make_weights(config, weights_seed) rounded to the run dtype: what every side (and the oracle) computes
+        with."""
+        return _weights(self.config, self.weights_seed, self.dtype)
 
     def adapter(self, factory, mesh: str | None = None):
         """The implementation under test (`factory`, the --impl) built for this case on `mesh` (default: the
-        case's), cached across examples and shrinking."""
-        return _adapter(factory, self.config, self.seed, self.dtype, mesh or self.mesh)
+        case's), cached across examples, tests and shrinking: one build per model and mesh in a process."""
+        return _adapter(factory, self.config, self.weights_seed, self.dtype, mesh or self.mesh)
 
     def rng(self, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, stream])
@@ -113,14 +131,16 @@ def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
 
 
-@functools.lru_cache(maxsize=8)
+# Enough for every model the fixed-shape profiles use in one worker (3 meshes x their 1x1 and 1xM runs x 2
+# dtypes); each is a few hundred KB.
+@functools.lru_cache(maxsize=64)
 def _weights(config: LlamaConfig, seed: int, dtype: str) -> dict[str, np.ndarray]:
     from fixtures.weights import make_weights
 
     return {k: rounded(v, dtype) for k, v in make_weights(config, seed).items()}
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def _adapter(factory, config: LlamaConfig, seed: int, dtype: str, mesh: str):
     from adapters import protocol
     from llama_spec.layout import make_mesh
@@ -164,14 +184,17 @@ def start_positions() -> st.SearchStrategy[int]:
     return st.one_of(st.integers(0, 64), st.integers(original, 2 * original))
 
 
+def fitting_meshes(names=MESHES) -> list[str]:
+    """Those of `names` ('DxM') that fit the devices present (ask after JAX has started), or skip the test."""
+    fit = [name for name in names if np.prod(parse_mesh(name)) <= device_count()]
+    if not fit:
+        pytest.skip(f"none of the meshes {list(names)} fits the {device_count()} devices present")
+    return fit
+
+
 def meshes(names=MESHES) -> st.SearchStrategy[str]:
-    """One of `names` ('DxM') that fits the devices present (counted when first drawn, after JAX starts)."""
-    def fitting():
-        fit = [name for name in names if np.prod(parse_mesh(name)) <= device_count()]
-        if not fit:
-            pytest.skip(f"none of the meshes {list(names)} fits the {device_count()} devices present")
-        return st.sampled_from(fit)
-    return st.deferred(fitting)
+    """One of `names` that fits the devices present (counted when first drawn, after JAX starts)."""
+    return st.deferred(lambda: st.sampled_from(fitting_meshes(names)))
 
 
 def batches(data_parallel: int, min_batch: int = 1) -> st.SearchStrategy[int]:
@@ -188,22 +211,82 @@ def dtypes(names=DTYPES) -> st.SearchStrategy[str]:
     return st.sampled_from(names)
 
 
+# The fixed-shape profiles' models, one per mesh role (`fixed_meshes`), with batch (rows per data shard) and
+# sequence length. Each splits over any model axis up to 8 (heads 8 or 16, vocab and SwiGLU width multiples
+# of 8), and between them they hold what the drawn configs can: GQA groups of 2, 4 and 8, kv heads replicated
+# (2 kv heads on 4 or 8 devices) and split (4 on 2 or 4), 1 and 2 layers, head_dim 8 and 16, Llama 3.1 and
+# 3.2 RoPE scaling and none, both thetas and both eps, a SwiGLU multiplier, tokens of every data shard.
+FIXED_MODELS = (
+    # the simplest mesh (1x1, or 1x2 among the tensor-parallel meshes)
+    (LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=136, multiple_of=64), 2, 9),
+    # the widest model axis (1x8): kv heads replicated, the SwiGLU multiplier, Llama 3.2's RoPE scaling
+    (LlamaConfig(dim=128, n_layers=1, n_heads=16, n_kv_heads=2, vocab_size=208, multiple_of=64,
+                 ffn_dim_multiplier=1.3, norm_eps=1e-6, rope_scaling=LLAMA32_ROPE_SCALING), 1, 12),
+    # the 2-D mesh (2x4): kv heads split, RoPE without scaling
+    (LlamaConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=96, multiple_of=64,
+                 rope_theta=10000.0, rope_scaling=None), 2, 16),
+)
+
+
+def fixed_meshes(names=MESHES) -> list[str]:
+    """The meshes of the fixed-shape profiles, of those of `names` that fit, in the roles of FIXED_MODELS: the
+    simplest, the widest model axis, and the 2-D mesh with the most devices (1x1, 1x8, 2x4 of the default list
+    on 8 devices). Fewer when roles coincide."""
+    fit = fitting_meshes(names)
+    sizes = {name: parse_mesh(name) for name in fit}
+    chosen = [fit[0], max(fit, key=lambda name: (sizes[name][1], -sizes[name][0]))]
+    two_d = [name for name in fit if min(sizes[name]) > 1]
+    if two_d:
+        chosen.append(max(two_d, key=lambda name: int(np.prod(sizes[name]))))
+    return list(dict.fromkeys(chosen))
+
+
+def fixed_shape(names, mesh: str, min_batch: int = 1, min_seq: int = 1) -> tuple[LlamaConfig, int, int]:
+    """(config, batch, seq) of the fixed-shape profiles on `mesh`, one of fixed_meshes(names). The config is
+    the role's whatever the minimums (tests with different minimums share the model); batch and seq are
+    raised to them."""
+    config, rows, seq = FIXED_MODELS[fixed_meshes(names).index(mesh)]
+    data = parse_mesh(mesh)[0]
+    return config, max(rows, -(-min_batch // data)) * data, max(seq, min_seq)
+
+
 @st.composite
-def cases(draw, mesh=meshes(), start_pos=start_positions(), dtype=dtypes(), min_batch: int = 1,
+def cases(draw, mesh_names=MESHES, start_pos=start_positions(), dtype=dtypes(), min_batch: int = 1,
           min_seq: int = 1) -> Case:
-    """A Case: the mesh first, then a config its model axis splits and a batch its data axis splits."""
-    mesh_name = draw(mesh)
-    data, model = parse_mesh(mesh_name)
-    batch = draw(batches(data, min_batch))
+    """A Case: the mesh first (one of `mesh_names` that fits), then a config its model axis splits and a batch
+    its data axis splits; under a fixed-shape profile the mesh's fixed model and shape (FIXED_MODELS), so
+    that only the inputs, the position and the dtype are drawn."""
+    if shapes_are_fixed():
+        mesh_name = draw(st.sampled_from(fixed_meshes(mesh_names)))
+        config, batch, seq = fixed_shape(mesh_names, mesh_name, min_batch, min_seq)
+        weights_seed = 0
+    else:
+        mesh_name = draw(st.sampled_from(fitting_meshes(mesh_names)))
+        data, model = parse_mesh(mesh_name)
+        batch = draw(batches(data, min_batch))
+        config = draw(configs(model))
+        seq = draw(seq_lens(min_seq))
+        weights_seed = None
     return Case(
-        config=draw(configs(model)),
+        config=config,
         mesh=mesh_name,
         batch=batch,
-        seq=draw(seq_lens(min_seq)),
+        seq=seq,
         start_pos=draw(start_pos),
         dtype=draw(dtype),
         seed=draw(st.integers(0, 2 ** 16 - 1)),
+        weights_seed=draw(st.integers(0, 2 ** 16 - 1)) if weights_seed is None else weights_seed,
     )
+
+
+def chunk_cuts() -> st.SearchStrategy[list[int]]:
+    """Cut points of a prompt fed through the KV cache in chunks (folded into 1..seq-1 by the test): one or
+    two anywhere, or under a fixed-shape profile one of FIXED_CUTS (a chunk size is a program shape)."""
+    def cuts():
+        if shapes_are_fixed():
+            return st.sampled_from([list(c) for c in FIXED_CUTS])
+        return st.lists(st.integers(1, MAX_SEQ - 1), min_size=1, max_size=2)
+    return st.deferred(cuts)
 
 
 # ---- running one example -------------------------------------------------------------------

@@ -176,3 +176,72 @@ def test_report_renders_every_section_as_markdown():
     assert "| warm | 1x1 | 2.00 | 0.500 | 4.0 | 3 | 3 | 3 | 9.0 |" in text
     assert "`conformance/test_model.py::test_logits[hf-bfloat16-1x4]`" in text
     assert "the roofline uses the fastest, 20.0 GB/s" in text
+
+
+# ---- the flakes stress script and the compile count ----------------------------------------------------
+
+def test_flakes_counts_failures_per_test_over_runs(tmp_path):
+    from benchmarks import flakes
+
+    log = "..F\nFAILED conformance/test_a.py::test_x[1x4] - AssertionError: rel_l2 = 3e-4 > 2e-4\nERROR b.py::t\n"
+    assert flakes.failures_from_log(log) == {
+        "conformance/test_a.py::test_x[1x4]": {"outcome": "failed", "message": "AssertionError: rel_l2 = 3e-4 > 2e-4"},
+        "b.py::t": {"outcome": "error", "message": None}}
+    document = {"tests": [{"nodeid": "a::x", "outcome": "failed", "message": "boom"},
+                          {"nodeid": "a::y", "outcome": "passed", "message": None}]}
+    (tmp_path / "run.json").write_text(json.dumps(document))
+    assert flakes.outcomes_from_json(tmp_path / "run.json")["a::x"] == {"outcome": "failed", "message": "boom"}
+    assert flakes.outcomes_from_json(tmp_path / "missing.json") is None
+
+    load = {"start": [9.0, 9.0, 9.0], "end": [10.0, 9.0, 9.0]}
+    runs = [{"run": 1, "code": "abc1234", "exit_code": 1, "wall_s": 60.0, "summary": "1 failed, 1 passed in 60s", "load_average": load,
+             "xla_compilations": "XLA compilations: 3 programs", "failed": {"a::x": {"outcome": "failed",
+                                                                                      "message": "boom\nmore"}}},
+            {"run": 2, "exit_code": 0, "wall_s": 50.0, "summary": "2 passed in 50s", "load_average": load,
+             "xla_compilations": None, "failed": {}},
+            {"run": 3, "exit_code": 1, "wall_s": 55.0, "summary": "1 failed, 1 passed in 55s", "load_average": load,
+             "xla_compilations": None, "failed": {"a::x": {"outcome": "failed", "message": "again"}}}]
+    per_test = flakes.tally(runs)
+    assert per_test == {"a::x": {"runs": [1, 3], "message": "boom\nmore"}}
+    lines = flakes.report_lines(runs, per_test, load=4)
+    assert lines[0] == "flakes: 3 runs, 2 failed; 1 tests failed at least once (parallel load: 4 busy processes)"
+    assert "  2/3  a::x  (runs 1, 3)" in lines and "        boom" in lines
+    assert "         XLA compilations: 3 programs" in lines
+    assert lines[1] == "  run 1 (abc1234): exit 1, 60 s, load 10.0, 1 failed, 1 passed in 60s"
+    assert flakes.code_version()[:1].isalnum()
+
+
+def test_flakes_load_processes_start_and_stop():
+    from benchmarks import flakes
+
+    load = flakes.start_load(2)
+    try:
+        assert all(proc.poll() is None for proc in load)
+    finally:
+        flakes.stop_load(load)
+    assert all(proc.returncode is not None for proc in load)
+    assert flakes.parse_args(["--runs", "3", "--load", "6", "--", "-k", "meshes"]).pytest_args == ["-k", "meshes"]
+    with pytest.raises(SystemExit):
+        flakes.parse_args(["--runs", "0"])
+
+
+def test_compile_counter_hears_a_compilation_and_the_summary_sums_workers():
+    import jax
+    import jax.numpy as jnp
+
+    from parity import compiles
+
+    x = jnp.arange(7.0)
+    counter = compiles.CompileCounter()
+    try:
+        fn = jax.jit(lambda x: x * 3 + 1)  # a new function: JAX holds no program for it yet
+        fn(x).block_until_ready()
+        fn(x).block_until_ready()  # the same program, from memory: no event
+        counts = counter.counts()
+    finally:
+        counter.close()
+    assert counts["programs"] == 1 and 0 <= counts["cache_hits"] <= 1
+    line = compiles.summary_line([{"programs": 10, "cache_hits": 4, "seconds": 2.5},
+                                  {"programs": 5, "cache_hits": 0, "seconds": 1.0}])
+    assert line == ("XLA compilations: 15 programs (11 compiled, 4 loaded from the persistent compilation cache), "
+                    "3.5 s, 2 workers")

@@ -15,11 +15,10 @@
 """
 import numpy as np
 from hypothesis import given
-from hypothesis import strategies as st
 
 from adapters.protocol import forward, host, step_accepts
 from conformance import support
-from conformance.strategies import MAX_SEQ, cases, meshes, model_settings, run_case, start_positions
+from conformance.strategies import cases, chunk_cuts, model_settings, run_case, start_positions
 from llama_spec.layout import parse_mesh
 from parity import assert_parity, assert_parity_many
 
@@ -47,7 +46,7 @@ def check_meshes_agree(request, factory, case):
 
 
 @model_settings()
-@given(case=cases(mesh=meshes(TP_MESHES)))
+@given(case=cases(mesh_names=TP_MESHES))
 def test_meshes_agree_with_single_chip(request, impl_factory, case):
     with run_case(request, case=case):
         check_meshes_agree(request, impl_factory, case)
@@ -100,7 +99,7 @@ def check_chunked_prefill(request, factory, case, cuts, start_pos):
 
 
 @model_settings()
-@given(case=cases(min_seq=2), cuts=st.lists(st.integers(1, MAX_SEQ - 1), min_size=1, max_size=2))
+@given(case=cases(min_seq=2), cuts=chunk_cuts())
 def test_chunked_prefill_equals_one_prefill(request, impl, impl_factory, case, cuts):
     _needs(request, impl, "decode", "chunked_prefill")
     # A drawn position past 0 needs the decode step's `offset`; without it the same relation is checked from 0.

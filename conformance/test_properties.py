@@ -117,3 +117,33 @@ def check_model(request, factory, case):
 def test_model_matches_meta(request, impl_factory, case):
     with run_case(request, case=case):
         check_model(request, impl_factory, case)
+
+
+# ---- the fixed shapes of the `dev` profile ----------------------------------------------------------
+
+def test_fixed_models_fit_their_meshes_and_hold_what_the_drawn_configs_vary():
+    """Without compiling: every fixed model splits over the mesh of its role, in every list a test draws from,
+    and between them they cover the fields that decide which code runs."""
+    from conformance import strategies as s
+    from conformance.test_metamorphic import TP_MESHES
+    from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING
+    from llama_spec.layout import check_splittable, parse_mesh
+
+    kv_layouts = set()
+    for names in (s.MESHES, TP_MESHES):
+        meshes = s.fixed_meshes(names)
+        assert meshes == list(dict.fromkeys(meshes)) and set(meshes) <= set(names)
+        for mesh in meshes:
+            data, model = parse_mesh(mesh)
+            config, batch, seq = s.fixed_shape(names, mesh, min_batch=2, min_seq=2)
+            check_splittable(config, model)
+            assert batch % data == 0 and batch >= 2 and seq >= 2 and batch <= s.MAX_ROWS and seq <= s.MAX_SEQ
+            assert s.fixed_shape(names, mesh)[0] == config, "a test's minimums changed the model"
+            if model > 1:
+                kv_layouts.add("replicated" if config.n_kv_heads < model else "split")
+    if s.device_count() >= 4:
+        assert kv_layouts == {"replicated", "split"}
+    configs = [config for config, _, _ in s.FIXED_MODELS]
+    assert {c.rope_scaling for c in configs} == {LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, None} and {c.n_layers for c in configs} == {1, 2}
+    assert {c.rope_theta for c in configs} == {500000.0, 10000.0} and {c.norm_eps for c in configs} == {1e-5, 1e-6}
+    assert all(c.n_heads > c.n_kv_heads for c in configs)  # every one groups queries (GQA)

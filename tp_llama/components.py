@@ -20,9 +20,13 @@ HIDDEN = spec(ACTIVATION_AXES["hidden"])
 TOKENS = spec(ACTIVATION_AXES["tokens"])
 
 
-def _run(model: TPLlama, local_fn, in_specs, out_specs, *args):
-    fn = jax.jit(jax.shard_map(local_fn, mesh=model.mesh, in_specs=in_specs, out_specs=out_specs))
-    return fn(*args)
+def _run(model: TPLlama, key: tuple, local_fn, in_specs, out_specs, *args):
+    """Run `local_fn` in shard_map on the model's mesh, jitted once per model and `key` (the component and what
+    its closure holds), so repeated calls reuse the compiled program; a new model compiles its own."""
+    programs = model.__dict__.setdefault("_component_programs", {})
+    if key not in programs:
+        programs[key] = jax.jit(jax.shard_map(local_fn, mesh=model.mesh, in_specs=in_specs, out_specs=out_specs))
+    return programs[key](*args)
 
 
 def _layer(params, layer: int):
@@ -34,16 +38,17 @@ def _rope_tables(model: TPLlama, positions):
     return layers.rope_angles(positions, layers.rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
 
 
-def _positions(batch: int, seq: int, start_pos: int):
-    return jnp.broadcast_to(start_pos + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+def _positions(batch: int, seq: int, start_pos: int) -> np.ndarray:
+    """Host-side (NumPy) like every index input here: eager jnp ops would compile a program per new shape."""
+    return np.broadcast_to(start_pos + np.arange(seq, dtype=np.int32), (batch, seq))
 
 
 def rms_norm(model: TPLlama, params, x, layer: int = 0, which: str = "attention_norm") -> np.ndarray:
     """One of the layer's RMSNorms (or the final 'norm' with which='norm')."""
     weights = params["norm"] if which == "norm" else _layer(params, layer)[which]
     module = RMSNorm(model.config.dim, model.config.norm_eps)
-    out = _run(model, lambda w, h: module.apply({"params": w}, h), (param_specs(model.config)["norm"], HIDDEN),
-               HIDDEN, weights, jnp.asarray(x, model.dtype))
+    out = _run(model, ("rms_norm",), lambda w, h: module.apply({"params": w}, h),
+               (param_specs(model.config)["norm"], HIDDEN), HIDDEN, weights, jnp.asarray(x, model.dtype))
     return to_numpy(out)
 
 
@@ -60,8 +65,8 @@ def rope(model: TPLlama, q, k, start_pos: int = 0) -> tuple[np.ndarray, np.ndarr
         return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
 
     heads = spec(ACTIVATION_AXES["q_heads"])
-    q_out, k_out = _run(model, local, (heads, heads, TOKENS), (heads, heads), jnp.asarray(q, model.dtype),
-                        jnp.asarray(k_wide, model.dtype), _positions(b, s, start_pos))
+    q_out, k_out = _run(model, ("rope",), local, (heads, heads, TOKENS), (heads, heads),
+                        jnp.asarray(q, model.dtype), jnp.asarray(k_wide, model.dtype), _positions(b, s, start_pos))
     return to_numpy(q_out), to_numpy(k_out)[:, :, ::copies]
 
 
@@ -84,11 +89,12 @@ def attention(model: TPLlama, params, x_chunks: Sequence, layer: int = 0, start_
     outputs, slot = [], 0
     for x in x_chunks:
         s = np.shape(x)[1]
-        valid = jnp.broadcast_to(jnp.arange(total) < slot + s, (b, total))
-        out, cache = _run(model, local, (layer_specs, HIDDEN, TOKENS, TOKENS, TOKENS, (cache_spec, cache_spec),
-                                         spec(())), (HIDDEN, (cache_spec, cache_spec)),
+        valid = np.broadcast_to(np.arange(total) < slot + s, (b, total))
+        out, cache = _run(model, ("attention", layer), local,
+                          (layer_specs, HIDDEN, TOKENS, TOKENS, TOKENS, (cache_spec, cache_spec), spec(())),
+                          (HIDDEN, (cache_spec, cache_spec)),
                           _layer(params, layer)["attention"], jnp.asarray(x, model.dtype),
-                          _positions(b, s, start_pos + slot), valid, _positions(b, s, slot), cache, jnp.int32(slot))
+                          _positions(b, s, start_pos + slot), valid, _positions(b, s, slot), cache, np.int32(slot))
         outputs.append(to_numpy(out))
         slot += s
     return outputs
@@ -96,7 +102,7 @@ def attention(model: TPLlama, params, x_chunks: Sequence, layer: int = 0, start_
 
 def feed_forward(model: TPLlama, params, x, layer: int = 0) -> np.ndarray:
     module = FeedForward(model.dims)
-    out = _run(model, lambda w, h: module.apply({"params": w}, h),
+    out = _run(model, ("feed_forward", layer), lambda w, h: module.apply({"params": w}, h),
                (param_specs(model.config)[f"layers_{layer}"]["feed_forward"], HIDDEN), HIDDEN,
                _layer(params, layer)["feed_forward"], jnp.asarray(x, model.dtype))
     return to_numpy(out)
@@ -109,11 +115,11 @@ def block(model: TPLlama, params, x, layer: int = 0, start_pos: int = 0) -> np.n
 
     def local(w, h, positions):
         cos, sin = _rope_tables(model, positions)
-        slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), positions.shape)
+        slots = jnp.broadcast_to(jnp.arange(positions.shape[1], dtype=jnp.int32), positions.shape)
         return module.apply({"params": w}, h, cos, sin, layers.causal_mask(slots, jnp.ones(positions.shape, bool)))[0]
 
-    out = _run(model, local, (param_specs(model.config)[f"layers_{layer}"], HIDDEN, TOKENS), HIDDEN,
-               _layer(params, layer), jnp.asarray(x, model.dtype), _positions(b, s, start_pos))
+    out = _run(model, ("block", layer), local, (param_specs(model.config)[f"layers_{layer}"], HIDDEN, TOKENS),
+               HIDDEN, _layer(params, layer), jnp.asarray(x, model.dtype), _positions(b, s, start_pos))
     return to_numpy(out)
 
 
@@ -126,6 +132,6 @@ def head(model: TPLlama, params, h) -> np.ndarray:
         return layers.linear(norm.apply({"params": norm_w}, x), out_w["kernel"]).astype(jnp.float32)
 
     specs = param_specs(config)
-    out = _run(model, local, (specs["norm"], specs["output"], HIDDEN), spec(ACTIVATION_AXES["logits"]),
-               params["norm"], params["output"], jnp.asarray(h, model.dtype))
+    out = _run(model, ("head",), local, (specs["norm"], specs["output"], HIDDEN),
+               spec(ACTIVATION_AXES["logits"]), params["norm"], params["output"], jnp.asarray(h, model.dtype))
     return to_numpy(out)
