@@ -319,8 +319,12 @@ pytest_plugins = ["parity.plugin"]
 
 
 def pytest_addoption(parser):
-    parser.addoption("--tolerance-profile", default="default")
-    parser.addoption("--parity-json", default=None)
+    # Where the suite is installed as a package, its pytest11 entry point (conformance.plugin) declares these already.
+    for name in ("--tolerance-profile", "--parity-json"):
+        try:
+            parser.addoption(name, default="default" if name == "--tolerance-profile" else None)
+        except ValueError:
+            pass
 """
 
 INNER_TESTS = """
