@@ -91,8 +91,8 @@ def _join_multiprocess_run(config) -> None:
     """One pytest per process, joined by jax.distributed before any backend starts. Every mesh must span the
     devices of all processes (each takes part in every computation and gather), and only process 0 writes the
     parity files, so records are written once."""
-    from tp_llama import distributed
     from llama_spec.layout import parse_mesh
+    from tp_llama import distributed
 
     try:
         chosen = distributed.settings(config.getoption("coordinator_address"), config.getoption("num_processes"),

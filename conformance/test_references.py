@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from fixtures.weights import make_tokens, make_weights
+from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, preset
 from reference import hf, meta, oracle
 from reference.convert import hf_to_meta, meta_to_hf
 from reference.layers import intermediate_names, layer_weights
-from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, preset
 
 IMPLS = {"meta": meta, "hf": hf}
 REFERENCE_CLASSES = {"meta": meta.MetaReference, "hf": hf.HFReference}

@@ -31,10 +31,10 @@ from typing import Callable, Collection, Sequence
 import numpy as np
 import torch
 
+from llama_spec.generation import Generation, check_prompts, left_pad
 from reference.hf import HFReference
 from reference.meta import MetaReference
 from reference.torch_utils import to_numpy
-from llama_spec.generation import Generation, check_prompts, left_pad
 
 
 def meta_stop_tokens() -> tuple[int, ...]:

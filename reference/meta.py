@@ -42,9 +42,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig, RopeScaling
 from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
-from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig, RopeScaling
 
 _INIT_LOCK = threading.Lock()
 
@@ -61,8 +61,8 @@ def ensure_model_parallel() -> None:
     Safe to call any number of times. Each pytest-xdist worker is its own process and picks its own free port
     (bind to port 0), so workers never collide; a port lost to a race between probing and binding is retried.
     """
-    import torch.distributed as dist
     import fairscale.nn.model_parallel.initialize as fs_init
+    import torch.distributed as dist
 
     with _INIT_LOCK:
         if not dist.is_initialized():

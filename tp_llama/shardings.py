@@ -6,13 +6,12 @@ Every parameter names its logical axes; one table maps logical axes to mesh axes
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Mapping
 
 import numpy as np
 
-from llama_spec.config import LlamaConfig, PRESETS, preset
+from llama_spec.config import PRESETS, LlamaConfig, preset
 from llama_spec.layout import DATA, MODEL, check_splittable, kv_replication, make_mesh, parse_mesh  # noqa: F401
 
 # Logical axes of every parameter, keyed by the last two keys of its path in the parameter tree.
