@@ -312,9 +312,10 @@ def test_converter_loaded_rms_norm_matches_hf(request, kh, hf_dirs, style, dtype
     weight = support.layer(dtype, 0)["attention_norm"]
     expected, exact = support.rms_norm("hf", dtype, 0, "attention_norm")
     actual = _from_preset(kh, hf_dirs[style], dtype).rms_norm(x, 0, "attention_norm")
-    predict = lambda: {"rms_norm_eps_1e-6": Prediction("RMSNorm eps 1e-6 instead of the config's rms_norm_eps 1e-5",
-                                                       "the float64 oracle with eps 1e-6",
-                                                       oracle_rms_norm(x, weight, 1e-6))}  # noqa: E731
+    def predict():
+        return {"rms_norm_eps_1e-6": Prediction("RMSNorm eps 1e-6 instead of the config's rms_norm_eps 1e-5",
+                                                "the float64 oracle with eps 1e-6", oracle_rms_norm(x, weight, 1e-6))}
+
     assert_parity(request, component="rmsnorm", name="attention_norm", layer=0, actual=host(actual),
                   expected=expected, oracle=exact, reference="hf", dtype=dtype, mesh="1x1", diagnose=predict)
 

@@ -1,8 +1,8 @@
 """Meta's official Llama 3 model (pip package llama-models, `llama_models.llama3.model`) as an oracle.
 
 Everything here runs Meta's own modules and functions, unmodified (one exception, below), at the requested dtype
-('float32' or 'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises in
-float32 then casts back before the weight multiply; RoPE rotates in float32 complex64 with float32 phases;
+('float32' or 'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises
+in float32 then casts back before the weight multiply; RoPE rotates in float32 complex64 with float32 phases;
 attention scores are formed at the run dtype and the softmax runs in float32; logits are `.float()`-ed).
 Inputs and outputs are NumPy; outputs are float32 arrays that hold exactly the values computed at the run
 dtype (bfloat16 values are exactly representable in float32).

@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     header = ("parameter", "global shape", "PartitionSpec", "per-device shape", "per-device")
-    table = [(n, str(s), str(tuple(p)), str(l), _human(b)) for n, s, p, l, b in rows]
+    table = [(n, str(s), str(tuple(p)), str(local), _human(b)) for n, s, p, local, b in rows]
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     print(f"preset {args.preset}, mesh {args.mesh} (data x model), {args.dtype}; "
           f"kv heads replicated x{kv_replication(config, parse_mesh(args.mesh)[1])}")
