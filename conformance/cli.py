@@ -24,6 +24,9 @@ from pathlib import Path
 PACKAGE = "conformance"
 PLUGIN = "conformance.plugin"
 DEFAULT_MARKERS = "not slow and not browser and not multihost and not ecosystem"
+# pytest marks an entry-point plugin's packages for assertion rewriting, but this command imported `conformance` (the
+# package itself, not its test modules, which are still rewritten) before pytest started: that one warning is noise.
+QUIET_REWRITE = "ignore:Module already imported so cannot be rewritten; conformance:pytest.PytestAssertRewriteWarning"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +62,7 @@ def pytest_args(argv: Sequence[str], cwd: str | os.PathLike[str], root: str | os
     options, rest = _parser().parse_known_args(list(argv))
     cwd = Path(cwd)
     root = installed_root() if root is None else Path(root)
-    args = ["-p", PLUGIN, "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(root)]
+    args = ["-p", PLUGIN, "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(root), "-W", QUIET_REWRITE]
     if not _has_marker_option(rest):
         args += ["-m", DEFAULT_MARKERS]
     if options.impl:

@@ -21,7 +21,7 @@ def test_arguments_for_an_implementation_and_a_report(tmp_path):
     args = cli.pytest_args(["--impl", "mypkg.adapter:Mine", "--report", "out/parity.html", "--json", "out/p.json",
                             "-k", "rmsnorm", "-n", "2"], cwd=tmp_path, root=root)
     assert args == ["-p", "conformance.plugin", "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(root),
-                    "-m", cli.DEFAULT_MARKERS, "--impl", "mypkg.adapter:Mine",
+                    "-W", cli.QUIET_REWRITE, "-m", cli.DEFAULT_MARKERS, "--impl", "mypkg.adapter:Mine",
                     "--parity-report", str(tmp_path / "out" / "parity.html"),
                     "--parity-json", str(tmp_path / "out" / "p.json"), "-k", "rmsnorm", "-n", "2",
                     "--pyargs", "conformance"]
