@@ -4,8 +4,8 @@ The suite's one decoding loop for the implementation under test, the counterpart
 (reference/generation.py): prompts of different lengths are left-padded into one batch (`step(..., pad=)`),
 one prefill writes every prompt, then one token per step, argmax of the last position's logits. A row ends by
 the suite's stop rule (`llama_spec.generation.ends`: at its first stop token, kept; the stop ids default to
-`llama_spec.generation.stop_tokens()`); with a teacher, row i is fed teacher[i][t] at step t instead of its argmax while it
-has one. `start_pos` puts each prompt's first token at that RoPE position with nothing before it
+`llama_spec.generation.stop_tokens()`); with a teacher, row i is fed teacher[i][t] at step t instead of its argmax
+while it has one. `start_pos` puts each prompt's first token at that RoPE position with nothing before it
 (`step(..., offset=)`). `pad` and `offset` are passed only when a run needs them, so an adapter whose step takes
 neither still decodes prompts of one length from position 0; `unsupported` says which runs it cannot serve.
 """
@@ -43,8 +43,9 @@ def unsupported(adapter, prompts: Sequence[Sequence[int]], start_pos: int = 0) -
     return None
 
 
-def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop_tokens: Collection[int] | None = None,
-           teacher: Sequence[Sequence[int]] | None = None, start_pos: int = 0) -> Generation:
+def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+           stop_tokens: Collection[int] | None = None, teacher: Sequence[Sequence[int]] | None = None,
+           start_pos: int = 0) -> Generation:
     """Greedy tokens and step logits of `adapter` over its own KV cache; see the module docstring."""
     reason = unsupported(adapter, prompts, start_pos)
     if reason:

@@ -168,6 +168,7 @@ def describe(spec: str) -> dict[str, str | None]:
     from importlib import metadata
 
     package = getattr(load(spec), "package", None) or spec.partition(":")[0].split(".")[0]
+    version: str | None
     try:
         version = metadata.version(package)
     except metadata.PackageNotFoundError:

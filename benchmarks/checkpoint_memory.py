@@ -70,10 +70,10 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_num_cpu_devices", 8)
     from fixtures.weights import make_tokens
-    from parity.metrics import compute_metrics
     from llama_spec.checkpoint import load_checkpoint
-    from tp_llama.layerwise import LayerwiseRun, peak_rss_bytes, reset_peak_rss, run_layerwise
     from llama_spec.layout import parse_mesh
+    from parity.metrics import compute_metrics
+    from tp_llama.layerwise import LayerwiseRun, peak_rss_bytes, reset_peak_rss, run_layerwise
 
     with tempfile.TemporaryDirectory(prefix="ckpt8b-") as scratch:
         directory = args.checkpoint_dir

@@ -6,9 +6,12 @@ pytest_plugins = ["parity.plugin"]
 
 
 def pytest_addoption(parser):
-    parser.addoption("--tolerance-profile", default="default")
-    parser.addoption("--parity-json", default=None)
-    parser.addoption("--parity-report", default=None)
-    parser.addoption("--parity-baseline", default=None)
-    parser.addoption("--parity-update-baseline", action="store_true", default=False)
+    # Where the suite is installed as a package, its pytest11 entry point (conformance.plugin) declares these already.
+    for name, kwargs in (("--tolerance-profile", dict(default="default")), ("--parity-json", dict(default=None)),
+                         ("--parity-report", dict(default=None)), ("--parity-baseline", dict(default=None)),
+                         ("--parity-update-baseline", dict(action="store_true", default=False))):
+        try:
+            parser.addoption(name, **kwargs)
+        except ValueError:
+            pass
 """

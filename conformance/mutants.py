@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import re
 import subprocess
 import sys
@@ -283,7 +282,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
     Mutant("rmsnorm_all_axes", "RMSNorm's mean taken over the whole batch, not per token", layers, "rms_norm",
            _rms_norm_over_all_axes, **_switched("RMSNorm mean over all axes", norm_over_all_axes=True)),
     Mutant("kv_group_order", "kv heads repeated in tile order instead of repeat order", layers,
-           "group_query_heads", _kv_groups_interleaved, **_switched("query heads grouped in tile order", kv_tile_order=True)),
+           "group_query_heads", _kv_groups_interleaved,
+           **_switched("query heads grouped in tile order", kv_tile_order=True)),
     Mutant("scores_bf16", "attention scores in bfloat16 when float32 was asked", layers, "attention",
            _attention_scores_in_bf16, **_switched("scores rounded to bfloat16", scores_in_bf16=True)),
     Mutant("softmax_bf16", "attention softmax in the activation dtype", layers, "attention_softmax",

@@ -194,7 +194,8 @@ def test_flakes_counts_failures_per_test_over_runs(tmp_path):
     assert flakes.outcomes_from_json(tmp_path / "missing.json") is None
 
     load = {"start": [9.0, 9.0, 9.0], "end": [10.0, 9.0, 9.0]}
-    runs = [{"run": 1, "code": "abc1234", "exit_code": 1, "wall_s": 60.0, "summary": "1 failed, 1 passed in 60s", "load_average": load,
+    runs = [{"run": 1, "code": "abc1234", "exit_code": 1, "wall_s": 60.0, "summary": "1 failed, 1 passed in 60s",
+             "load_average": load,
              "xla_compilations": "XLA compilations: 3 programs", "failed": {"a::x": {"outcome": "failed",
                                                                                       "message": "boom\nmore"}}},
             {"run": 2, "exit_code": 0, "wall_s": 50.0, "summary": "2 passed in 50s", "load_average": load,

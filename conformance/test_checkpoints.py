@@ -19,14 +19,21 @@ import numpy as np
 import pytest
 import torch
 
+from adapters import protocol
 from fixtures.checkpoints import synthetic_tensor, write_hf_checkpoint, write_meta_checkpoint, write_tokenizer
 from fixtures.weights import make_tokens
-from adapters import protocol
-from parity import assert_parity, assert_parity_many
+from llama_spec.checkpoint import (
+    HF_INDEX,
+    SPLIT_AXIS,
+    CheckpointError,
+    load_checkpoint,
+    load_for_generation,
+    main,
+    split_axis,
+)
 from llama_spec.config import LLAMA32_ROPE_SCALING, LlamaConfig
-from llama_spec.checkpoint import (HF_INDEX, SPLIT_AXIS, CheckpointError, load_checkpoint, load_for_generation,
-                                 main, split_axis)
 from llama_spec.layout import make_mesh
+from parity import assert_parity, assert_parity_many
 from tp_llama.layerwise import run_layerwise
 
 ROOT = Path(__file__).resolve().parents[1]

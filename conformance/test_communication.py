@@ -184,7 +184,7 @@ ENTRY %main (x: f32[2,8,128]) -> f32[2,8,128] {
   %loop = (s32[], f32[2,8,128]) while(%init), condition=%cond, body=%body
   ROOT %result = f32[2,8,128]{2,1,0} get-tuple-element(%loop), index=1
 }
-"""
+"""  # noqa: E501 - HLO text as XLA prints it
 
 
 def test_async_pairs_count_once_and_the_loop_condition_gives_the_trips():

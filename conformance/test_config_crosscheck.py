@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conformance.test_impl import _probe
 from fixtures import published
 from fixtures.checkpoints import write_hf_checkpoint, write_meta_checkpoint
 from fixtures.weights import make_tokens, make_weights
@@ -22,10 +23,9 @@ from llama_spec import config as spec_config
 from llama_spec.checkpoint import load_checkpoint, read_config
 from llama_spec.config import LLAMA32_ROPE_SCALING
 from parity import assert_parity
-from conformance.test_impl import _probe
 from parity.check import assert_config_agrees
-from reference.convert import meta_to_jax
 from reference.config_check import cross_check
+from reference.convert import meta_to_jax
 from reference.hf import HFReference
 from reference.meta import MetaReference
 

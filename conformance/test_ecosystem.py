@@ -132,9 +132,10 @@ def _spec(array) -> tuple:
 def test_variables_carry_keras_hubs_layout_on_each_mesh(kh, tiny_config, tiny_weights):
     """Two meshes over different devices in one process: each adapter's variables live on its own mesh, with the
     partition specs of keras-hub's layout map, and both compute the same logits."""
-    from llama_spec.layout import DATA, MODEL
     import jax
     from jax.sharding import Mesh
+
+    from llama_spec.layout import DATA, MODEL
 
     devices = jax.devices()
     first = Mesh(np.array(devices[:4]).reshape(1, 4), (DATA, MODEL))
@@ -286,8 +287,8 @@ def test_converter_loaded_model_matches_hf_at_bfloat16_rope_parameters(request, 
 def test_converter_loaded_rms_norm_matches_hf(request, kh, hf_dirs, style, dtype):
     """The converter-loaded model's attention_norm of layer 0 alone, on the suite's RMSNorm inputs (rows spread
     over [1e-3, 10] in scale, where eps shows), vs HF at each --dtype, diagnosed (eps 1e-6 predicted exactly)."""
-    from reference.oracle import oracle_rms_norm
     from adapters.protocol import host
+    from reference.oracle import oracle_rms_norm
 
     x = support.activations(dtype, 16, seed=11, spread=True)
     weight = support.layer(dtype, 0)["attention_norm"]
@@ -327,6 +328,7 @@ def test_converter_with_tied_embeddings_matches_hf(request, kh, tmp_path, tiny_c
     RMSNorm eps set to keras-hub's default so that only the tying is under test."""
     import torch
     import transformers
+
     from adapters.keras_hub.checkpoint import write_hf
 
     config = tiny_config.replace(norm_eps=1e-6)

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from adapters import protocol
 from conformance import support
 from conformance.test_attention import check_attention
 from conformance.test_logits import check_intermediates, check_logits
 from conformance.test_rmsnorm import check_rmsnorm
+from llama_spec.layout import make_mesh
 from parity import assert_parity
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY
-from adapters import protocol
-from llama_spec.layout import make_mesh
 
 EXAMPLE = "examples.simple_llama.adapter:SimpleLlamaAdapter"
 

@@ -151,7 +151,8 @@ def test_logits_extremes(request, impl_factory, reference, dtype, mesh):
     outliers = extremes.outlier_ratio(taps["embedding"])
     scores = extremes.max_causal_score(taps["layers.0.q_rope"], taps["layers.0.k_rope"])
     dominant = float(np.mean(extremes.top_probability(exact_logits) > extremes.MIN_TOP_PROBABILITY))
-    assert outliers >= extremes.MIN_OUTLIER_RATIO and scores >= extremes.MIN_SCORE and dominant >= extremes.MIN_DOMINANT_SHARE, \
+    assert (outliers >= extremes.MIN_OUTLIER_RATIO and scores >= extremes.MIN_SCORE
+            and dominant >= extremes.MIN_DOMINANT_SHARE), \
         f"extremes not reached: outlier ratio {outliers:.3g}, max score {scores:.3g}, share of positions with " \
         f"p > {extremes.MIN_TOP_PROBABILITY}: {dominant:.2f}"
     scope = dict(component="logits", reference=reference, dtype=dtype, mesh=mesh)

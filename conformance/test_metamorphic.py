@@ -39,8 +39,8 @@ def check_meshes_agree(request, factory, case):
         runs[mesh] = host(logits), {f"{case.tag}.{k}": host(v) for k, v in taps.items()}
     (logits, taps), (base_logits, base_taps) = runs[case.mesh], runs["1x1"]
     if taps or base_taps:
-        assert_parity_many(request, component="tp_invariance", actual=taps, expected=base_taps, reference=DRAWN_SINGLE_CHIP,
-                           dtype=case.dtype, mesh=case.mesh)
+        assert_parity_many(request, component="tp_invariance", actual=taps, expected=base_taps,
+                           reference=DRAWN_SINGLE_CHIP, dtype=case.dtype, mesh=case.mesh)
     assert_parity(request, component="tp_invariance", name=f"{case.tag}.logits", actual=logits,
                   expected=base_logits, reference=DRAWN_SINGLE_CHIP, dtype=case.dtype, mesh=case.mesh, logits=True)
 

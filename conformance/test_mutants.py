@@ -3,7 +3,8 @@
 Each case plants one bug from conformance/mutants.py, runs one component check on a fresh model (compiled
 functions are never shared with the unplanted runs) and requires the check to fail on the component the bug
 lives in. A missing all-reduce is stopped earlier, by JAX itself: shard_map refuses to return as replicated a
-value that was never summed over the model axis. `python -m conformance.mutants` runs the whole catalogue against the whole suite.
+value that was never summed over the model axis. `python -m conformance.mutants` runs the whole catalogue against
+the whole suite.
 """
 import types
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from fixtures.weights import make_tokens, make_weights
+from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, preset
 from reference import hf, meta, oracle
 from reference.convert import hf_to_meta, meta_to_hf
 from reference.layers import intermediate_names, layer_weights
-from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, preset
 
 IMPLS = {"meta": meta, "hf": hf}
 REFERENCE_CLASSES = {"meta": meta.MetaReference, "hf": hf.HFReference}
@@ -335,7 +335,8 @@ def test_metas_scaling_patch_is_metas_own_at_llama31():
     for head_dim in (4, 16, 64, 128):
         for theta in (10000.0, 500000.0):
             freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-            assert torch.equal(meta._apply_scaling(freqs, LLAMA31_ROPE_SCALING), apply_scaling(freqs)), (head_dim, theta)
+            same = torch.equal(meta._apply_scaling(freqs, LLAMA31_ROPE_SCALING), apply_scaling(freqs))
+            assert same, (head_dim, theta)
 
 
 def test_llama32_scaling_agrees_across_references_and_bites(tiny, component_inputs):

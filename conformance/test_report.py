@@ -759,8 +759,8 @@ def test_plugin_writes_the_report_under_xdist_with_failures(pytester, monkeypatc
     assert f"rel_l2 = 1.000e+00 > {bound('mlp', 'float32', 'rel_l2', 'hf', '1x1'):.3e}" in problems[
         "test_inner.py::test_scale_bug"]
     assert squash(dom.one("div", cls="verdict").text()).startswith("FAIL")
-    assert squash(dom.one("title").text()) == ("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter (tp_llama version "
-                                               "not recorded)")
+    assert squash(dom.one("title").text()) == ("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter "
+                                               "(tp_llama version not recorded)")
     assert document["environment"]["seeds"] == {"weights": 17}  # noted on a worker, shipped to the controller
     assert "weights=17" in dom.one("section", id="environment").text()
 

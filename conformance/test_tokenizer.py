@@ -122,7 +122,8 @@ CORPUS = {
     "turkish_czech_persian": "Bu önemli ektedir. Známe jeho dům. ایران و تهران",
     "thai_no_spaces": "ภาษาไทยไม่มีการเว้นวรรคระหว่างคำ",
     "cyrillic_greek": "Съешь же ещё этих мягких французских булок. Ελληνικά: αβγ ΑΒΓ ς.",
-    "latin_diacritics_nfc_nfd": "café naïve façade Ångström — and decomposed: cafe\u0301 nai\u0308ve A\u030angstro\u0308m",
+    "latin_diacritics_nfc_nfd": "café naïve façade Ångström — and decomposed: "
+                                "cafe\u0301 nai\u0308ve A\u030angstro\u0308m",
     "whitespace_runs": "a  b   c    d\t\te\t \tf\n\ng\n\n\n\nh",
     "crlf_and_cr": "line one\r\nline two\r\n\r\nline four\rold mac\r\n",
     "trailing_spaces": "trailing spaces   \nand tabs\t\t\nand at the end   ",
@@ -441,9 +442,9 @@ if os.environ.get("CI"):
 FUZZ = settings(**_HYPOTHESIS)
 
 # pieces that stress the split regex: contractions, digit runs, whitespace kinds, scripts, joiners, specials
-_PIECES = ["'s", "'T", "'ll", "'D", "'RE", "'", "s", "t", "ON", "A", " ", "  ", "\t", "\n", "\r\n", "\r", "\u00a0", "\u3000",
-           "\u2028", "0", "1", "9", "12", "٣", "७", "a", "Z", "é", "e\u0301", "ß", "日本", "한", "ع", "ש", "क्ष",
-           "!", ".", "...", "-", "_", "(", "<|", "|>", "<|eot_id|>", "<|begin_of_text|>", "😀", "👍🏽",
+_PIECES = ["'s", "'T", "'ll", "'D", "'RE", "'", "s", "t", "ON", "A", " ", "  ", "\t", "\n", "\r\n", "\r", "\u00a0",
+           "\u3000", "\u2028", "0", "1", "9", "12", "٣", "७", "a", "Z", "é", "e\u0301", "ß", "日本", "한", "ع", "ש",
+           "क्ष", "!", ".", "...", "-", "_", "(", "<|", "|>", "<|eot_id|>", "<|begin_of_text|>", "😀", "👍🏽",
            "\u200d", "👨‍👩‍👧", "🇫🇷", "\ufe0f", "\x00", "\x7f", "\U0010fffd"]
 
 texts = st.one_of(

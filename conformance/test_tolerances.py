@@ -154,8 +154,8 @@ def test_exactly_zero_measurements_need_an_exception_with_a_limit():
     zero = [case(rel_l2=0.0, pcc=1.0), case(ref="hf", rel_l2=4e-6, pcc=1.0)]
     found = problems(zero)
     assert {k[2] for k in found} == {"rel_l2", "pcc"} and math.isinf(found["mlp/float32", "default", "rel_l2"].ratio)
-    exceptions = [{"match": {"entry": "mlp/float32", "metric": "rel_l2"}, "limit": {"strict": 1.5e-6, "default": 2.5e-6},
-                   "why": "bit-identical"},
+    exceptions = [{"match": {"entry": "mlp/float32", "metric": "rel_l2"},
+                   "limit": {"strict": 1.5e-6, "default": 2.5e-6}, "why": "bit-identical"},
                   {"match": {"metric": ["pcc", "cosine"]}, "limit": 0.99998, "why": "implied by rel_l2"}]
     assert problems(zero, exceptions=exceptions) == {}
     found = problems(zero, table=loosened(10), exceptions=exceptions)  # the limit still sees a 10x loosening

@@ -127,7 +127,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def open_pth(path: Path) -> dict:
+def open_pth(path: Path) -> Mapping:
     """`torch.load(path, weights_only=True, mmap=True)`, every failure turned into a one-line CheckpointError."""
     import pickle
 
@@ -481,7 +481,7 @@ def detect_format(directory: str | Path) -> str:
 
 
 def _meta_shards(directory: Path) -> list[Path]:
-    found = {int(_SHARD.fullmatch(p.name).group(1)): p for p in directory.iterdir() if _SHARD.fullmatch(p.name)}
+    found = {int(m.group(1)): p for p in directory.iterdir() if (m := _SHARD.fullmatch(p.name))}
     for index in range(max(found) + 1):
         if index not in found:
             raise CheckpointError(f"{directory / f'consolidated.{index:02d}.pth'}: missing; found {len(found)} "

@@ -76,7 +76,7 @@ class LlamaConfig:
     n_layers: int
     n_heads: int
     vocab_size: int
-    n_kv_heads: int | None = None
+    n_kv_heads: int = None  # type: ignore[assignment]  # None means n_heads: __post_init__ sets it, so it is an int
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5

@@ -18,7 +18,7 @@ DATA, MODEL = "data", "model"
 def meta_weight_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Meta checkpoint (model-parallel size 1) with its shape, in checkpoint order."""
     d, hd, f = config.dim, config.head_dim, config.hidden_dim
-    shapes = {"tok_embeddings.weight": (config.vocab_size, d)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (config.vocab_size, d)}
     for i in range(config.n_layers):
         p = f"layers.{i}."
         shapes.update({

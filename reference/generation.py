@@ -16,8 +16,8 @@ Stopping is each reference's own: `Llama3.generate` ends a row at any of its tok
 does the Meta loop here (`meta_stop_tokens()`); HF is given the same ids as `eos_token_id`, or with
 `own_generation_config` stops at its model's generation config (`hf_stop_tokens(DIR)` reads that list from a
 checkpoint's generation_config.json). The model under test stops by the suite's rule (llama_spec.generation),
-which conformance/test_stop_tokens.py compares with these. A synthetic vocabulary smaller than the first stop id (the tiny preset's 512
-with the packaged tokenizer) never stops.
+which conformance/test_stop_tokens.py compares with these. A synthetic vocabulary smaller than the first stop
+id (the tiny preset's 512 with the packaged tokenizer) never stops.
 
 `start_pos` puts each prompt's first token at RoPE position start_pos with nothing before it, so a short run
 reaches positions past Llama 3.1's original 8192-token context. Each reference's code runs as it is; only
@@ -33,10 +33,10 @@ from typing import Callable, Collection, Sequence
 import numpy as np
 import torch
 
+from llama_spec.generation import Generation, check_prompts, left_pad
 from reference.hf import HFReference
 from reference.meta import MetaReference
 from reference.torch_utils import to_numpy
-from llama_spec.generation import Generation, check_prompts, left_pad
 
 
 def meta_stop_tokens() -> tuple[int, ...]:

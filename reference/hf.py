@@ -33,10 +33,10 @@ import transformers
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama
 
+from llama_spec.config import LlamaConfig
 from reference.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis, meta_to_hf
 from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
-from llama_spec.config import LlamaConfig
 
 
 def hf_config(config: LlamaConfig) -> transformers.LlamaConfig:

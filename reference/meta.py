@@ -1,8 +1,8 @@
 """Meta's official Llama 3 model (pip package llama-models, `llama_models.llama3.model`) as an oracle.
 
 Everything here runs Meta's own modules and functions, unmodified (one exception, below), at the requested dtype
-('float32' or 'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises in
-float32 then casts back before the weight multiply; RoPE rotates in float32 complex64 with float32 phases;
+('float32' or 'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises
+in float32 then casts back before the weight multiply; RoPE rotates in float32 complex64 with float32 phases;
 attention scores are formed at the run dtype and the softmax runs in float32; logits are `.float()`-ed).
 Inputs and outputs are NumPy; outputs are float32 arrays that hold exactly the values computed at the run
 dtype (bfloat16 values are exactly representable in float32).
@@ -42,9 +42,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig, RopeScaling
 from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
-from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig, RopeScaling
 
 _INIT_LOCK = threading.Lock()
 
@@ -61,8 +61,8 @@ def ensure_model_parallel() -> None:
     Safe to call any number of times. Each pytest-xdist worker is its own process and picks its own free port
     (bind to port 0), so workers never collide; a port lost to a race between probing and binding is retried.
     """
-    import torch.distributed as dist
     import fairscale.nn.model_parallel.initialize as fs_init
+    import torch.distributed as dist
 
     with _INIT_LOCK:
         if not dist.is_initialized():

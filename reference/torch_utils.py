@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-
 from typing import Mapping
 
 import numpy as np

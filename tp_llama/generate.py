@@ -10,7 +10,6 @@ Command line (synthetic weights unless --checkpoint-dir is given; `--reference` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

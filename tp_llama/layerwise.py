@@ -111,8 +111,8 @@ def reference_embedding(table, tokens, dtype: str) -> np.ndarray:
     nn.Embedding are both F.embedding over the table at the run dtype), without copying the table to float32."""
     import torch
 
-    from reference.torch_utils import to_numpy
     from llama_spec.checkpoint import numpy_to_torch
+    from reference.torch_utils import to_numpy
 
     with torch.inference_mode():
         return to_numpy(torch.nn.functional.embedding(torch.from_numpy(np.asarray(tokens, np.int64)),
@@ -134,9 +134,9 @@ def reference_head(name: str, x, norm_weight, output_weight, config: LlamaConfig
     stored rather than building a float32 module around it."""
     import torch
 
+    from llama_spec.checkpoint import numpy_to_torch
     from reference import hf, meta
     from reference.torch_utils import to_numpy, to_torch, torch_dtype
-    from llama_spec.checkpoint import numpy_to_torch
 
     rms_norm = {"meta": meta.meta_rms_norm, "hf": hf.hf_rms_norm}[name]
     normed = rms_norm(x, norm_weight, config.norm_eps, dtype)

@@ -16,10 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tp_llama import layers
 from llama_spec.config import LlamaConfig
-from tp_llama.shardings import (ACTIVATION_AXES, DATA, MODEL, check_splittable, kv_replication, param_specs,
-                                parse_mesh, place_params, spec)
+from tp_llama import layers
+from tp_llama.shardings import (
+    ACTIVATION_AXES,
+    DATA,
+    MODEL,
+    check_splittable,
+    kv_replication,
+    param_specs,
+    parse_mesh,
+    place_params,
+    spec,
+)
 
 # Named intermediates per layer, in computation order; also the names every reference captures.
 LAYER_TAPS = ("attention_norm", "q_rope", "k_rope", "attention_out", "ffn_norm", "mlp_out", "block_out")

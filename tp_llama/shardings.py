@@ -6,13 +6,12 @@ Every parameter names its logical axes; one table maps logical axes to mesh axes
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Mapping
 
 import numpy as np
 
-from llama_spec.config import LlamaConfig, PRESETS, preset
+from llama_spec.config import PRESETS, LlamaConfig, preset
 from llama_spec.layout import DATA, MODEL, check_splittable, kv_replication, make_mesh, parse_mesh  # noqa: F401
 
 # Logical axes of every parameter, keyed by the last two keys of its path in the parameter tree.
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     header = ("parameter", "global shape", "PartitionSpec", "per-device shape", "per-device")
-    table = [(n, str(s), str(tuple(p)), str(l), _human(b)) for n, s, p, l, b in rows]
+    table = [(n, str(s), str(tuple(p)), str(local), _human(b)) for n, s, p, local, b in rows]
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     print(f"preset {args.preset}, mesh {args.mesh} (data x model), {args.dtype}; "
           f"kv heads replicated x{kv_replication(config, parse_mesh(args.mesh)[1])}")

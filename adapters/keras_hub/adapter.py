@@ -10,8 +10,8 @@ training config", is not Megatron's:
 | variable | keras-hub layout | Megatron (DESIGN.md section 3) |
 | --- | --- | --- |
 | token_embedding/embeddings (vocab, dim) | ('model', 'data'): vocab on model, dim on data | vocab on model |
-| query/key/value kernel (dim, heads, head_dim) | ('model', 'data', None): *input* dim on model, heads on data | heads on model |
-| attention_output kernel (heads, head_dim, dim) | ('model', None, 'data'): heads on model, output dim on data | heads on model |
+| query/key/value (dim, heads, head_dim) | ('model', 'data', None): input dim on model, heads on data | heads on model |
+| attention_output (heads, head_dim, dim) | ('model', None, 'data'): heads on model, output on data | heads on model |
 | feedforward_gate/intermediate kernel (dim, hidden) | ('data', 'model'): hidden on model | hidden on model |
 | feedforward_output kernel (hidden, dim) | ('model', 'data'): hidden on model | hidden on model |
 | token_embedding/reverse_embeddings (dim, vocab) | not in the map: replicated | vocab on model |
@@ -52,7 +52,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 if keras.config.backend() != "jax":
     raise ImportError(f"adapters.keras_hub needs the JAX backend, but keras was imported with "

@@ -65,7 +65,8 @@ def summary(hlo: str, tokens: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.keras_hub.collectives", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m adapters.keras_hub.collectives",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default="1x4")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--batch", type=int, default=2)

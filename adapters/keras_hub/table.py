@@ -89,8 +89,8 @@ def closeness(record: dict) -> str | None:
     ratio = metrics.get("noise_ratio")
     if failing and ratio is not None and "noise_ratio" in bounds and ratio <= bounds["noise_ratio"]:
         shown = ", ".join(f"{k} {metrics[k]:.2g} (bound {bounds[k]:.2g})" for k in failing)
-        return (f"{shown} against {record['reference']}, but noise_ratio {ratio:.2f} (bound {bounds['noise_ratio']:g}): "
-                f"as close to exact math as the reference, rounded at other points")
+        return (f"{shown} against {record['reference']}, but noise_ratio {ratio:.2f} "
+                f"(bound {bounds['noise_ratio']:g}): as close to exact math as the reference, rounded at other points")
     return None
 
 
@@ -153,7 +153,8 @@ def markdown(documents: list[dict], diagnosed: list[dict], commands: dict[str, s
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows(documents, diagnosed):
         lines.append(f"| `{row['factory'].rpartition(':')[2]}` | {row['dtype']} | {row['run']} | {row['passed']} | "
-                     f"{row['failed']} | {row['not_checked']} | {row['first_failing'] or 'none'} | {row['diagnosis']} |")
+                     f"{row['failed']} | {row['not_checked']} | {row['first_failing'] or 'none'} | "
+                     f"{row['diagnosis']} |")
     lines.append("")
     lines.append(f"Versions: {versions(documents)}.")
     for document in documents:

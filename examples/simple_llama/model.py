@@ -25,7 +25,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 F32 = jnp.float32
 # Finite, so that a query row with every key masked (a left-padding slot) stays finite instead of NaN, which

@@ -1,0 +1,91 @@
+"""`llama-conformance`: the whole conformance battery on an implementation, from any directory.
+
+    llama-conformance --impl mypkg.adapter:MyLlama --report out/parity.html [--json out/parity.json] [pytest args]
+
+runs pytest on the installed `conformance` test package (`--pyargs conformance`, or `--module test_rmsnorm ...` for
+some modules) with the suite's plugin (`-p conformance.plugin`), the default selection of the repository's pytest.ini
+(`-m "not slow and not browser and not multihost and not ecosystem"` unless an `-m` is given) and no configuration
+file of the directory it runs in (`-c os.devnull`: a project's own pytest.ini/pyproject addopts do not leak in),
+rooted where the package is installed, so test ids read `conformance/test_rmsnorm.py::...` as in the repository
+(and a `--parity-baseline` taken there applies).
+The current directory is appended to `sys.path` (after the installed suite, so a project's own `fixtures/` or
+`adapters/` cannot shadow the suite's) so `--impl MODULE:ATTR` imports from it, as under `python -m pytest`. Relative
+`--report`/`--json` paths are the current directory's. Every other argument goes to pytest unchanged (`-k rmsnorm`,
+`-n 2`, `--mesh 1x4`, `--dtype float32`, `-rs`, `--parity-baseline FILE`). The exit status is pytest's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PACKAGE = "conformance"
+PLUGIN = "conformance.plugin"
+DEFAULT_MARKERS = "not slow and not browser and not multihost and not ecosystem"
+# pytest marks an entry-point plugin's packages for assertion rewriting, but this command imported `conformance` (the
+# package itself, not its test modules, which are still rewritten) before pytest started: that one warning is noise.
+QUIET_REWRITE = "ignore:Module already imported so cannot be rewritten; conformance:pytest.PytestAssertRewriteWarning"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-conformance", allow_abbrev=False,
+        description="Run the tensor-parallel Llama 3.1 conformance battery on an implementation (--impl). "
+                    "Arguments not listed here are passed to pytest.",
+        epilog="example: llama-conformance --impl mypkg.adapter:MyLlama --report out/parity.html -n 2 -rs")
+    parser.add_argument("--impl", metavar="MODULE:ATTR",
+                        help="the implementation's adapter factory, importable from the current directory "
+                             "(default: the built-in tp_llama.adapter:TPLlamaAdapter)")
+    parser.add_argument("--report", metavar="HTML", help="write the HTML parity report here (--parity-report)")
+    parser.add_argument("--json", metavar="JSON", help="write the parity record here (--parity-json)")
+    parser.add_argument("--module", action="append", default=[], metavar="NAME",
+                        help="run only this module of the battery, repeatable: test_rmsnorm or "
+                             "conformance.test_rmsnorm (default: every module)")
+    return parser
+
+
+def _has_marker_option(args: Sequence[str]) -> bool:
+    return any(a == "-m" or (a.startswith("-m") and not a.startswith("--")) for a in args)
+
+
+def installed_root() -> Path:
+    """The directory holding the `conformance` package (site-packages, or the repository for an editable install)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def pytest_args(argv: Sequence[str], cwd: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
+                ) -> list[str]:
+    """The pytest command line (without `pytest` itself) that `llama-conformance ARGV` runs in directory `cwd`, the
+    suite's packages living in `root` (default: installed_root())."""
+    options, rest = _parser().parse_known_args(list(argv))
+    cwd = Path(cwd)
+    root = installed_root() if root is None else Path(root)
+    args = ["-p", PLUGIN, "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(root), "-W", QUIET_REWRITE]
+    if not _has_marker_option(rest):
+        args += ["-m", DEFAULT_MARKERS]
+    if options.impl:
+        args += ["--impl", options.impl]
+    if options.report:
+        args += ["--parity-report", str(cwd / options.report)]
+    if options.json:
+        args += ["--parity-json", str(cwd / options.json)]
+    args += rest
+    modules = [m if m.startswith(PACKAGE + ".") else f"{PACKAGE}.{m}" for m in options.module]
+    args += ["--pyargs", *(modules or [PACKAGE])]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import pytest
+
+    cwd = os.getcwd()
+    args = pytest_args(sys.argv[1:] if argv is None else argv, cwd)
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    return int(pytest.main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

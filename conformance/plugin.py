@@ -1,0 +1,286 @@
+"""The suite's pytest plugin: suite-wide CLI options, CPU device simulation, hypothesis profiles and shared fixtures.
+
+Every command-line option of the suite is declared here, so `pytest --help` is the one place to read them. Loaded by
+the repository's root conftest.py (`pytest_plugins`) and, when the suite is installed as a package, by the `pytest11`
+entry point named `conformance.plugin` (pyproject.toml): pytest registers both under that one name, so a run inside
+the repository with the package installed loads it once. It brings parity.plugin (records, JSON, HTML, baseline).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+DEFAULT_MESHES = ("1x1", "1x4")
+DEFAULT_DTYPES = ("float32", "bfloat16")
+DEFAULT_REFERENCES = ("meta", "hf")
+SIMULATED_CPU_DEVICES = 8
+
+pytest_plugins = ["parity.plugin", "parity.compiles"]
+
+# Hypothesis profiles, registered at import so that hypothesis's own `--hypothesis-profile NAME` (applied in its
+# pytest_configure, after this file is imported) can pick one. Without it: `ci` under CI=true, else `dev`.
+# Each derives from hypothesis's "default" profile, not the active one (hypothesis itself activates its own
+# "ci" whenever $CI is set). Model-level properties run a share of max_examples (strategies.model_settings);
+# under `dev` they take their models and shapes from a small fixed set and draw only the values, so runs reuse
+# compilations (strategies.FIXED_SHAPE_PROFILES); `ci` (derandomized) and `thorough` draw every shape.
+_HYPOTHESIS_BASE = settings(settings.get_profile("default"), deadline=None,
+                            suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", _HYPOTHESIS_BASE, derandomize=True, database=None, print_blob=True, max_examples=100)
+settings.register_profile("dev", _HYPOTHESIS_BASE, max_examples=100)
+settings.register_profile("thorough", _HYPOTHESIS_BASE, max_examples=1000)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "dev")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("tp_llama", "tensor-parallel Llama 3.1 conformance")
+    group.addoption("--mesh", action="append", default=None, metavar="DxM",
+                    help=f"mesh data x model, repeatable (default: {' '.join(DEFAULT_MESHES)})")
+    group.addoption("--dtype", action="append", default=None, choices=DEFAULT_DTYPES,
+                    help=f"activation/weight dtype, repeatable (default: {' '.join(DEFAULT_DTYPES)})")
+    group.addoption("--reference", action="append", default=None, choices=("meta", "hf", "oracle"),
+                    help=f"reference implementation, repeatable (default: {' '.join(DEFAULT_REFERENCES)})")
+    group.addoption("--cpu-devices", type=int, default=SIMULATED_CPU_DEVICES, metavar="N",
+                    help="simulated CPU devices when JAX runs on the CPU (default: %(default)s); "
+                         "ignored when JAX_PLATFORMS selects an accelerator")
+    group.addoption("--mutant", default=None, metavar="NAME",
+                    help="plant one bug from conformance/mutants.py into the model for this run "
+                         "(python -m conformance.mutants runs them all)")
+    group.addoption("--tolerance-profile", default="default", choices=("strict", "default"),
+                    help="column of fixtures/tolerances.py to hold results to (default: %(default)s)")
+    group.addoption("--parity-json", default=None, metavar="PATH",
+                    help="write every parity record (metrics, bounds, verdict) and the environment as JSON")
+    group.addoption("--parity-report", default=None, metavar="PATH",
+                    help="write the self-contained HTML parity report (matrix, depth chart, records, environment)")
+    group.addoption("--parity-baseline", default=None, metavar="PATH",
+                    help="fail the run when a case that passed in this baseline fails, or a metric worsens past "
+                         "the slack of fixtures/tolerances.py (committed: fixtures/parity_baseline.json)")
+    group.addoption("--parity-update-baseline", action="store_true", default=False,
+                    help="rewrite the --parity-baseline file from this run instead of judging against it")
+    group.addoption("--checkpoint-dir", default=None, metavar="DIR",
+                    help="test this checkpoint (Meta params.json + consolidated.NN.pth, or HF config.json + "
+                         "*.safetensors; read lazily) instead of the synthetic tiny weights where a test takes "
+                         "`model_weights`")
+    group.addoption("--impl", default=None, metavar="MODULE:ATTR",
+                    help="the JAX Llama implementation under test: every check runs on it through the adapter "
+                         "protocol of adapters/protocol.py, or says 'not checked' and why "
+                         "(default: the built-in tp_llama.adapter:TPLlamaAdapter)")
+    group.addoption("--distributed", action="store_true", default=False,
+                    help="join a JAX multi-controller run, one pytest per process (jax.distributed.initialize); "
+                         "what the three options below leave out JAX detects (TPU pod, SLURM, Open MPI)")
+    group.addoption("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="process 0's coordinator for a multi-process run (env JAX_COORDINATOR_ADDRESS)")
+    group.addoption("--num-processes", type=int, default=None, metavar="N",
+                    help="processes in a multi-process run (env JAX_NUM_PROCESSES)")
+    group.addoption("--process-id", type=int, default=None, metavar="I",
+                    help="this process's index 0..N-1 in a multi-process run (env JAX_PROCESS_ID); process 0 "
+                         "writes the parity files")
+
+
+def _simulate_cpu_devices(count: int) -> None:
+    """Must run before any JAX backend starts; a real accelerator platform is left alone."""
+    platforms = os.environ.get("JAX_PLATFORMS", "cpu")
+    if platforms.split(",")[0] not in ("", "cpu"):
+        return
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def _join_multiprocess_run(config) -> None:
+    """One pytest per process, joined by jax.distributed before any backend starts. Every mesh must span the
+    devices of all processes (each takes part in every computation and gather), and only process 0 writes the
+    parity files, so records are written once."""
+    from llama_spec.layout import parse_mesh
+    from tp_llama import distributed
+
+    try:
+        chosen = distributed.settings(config.getoption("coordinator_address"), config.getoption("num_processes"),
+                                      config.getoption("process_id"), auto=config.getoption("distributed"))
+    except ValueError as err:
+        raise pytest.UsageError(str(err)) from None
+    if chosen is None:
+        return
+    if getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
+        raise pytest.UsageError("a multi-process run is one pytest per process: drop -n (pytest-xdist)")
+    distributed.initialize(chosen)
+    import jax
+
+    devices = jax.device_count()
+    meshes = config.getoption("mesh") or [f"1x{devices}"]
+    for mesh in meshes:
+        try:
+            d, m = parse_mesh(mesh)
+        except ValueError as err:
+            raise pytest.UsageError(f"--mesh: {err}") from None
+        if d * m != devices:
+            raise pytest.UsageError(f"--mesh {mesh}: a multi-process run needs meshes over all {devices} devices of "
+                                    f"its {jax.process_count()} processes, for example --mesh 1x{devices}")
+    config.option.mesh = meshes
+    if jax.process_index() != 0:
+        config.option.parity_json = config.option.parity_report = config.option.parity_baseline = None
+        config.option.parity_update_baseline = False
+
+
+# The repository's pytest.ini declares these too; an installed suite run from another directory (`llama-conformance`)
+# has no such file, so the plugin registers whatever the ini did not.
+MARKERS = {
+    "slow": "large shapes (8B widths); run with -m slow",
+    "multihost": "launches several JAX processes over loopback",
+    "browser": "opens the HTML report in headless Chromium",
+    "ecosystem": "public implementations (keras-hub) in their own environment, requirements-ecosystem.txt",
+}
+FILTERWARNINGS = ("ignore::DeprecationWarning:fairscale.*",)
+
+
+def _register_ini_defaults(config) -> None:
+    declared = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
+    for name, text in MARKERS.items():
+        if name not in declared:
+            config.addinivalue_line("markers", f"{name}: {text}")
+    present = set(config.getini("filterwarnings"))
+    for line in FILTERWARNINGS:
+        if line not in present:
+            config.addinivalue_line("filterwarnings", line)
+
+
+@pytest.hookimpl(tryfirst=True)  # before parity.plugin reads the file options, which _join_multiprocess_run sets
+def pytest_configure(config):
+    _register_ini_defaults(config)
+    from tp_llama.compile_cache import enable_compilation_cache
+
+    _simulate_cpu_devices(config.getoption("cpu_devices"))
+    enable_compilation_cache()  # $TP_LLAMA_COMPILATION_CACHE: the directory, or 'off'
+    _join_multiprocess_run(config)
+    mutant = config.getoption("mutant")
+    if mutant:
+        from conformance import mutants
+
+        try:
+            config.add_cleanup(mutants.apply(mutant))
+        except ValueError as err:
+            raise pytest.UsageError(f"--mutant: {err}") from None
+    for mesh in config.getoption("mesh") or ():
+        if not re.fullmatch(r"\d+x\d+", mesh):
+            raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
+    if config.getoption("checkpoint_dir"):
+        from llama_spec.checkpoint import CheckpointError, load_checkpoint
+
+        try:  # metadata only: a bad checkpoint stops the run with one line, before any test
+            load_checkpoint(config.getoption("checkpoint_dir"))
+        except CheckpointError as err:
+            raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
+    if config.getoption("impl"):
+        from adapters.protocol import AdapterError, load
+
+        try:  # a typo in --impl stops the run with one line, before any test
+            load(config.getoption("impl"))
+        except AdapterError as err:
+            raise pytest.UsageError(str(err)) from None
+
+
+def _chosen(config, name, default):
+    return list(dict.fromkeys(config.getoption(name) or default))
+
+
+def pytest_generate_tests(metafunc):
+    """Fixtures named `mesh`, `dtype` and `reference` are parametrized from the options, in that id order."""
+    config = metafunc.config
+    for name, default in (("reference", DEFAULT_REFERENCES), ("dtype", DEFAULT_DTYPES), ("mesh", DEFAULT_MESHES)):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, _chosen(config, name, default), scope="session")
+
+
+# ---- shared fixtures ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from llama_spec.config import preset
+
+    return preset("tiny")
+
+
+WEIGHT_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(request, tiny_config):
+    """The canonical Meta-layout weight set every conformance test shares (its seed goes into the report)."""
+    from fixtures.weights import canonical_weights
+    from parity.plugin import note_seed
+
+    note_seed(request.config, "weights", WEIGHT_SEED)
+    return canonical_weights("tiny", seed=WEIGHT_SEED)
+
+
+@pytest.fixture(scope="session")
+def builtin_only(request):
+    """For tests of the built-in model's own code (its internals, CLI, benchmarks, planted bugs): under another
+    --impl they are not checked, never run on the built-in model in the other's place."""
+    from adapters import protocol
+
+    spec = request.config.getoption("impl")
+    if spec and protocol.load(spec) is not protocol.load(protocol.BUILTIN):
+        pytest.skip(f"not checked: tests the built-in tp_llama model's own code, not --impl {spec}")
+
+
+@pytest.fixture(scope="session")
+def tp_model(builtin_only, impl):
+    """tp_model(mesh, dtype) -> (TPLlama, placed params) of the built-in model, the very objects `impl` built."""
+    def get(mesh: str, dtype: str):
+        adapter = impl(mesh, dtype)
+        return adapter.model, adapter.params
+
+    return get
+
+
+# The largest batch and longest sequence (positions included) any check asks of the implementation; passed to
+# build() so implementations that size caches or RoPE tables up front can.
+MAX_BATCH_SIZE = 4
+MAX_SEQ_LEN = 16384
+
+
+@pytest.fixture(scope="session")
+def impl_factory(request):
+    """The --impl factory (default: the built-in tp_llama), for checks that build it for their own configs."""
+    from adapters import protocol
+
+    return protocol.load(request.config.getoption("impl") or protocol.BUILTIN)
+
+
+@pytest.fixture(scope="session")
+def impl(impl_factory, tiny_config, tiny_weights):
+    """impl(mesh, dtype) -> the --impl implementation built through the adapter protocol for the tiny config on
+    that mesh, once per session; a build that raised raises again."""
+    from adapters import protocol
+    from llama_spec.layout import make_mesh
+
+    factory = impl_factory
+    built = {}
+
+    def get(mesh: str, dtype: str):
+        if (mesh, dtype) not in built:
+            try:
+                built[mesh, dtype] = protocol.build(factory, tiny_config, tiny_weights, make_mesh(mesh), dtype,
+                                                    max_batch_size=MAX_BATCH_SIZE, max_seq_len=MAX_SEQ_LEN)
+            except Exception as err:  # noqa: BLE001 - kept and raised to every test that asks for this build
+                built[mesh, dtype] = err
+        if isinstance(built[mesh, dtype], Exception):
+            raise built[mesh, dtype]
+        return built[mesh, dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def model_weights(request):
+    """(config, Meta-layout weights): the --checkpoint-dir checkpoint (tensors read from disk on access), or the
+    synthetic tiny preset and its canonical weights."""
+    directory = request.config.getoption("checkpoint_dir")
+    if directory:
+        from llama_spec.checkpoint import load_checkpoint
+
+        return load_checkpoint(directory)
+    return request.getfixturevalue("tiny_config"), request.getfixturevalue("tiny_weights")

@@ -1,0 +1,80 @@
+"""`llama-conformance` (conformance/cli.py): the pytest command line it builds, without running the battery, and the
+packaging that names it (pyproject.toml's console script and pytest11 entry point).
+
+(No argument here may be named `mesh`, `dtype` or `reference`: the suite's plugin parametrizes those.)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformance import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_arguments_for_an_implementation_and_a_report(tmp_path):
+    root = tmp_path / "site-packages"
+    args = cli.pytest_args(["--impl", "mypkg.adapter:Mine", "--report", "out/parity.html", "--json", "out/p.json",
+                            "-k", "rmsnorm", "-n", "2"], cwd=tmp_path, root=root)
+    assert args == ["-p", "conformance.plugin", "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(root),
+                    "-W", cli.QUIET_REWRITE, "-m", cli.DEFAULT_MARKERS, "--impl", "mypkg.adapter:Mine",
+                    "--parity-report", str(tmp_path / "out" / "parity.html"),
+                    "--parity-json", str(tmp_path / "out" / "p.json"), "-k", "rmsnorm", "-n", "2",
+                    "--pyargs", "conformance"]
+
+
+def test_markers_modules_and_absolute_paths(tmp_path):
+    report = tmp_path / "elsewhere" / "r.html"
+    args = cli.pytest_args(["-m", "ecosystem", "--module", "test_rmsnorm", "--module", "conformance.test_rope",
+                            "--report", str(report), "--mesh", "1x4"], cwd="/somewhere", root=tmp_path)
+    assert cli.DEFAULT_MARKERS not in args and args.count("-m") == 1
+    assert args[args.index("--parity-report") + 1] == str(report)
+    assert args[-3:] == ["--pyargs", "conformance.test_rmsnorm", "conformance.test_rope"]
+    assert args[args.index("--mesh") + 1] == "1x4" and "--impl" not in args
+    assert cli.DEFAULT_MARKERS not in cli.pytest_args(["-mslow"], cwd=tmp_path, root=tmp_path)
+
+
+def test_default_root_is_where_the_package_lives():
+    assert (cli.installed_root() / "conformance" / "cli.py").is_file()
+    args = cli.pytest_args([], cwd=REPO)
+    assert args[args.index("--rootdir") + 1] == str(cli.installed_root())
+
+
+def test_main_runs_pytest_with_the_current_directory_importable(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_main(args):
+        seen["args"], seen["path"] = list(args), list(sys.path)
+        return 3
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    monkeypatch.setattr(pytest, "main", fake_main)
+    assert cli.main(["--impl", "x:Y", "-q"]) == 3
+    assert seen["args"] == cli.pytest_args(["--impl", "x:Y", "-q"], cwd=tmp_path)
+    assert seen["path"][-1] == str(tmp_path)  # appended: the suite's own packages are found first
+
+
+def test_help_names_the_options(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.pytest_args(["--help"], cwd=".")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--impl" in out and "--report" in out and "--module" in out
+
+
+def test_pyproject_names_the_command_and_the_plugin():
+    pyproject = REPO / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("an installed copy of the suite: pyproject.toml is the repository's")
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    assert project["scripts"]["llama-conformance"] == "conformance.cli:main"
+    # named like the module, so that the root conftest's pytest_plugins finds it registered (no double registration)
+    assert project["entry-points"]["pytest11"] == {cli.PLUGIN: cli.PLUGIN}
+    assert f'pytest_plugins = ["{cli.PLUGIN}"]' in (REPO / "conftest.py").read_text()
