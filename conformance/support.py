@@ -76,10 +76,59 @@ def rounded(x, dtype: str) -> np.ndarray:
     return x.astype(ml_dtypes.bfloat16).astype(np.float32) if dtype == "bfloat16" else x
 
 
+# Weight sets of the full-forward cases. "small_rows": the canonical weights with half of the embedding rows
+# (seeded) scaled by 10**U(-3.5, -2), so those tokens enter layer 0's attention_norm with mean square 1e-7 .. 1e-4,
+# around RMSNorm's eps 1e-5 (unit-scale rows hide a wrong eps; real Llama 3 embeddings have entries ~1e-3..1e-2).
+WEIGHT_SETS = ("canonical", "small_rows")
+
+
 @functools.lru_cache(maxsize=2)
-def weights(dtype: str) -> dict[str, np.ndarray]:
-    """The canonical weights as the run dtype sees them (what the oracle computes with)."""
-    return {k: rounded(v, dtype) for k, v in canonical_weights("tiny").items()}
+def weight_set(kind: str = "canonical") -> dict[str, np.ndarray]:
+    """float32 weights of one weight set (treat as read-only)."""
+    if kind == "canonical":
+        return canonical_weights("tiny")
+    if kind != "small_rows":
+        raise ValueError(f"unknown weight set {kind!r}; choose one of {WEIGHT_SETS}")
+    out = dict(canonical_weights("tiny"))
+    emb = out["tok_embeddings.weight"].copy()
+    rng = np.random.default_rng(3)
+    rows = rng.choice(CONFIG.vocab_size, CONFIG.vocab_size // 2, replace=False)
+    emb[rows] *= (10.0 ** rng.uniform(-3.5, -2.0, size=(len(rows), 1))).astype(np.float32)
+    out["tok_embeddings.weight"] = emb
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def weights(dtype: str, kind: str = "canonical") -> dict[str, np.ndarray]:
+    """A weight set as the run dtype sees it (what the oracle computes with)."""
+    return {k: rounded(v, dtype) for k, v in weight_set(kind).items()}
+
+
+_BUILT: dict = {}
+
+
+def subject_with(request, factory, mesh: str, dtype: str, kind: str, *, component: str,
+                 reference: str | None = None):
+    """The --impl factory built on `mesh` at `dtype` with weight set `kind` (once per process); the canonical set
+    is the `impl` fixture's own build. A build that raises is a failed record of `component`."""
+    __tracebackhide__ = True
+    from llama_spec.layout import make_mesh
+
+    key = (factory, mesh, dtype, kind)
+    if key not in _BUILT:
+        try:
+            _BUILT[key] = protocol.build(factory, CONFIG, weight_set(kind), make_mesh(mesh), dtype,
+                                         max_batch_size=4, max_seq_len=16384)
+        except Exception as err:  # noqa: BLE001 - raised again (as a failed record) to every test that asks
+            _BUILT[key] = err
+
+    def get():
+        if isinstance(_BUILT[key], Exception):
+            raise _BUILT[key]
+        return _BUILT[key]
+
+    return run(request, get, component=component, reference=reference, dtype=dtype, mesh=mesh,
+               what=f"building --impl on {mesh} at {dtype} with weight set {kind}")
 
 
 def layer(dtype: str, index: int) -> dict[str, np.ndarray]:
@@ -149,10 +198,11 @@ def diagnosis(dtype: str, mesh: str, compute, combinations=()):
 
 
 @functools.lru_cache(maxsize=64)
-def oracle_forward(config, variant, dtype: str, batch: int, seq: int):
-    """The float64 oracle's (logits, intermediates) on the tokens of full_forward under a deviation's config and
-    variant: shared by the logits and intermediates diagnoses of every reference and mesh (hashable keys)."""
-    return oracle.oracle_forward(config, weights(dtype), tokens(batch, seq, seed=16), 0, capture=True,
+def oracle_forward(config, variant, dtype: str, batch: int, seq: int, start_pos: int = 0, kind: str = "canonical"):
+    """The float64 oracle's (logits, intermediates) on the tokens of full_forward (positions start_pos .., weight
+    set `kind`) under a deviation's config and variant: shared by the logits and intermediates diagnoses of every
+    reference and mesh (hashable keys)."""
+    return oracle.oracle_forward(config, weights(dtype, kind), tokens(batch, seq, seed=16), start_pos, capture=True,
                                  variant=variant)
 
 
@@ -236,14 +286,19 @@ def exact_on_float32_weights(batch: int, seq: int):
 
 
 @functools.lru_cache(maxsize=None)
-def full_forward(reference: str, dtype: str, batch: int, seq: int):
-    """(logits, intermediates) of the reference and of the oracle for a fresh sequence from position 0."""
+def full_forward(reference: str, dtype: str, batch: int, seq: int, start_pos: int = 0, kind: str = "canonical"):
+    """(logits, intermediates) of the reference and of the oracle for a fresh sequence (no earlier context) at
+    positions start_pos .., with weight set `kind`."""
     toks = tokens(batch, seq, seed=16)
     if reference == "meta":
-        result = meta.MetaReference(CONFIG, canonical_weights("tiny"), dtype, max_batch_size=batch,
-                                    max_seq_len=seq).forward(toks, 0, capture=True)
+        ref = meta.MetaReference(CONFIG, weight_set(kind), dtype, max_batch_size=batch, max_seq_len=seq)
+        if start_pos:
+            # Meta's forward(tokens, start_pos) reads KV-cache slots 0 .. start_pos (zeros in a fresh model): keep
+            # the cache slots at 0 and move only the RoPE table, Meta's own precompute_freqs_cis sliced.
+            ref.model.freqs_cis = meta.freqs_cis(CONFIG, start_pos + seq)[start_pos:]
+        result = ref.forward(toks, 0, capture=True)
     elif reference == "hf":
-        result = hf.HFReference(CONFIG, canonical_weights("tiny"), dtype).forward(toks, 0, capture=True)
+        result = hf.HFReference(CONFIG, weight_set(kind), dtype).forward(toks, start_pos, capture=True)
     else:
         raise ValueError(f"--reference {reference}: full-model references are meta and hf")
-    return result, oracle.oracle_forward(CONFIG, weights(dtype), toks, 0, capture=True)
+    return result, oracle.oracle_forward(CONFIG, weights(dtype, kind), toks, start_pos, capture=True)

@@ -10,12 +10,15 @@ import types
 
 import pytest
 
-from conformance import mutants
+from conformance import mutants, support
 from conformance.test_attention import check_attention
 from conformance.test_kv_cache import check_kv_cache
+from conformance.test_logits import CASES as FULL_CASES
+from conformance.test_logits import check_intermediates
 from conformance.test_mlp import check_mlp
 from conformance.test_rmsnorm import check_rmsnorm
 from conformance.test_rope import check_rope
+from llama_spec.layout import make_mesh
 from tp_llama.adapter import TPLlamaAdapter
 from tp_llama.model import TPLlama
 
@@ -31,7 +34,7 @@ FAST = {
     "rmsnorm_eps": ("1x4", "float32", check_rmsnorm, (0, "attention_norm"), PARITY, "component 'rmsnorm'"),
     "rmsnorm_no_upcast": ("1x4", "bfloat16", check_rmsnorm, (0, "attention_norm"), PARITY, "component 'rmsnorm'"),
     "kv_group_order": ("1x1", "float32", check_attention, ("prefill", 0), PARITY, "component 'attention'"),
-    "softmax_bf16": ("1x1", "bfloat16", check_attention, ("cached", 0), PARITY, "component 'attention'"),
+    "softmax_bf16": ("1x1", "bfloat16", check_attention, ("prefill128", 0), PARITY, "component 'attention'"),
     "gate_up_swapped": ("1x4", "float32", check_mlp, (0,), PARITY, "component 'mlp'"),
     # Fragile formulations: killed by the extremes cases (fixtures/extremes.py); the max-free softmax survives
     # every tame attention case (test_fragile_softmax_survives_tame_inputs).
@@ -43,6 +46,21 @@ FAST = {
     "missing_psum_wo": ("1x4", "float32", check_attention, ("prefill", 1), PARITY,
                         r"component 'attention', layer 1: .*raised ValueError(?s:.)*replicat"),
 }
+
+
+# The deviations that pass unit-scale, short-prompt inputs in bfloat16, killed by the full forward on the inputs
+# that reach them (conformance/test_logits.py CASES): mutant -> (mesh, case, text the failure must contain).
+FULL_BF16 = {
+    "rmsnorm_eps": ("1x1", "small_rows", "first failing 'layers.0.attention_norm'"),
+    "rope_bf16_phases": ("1x1", "past_8192", "first failing 'layers.0.q_rope'"),
+    "rope_unscaled": ("1x1", "past_8192", "first failing 'layers.0.q_rope'"),
+}
+
+
+def fresh_full_adapter(mesh_text, case):
+    """A fresh built-in model (nothing compiled before the bug is planted) on the weight set of `case`."""
+    return TPLlamaAdapter.build(support.CONFIG, support.weight_set(FULL_CASES[case][3]), make_mesh(mesh_text),
+                                "bfloat16")
 
 
 def scratch_request(config):
@@ -59,6 +77,14 @@ def test_planted_bug_is_killed(request, tp_model, name):
         check(scratch_request(request.config), fresh, "meta", run_dtype, mesh_text, *args)
 
 
+@pytest.mark.parametrize("name", sorted(FULL_BF16))
+def test_bf16_deviation_is_killed_by_the_full_forward(request, name):
+    mesh_text, case, text = FULL_BF16[name]
+    with mutants.planted(name), pytest.raises(AssertionError, match=text):
+        check_intermediates(scratch_request(request.config), fresh_full_adapter(mesh_text, case), "meta",
+                            "bfloat16", mesh_text, case)
+
+
 def test_decode_only_bug_is_killed_by_the_cache_check(request, tp_model):
     model, params = tp_model("1x4", "float32")
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, "float32"), params)
@@ -72,6 +98,9 @@ def test_unplanted_checks_pass(request, tp_model):
         model, params = tp_model(mesh_text, run_dtype)
         check(scratch_request(request.config), TPLlamaAdapter(TPLlama(model.config, model.mesh, run_dtype), params),
               "meta", run_dtype, mesh_text, *args)
+    for mesh_text, case in dict.fromkeys((m, c) for m, c, _ in FULL_BF16.values()):
+        check_intermediates(scratch_request(request.config), fresh_full_adapter(mesh_text, case), "meta",
+                            "bfloat16", mesh_text, case)
 
 
 def test_catalogue_is_complete():

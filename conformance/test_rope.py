@@ -28,7 +28,9 @@ def check_rope(request, adapter, reference, dtype, mesh, start_pos, extreme=None
                       oracle=exact[index], **scope, diagnose=diagnose)
 
 
-@pytest.mark.parametrize("start_pos", [0, 4000, 9000], ids=lambda p: f"pos{p}")
+# past the Llama 3.1 scaling ramp first: where RoPE deviations show most, so a run stopping at its first failure
+# (-x, the mutant kill matrix) reports the widest margin
+@pytest.mark.parametrize("start_pos", [9000, 0, 4000], ids=lambda p: f"pos{p}")
 def test_rope(request, impl, reference, dtype, mesh, start_pos):
     adapter = support.subject(request, impl, mesh, dtype, component="rope", reference=reference)
     check_rope(request, adapter, reference, dtype, mesh, start_pos)

@@ -113,7 +113,7 @@ def _evaluate(nodeid: str, profile: str, *, component: str, actual: Any, expecte
               extra_metrics: Mapping[str, float] | None) -> dict[str, Any]:
     """Build one record (metrics, bounds, verdict); never raises on a numerical failure."""
     dtype, mesh = dtype_name(dtype), mesh_name(mesh)
-    bounds = bounds_for(component, dtype, profile, reference=reference, mesh=mesh, name=name)
+    bounds = bounds_for(component, dtype, profile, reference=reference, mesh=mesh, name=name, test=nodeid)
     record: dict[str, Any] = {
         "test": nodeid, "component": component, "name": name,
         "layer": layer if layer is not None else layer_of(name),
@@ -271,7 +271,8 @@ def record_failure(request: Any, *, component: str, error: str, reference: str |
               "layer": layer if layer is not None else layer_of(name), "reference": reference, "dtype": dtype,
               "mesh": mesh, "metrics": {}, "bounds": {m: float(b) for m, b in
                                                       bounds_for(component, dtype, profile, reference=reference,
-                                                                 mesh=mesh, name=name).items()},
+                                                                 mesh=mesh, name=name,
+                                                                 test=nodeid).items()},
               "passed": False, "failed_metrics": [], "worst_index": [], "worst": None, "error": error}
     properties.append((RECORD_KEY, record))
     return record

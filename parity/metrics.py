@@ -95,6 +95,23 @@ def cosine(a: Any, b: Any) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (na * nb))
 
 
+def bias_z(a: Any, b: Any) -> float:
+    """z-score of the signed error along the reference: sqrt(N) * |cos(a - b, b)|.
+
+    A systematic deviation that scales the output (a ~ (1 + s) b: a wrong RMSNorm eps on small rows, a norm or
+    softmax without its float32 upcast) puts the error along b, and the statistic grows as sqrt(N); rounding
+    noise that is independent of b gives |N(0, 1)| whatever its size, so over ~1e5 elements it averages out
+    where rel_l2 cannot tell a bias from noise. (<d, b> has standard deviation ||d|| ||b|| / sqrt(N) for
+    independent errors d.) 0.0 when either side of the cosine is zero.
+    """
+    a, b = _pair(a, b)
+    d = (a - b).ravel()
+    nd, nb = float(np.linalg.norm(d)), float(np.linalg.norm(b.ravel()))
+    if nd == 0.0 or nb == 0.0 or not (math.isfinite(nd) and math.isfinite(nb)):
+        return 0.0 if nd == 0.0 or nb == 0.0 else math.inf
+    return float(math.sqrt(d.size) * abs(float(np.dot(d, b.ravel()))) / (nd * nb))
+
+
 def worst_index(a: Any, b: Any) -> tuple[int, ...]:
     """Index of the largest |a - b| (NaN counts as worst), so a failure can say where it is wrong."""
     a, b = _pair(a, b)
@@ -193,7 +210,7 @@ def compute_metrics(actual: Any, expected: Any, *, oracle: Any = None, logits: b
                     dtype: Any = None, k: int = DEFAULT_TOPK) -> dict[str, float]:
     """Every metric that applies, as a flat dict of Python floats (JSON- and xdist-serialisable).
 
-    Always: max_abs, rel_l2, pcc, cosine and the NaN/Inf counts of each side. noise_ratio only with an
+    Always: max_abs, rel_l2, pcc, cosine, bias_z and the NaN/Inf counts of each side. noise_ratio only with an
     oracle; kl, top1 and topk_overlap only for logits (last axis = vocab). Raises ValueError on shape mismatch.
     """
     dtype = dtype if dtype is not None else _coarser_dtype(actual, expected)
@@ -201,6 +218,7 @@ def compute_metrics(actual: Any, expected: Any, *, oracle: Any = None, logits: b
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs are reported, not warned about
         out = {
             "max_abs": max_abs(a, b), "rel_l2": rel_l2(a, b), "pcc": pcc(a, b), "cosine": cosine(a, b),
+            "bias_z": bias_z(a, b),
             "nonfinite_actual": float(nonfinite_count(a)), "nonfinite_expected": float(nonfinite_count(b)),
         }
         if oracle is not None:
