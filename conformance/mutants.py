@@ -91,6 +91,14 @@ def _rotate_half(x, cos, sin):
     return jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).astype(x.dtype)
 
 
+_original_apply_rope = layers.apply_rope
+
+
+def _rope_on_twice_permuted(x, cos, sin):
+    """Interleaved RoPE on q/k whose head_dim carries HF's permutation twice (an HF loader permuting again)."""
+    return _original_apply_rope(x[..., oracle.hf_permutation_twice(x.shape[-1])], cos, sin)
+
+
 def _rms_norm_without_upcast(x, weight, eps):
     normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + jnp.asarray(eps, x.dtype))
     return normed * weight.astype(x.dtype)
@@ -274,6 +282,9 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            _rope_tables_in_bf16, **_switched("cos/sin rounded to bfloat16", rope_tables_bf16=True)),
     Mutant("rope_rotate_half", "rotate-half applied to the interleaved layout (the HF/Meta permutation missing)",
            layers, "apply_rope", _rotate_half, **_switched("rotate-half pairing", rope_rotate_half=True)),
+    Mutant("rope_permuted_twice", "q/k rows in HF's permutation applied twice (an HF checkpoint permuted again)",
+           layers, "apply_rope", _rope_on_twice_permuted,
+           **_switched("HF's q/k permutation applied twice", rope_permuted_twice=True)),
     Mutant("rmsnorm_no_upcast", "RMSNorm computed in the activation dtype", layers, "rms_norm",
            _rms_norm_without_upcast, **_switched("RMSNorm rounded at the activation dtype", norm_in_dtype=True)),
     Mutant("rmsnorm_eps", "RMSNorm with eps 1e-6 (Llama 2's) instead of the config's 1e-5", layers, "rms_norm",

@@ -44,6 +44,7 @@ class Variant:
     rope_angles_bf16: bool = False     # position * frequency computed in bfloat16
     rope_tables_bf16: bool = False     # cos/sin tables rounded to bfloat16
     rope_rotate_half: bool = False     # HF's rotate-half pairing applied to the interleaved layout
+    rope_permuted_twice: bool = False  # q/k head_dim in HF's permutation applied twice (a loader permuting again)
     kv_tile_order: bool = False        # local query head j reads local kv head j % kv (tile), not j // group
     scores_in_bf16: bool = False       # q.k scores rounded to bfloat16 whatever the dtype
     softmax_in_dtype: bool = False     # softmax steps rounded at `dtype`
@@ -113,9 +114,18 @@ def rope_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
     return np.where(short, freqs, np.where(long, freqs / factor, blended))
 
 
+def hf_permutation_twice(head_dim: int) -> np.ndarray:
+    """Index map of HF's q/k row permutation (Meta's interleaved pair (2i, 2i+1) -> rows i and i + head_dim/2)
+    applied twice: what a loader that permutes an already permuted HF checkpoint hands the interleaved RoPE."""
+    once = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    return once[once]
+
+
 def apply_rope(x, positions, config, variant: Variant = EXACT) -> np.ndarray:
     """Rotate pairs (2i, 2i+1) of x (B, S, heads, head_dim) by angle position * freq_i."""
     x = _f64(x)
+    if variant.rope_permuted_twice:
+        x = x[..., hf_permutation_twice(x.shape[-1])]
     freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     if variant.rope_angles_bf16:
         angles = _round(_round(positions, "bfloat16")[:, None] * _round(freqs, "bfloat16")[None, :], "bfloat16")
