@@ -336,7 +336,9 @@ class KerasHubLlamaAdapter:
             def uncached(x):
                 return attention(hidden_states=x, attention_mask=compute_causal_mask(batch, seq, seq, 0))
 
-            return [self._jit(("attention", layer), uncached)(self._values(), self._replicated(chunks[0]))]
+            # the mask's shape is baked into the closure: one program per (batch, seq)
+            return [self._jit(("attention", layer, batch, seq), uncached)(self._values(),
+                                                                          self._replicated(chunks[0]))]
         length = start_pos + sum(c.shape[1] for c in chunks)
 
         def cached(x, cache, index):
@@ -345,7 +347,7 @@ class KerasHubLlamaAdapter:
                                    jnp.arange(length)[None, None, :] >= start_pos)
             return attention(hidden_states=x, attention_mask=mask, cache=cache, cache_update_index=index)
 
-        fn = self._jit(("attention_cached", layer, start_pos, length), cached)
+        fn = self._jit(("attention_cached", layer, start_pos, length, batch), cached)
         cache, index, outs = self._empty_cache(batch, length), start_pos, []
         for chunk in chunks:
             out, cache = fn(self._values(), self._replicated(chunk), cache, jnp.int32(index))
@@ -382,7 +384,7 @@ class KerasHubLlamaAdapter:
                              self_attention_cache_update_index=start_pos)
             return out
 
-        return self._jit(("block", layer, start_pos), at_offset)(self._values(), self._replicated(x))
+        return self._jit(("block", layer, start_pos, batch, seq), at_offset)(self._values(), self._replicated(x))
 
     def head(self, h):
         """The final LlamaLayerNorm, then ReversibleEmbedding(reverse=True), as Llama3CausalLM does."""
