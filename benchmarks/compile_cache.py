@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("off", "cold", "warm")
-_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def worker(preset: str, meshes: Sequence[str], dtype: str, batch: int, prompt_len: int, new_tokens: int,
@@ -35,8 +34,10 @@ def worker(preset: str, meshes: Sequence[str], dtype: str, batch: int, prompt_le
         from tp_llama.compile_cache import enable_compilation_cache
 
         enable_compilation_cache(cache_dir)
+    from parity.compiles import CACHE_HIT_EVENT
+
     hits = []
-    jax.monitoring.register_event_listener(lambda event, **kw: hits.append(1) if event == _CACHE_HIT_EVENT else None)
+    jax.monitoring.register_event_listener(lambda event, **kw: hits.append(1) if event == CACHE_HIT_EVENT else None)
 
     import numpy as np
 
