@@ -11,7 +11,7 @@ import os
 import re
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 DEFAULT_MESHES = ("1x1", "1x4")
 DEFAULT_DTYPES = ("float32", "bfloat16")
@@ -31,6 +31,11 @@ _HYPOTHESIS_BASE = settings(settings.get_profile("default"), deadline=None,
 settings.register_profile("ci", _HYPOTHESIS_BASE, derandomize=True, database=None, print_blob=True, max_examples=100)
 settings.register_profile("dev", _HYPOTHESIS_BASE, max_examples=100)
 settings.register_profile("thorough", _HYPOTHESIS_BASE, max_examples=1000)
+# `ci` without the shrink phase, for measuring an implementation that is slow to build (keras-hub: seconds of Keras
+# construction and XLA compilation per model): a failing draw is reported as drawn. Shrinking rebuilds the model per
+# step, up to hypothesis' five-minute shrink limit per failing property, which made one whole-suite run take hours.
+settings.register_profile("measure", _HYPOTHESIS_BASE, derandomize=True, database=None, print_blob=True,
+                          max_examples=100, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "dev")
 
 
