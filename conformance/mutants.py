@@ -406,6 +406,11 @@ BELOW_RESOLUTION: dict[tuple[str, str], str] = {
     ("rmsnorm_no_upcast", "float32"): "the activation dtype is float32: the mutant computes exactly what the "
                                       "upcast computes (no-op).",
     ("softmax_bf16", "float32"): "the activation dtype is float32: softmax already runs in float32 (no-op).",
+    ("silu_bf16", "float32"): "the activation dtype is float32: SiLU already runs in float32 (no-op).",
+    ("rmsnorm_square_in_activation_dtype", "float32"): "the activation dtype is float32: the squares are already "
+                                                        "taken in float32 (no-op).",
+    ("scores_bf16", "bfloat16"): "the activation dtype is bfloat16: the scores are already rounded to bfloat16 "
+                                 "there, as Meta's bfloat16 matmul rounds them (no-op).",
 }
 
 
@@ -431,9 +436,12 @@ class Cell:
 def first_killer_margin(document: dict, killer: str) -> tuple[str, float, float, float, str]:
     """(metric, value, bound, margin, record name) of the worst failing metric among the killer test's failing
     records; margin = share of the bound used (value / bound, or distance from 1 for similarities). A record
-    failed by an error (NaN, the implementation raised) has margin inf."""
+    failed by an error (NaN, the implementation raised) has margin inf; so has a killer without a failing record,
+    which failed an exact assertion (a token stream, a stop-token set: no bound to have a share of)."""
     from parity.check import budget_used
 
+    if not any(r.get("test") == killer and not r.get("passed") for r in document.get("records", [])):
+        return ("exact", math.nan, math.nan, math.inf, "an exact assertion, no parity record")
     best = ("", math.nan, math.nan, -1.0, "")
     for record in document.get("records", []):
         if record.get("test") != killer or record.get("passed"):
@@ -502,7 +510,7 @@ def _margin_text(cell: Cell) -> str:
     if not cell.killed:
         return "-"
     if math.isinf(cell.margin):
-        return "error"
+        return "exact" if cell.metric == "exact" else "error"
     if cell.margin < 0:
         return "?"
     return f"{cell.margin:.3g}x {cell.metric}"

@@ -134,6 +134,8 @@ def _join_multiprocess_run(config) -> None:
 MARKERS = {
     "slow": "large shapes (8B widths); run with -m slow",
     "multihost": "launches several JAX processes over loopback",
+    "e2e": "runs the suite or one of its commands in child processes (the gate, the report, the CLIs end to end); "
+           "run with -m e2e",
     "browser": "opens the HTML report in headless Chromium",
     "ecosystem": "public implementations (keras-hub) in their own environment, requirements-ecosystem.txt",
 }

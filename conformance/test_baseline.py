@@ -242,6 +242,7 @@ def _worsen(path: Path, name: str, factor: float) -> None:
     path.write_text(json.dumps(content))
 
 
+@pytest.mark.e2e
 def test_gate_in_a_real_run(pytester, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     pytester.makeconftest(INNER_CONFTEST)
@@ -280,6 +281,7 @@ def test_gate_in_a_real_run(pytester, monkeypatch):
                                  "passed in the baseline, fails now: rel_l2"])
 
 
+@pytest.mark.e2e
 def test_option_mistakes_fail_before_any_test_runs(pytester, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     pytester.makeconftest(INNER_CONFTEST)
@@ -305,6 +307,7 @@ if os.environ.get("INNER_LOOSEN"):  # a reviewer's one changed number: the mlp f
 """
 
 
+@pytest.mark.e2e
 def test_a_loosened_bound_fails_the_gate_in_a_real_run(pytester, monkeypatch):
     """Every test passes under the 10x looser bound; the gate names the case and both bounds until the baseline
     is rewritten with the loosened table."""

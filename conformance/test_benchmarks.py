@@ -90,6 +90,7 @@ def test_throughput_on_tiny_every_implementation_decodes_the_same_tokens(tiny_co
     json.dumps(records)
 
 
+@pytest.mark.e2e
 @pytest.mark.usefixtures("builtin_only")  # compiles the built-in model
 def test_compile_benchmark_warm_cache_serves_every_compilation():
     from benchmarks import compile_cache as compile_benchmark

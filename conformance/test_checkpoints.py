@@ -521,6 +521,7 @@ def test_cli_bad_input_is_one_line_and_exit_1(written, tiny_config, tiny_weights
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.e2e
 def test_cli_entry_points_as_processes(written):
     """`python -m llama_spec.checkpoint` and `pytest --checkpoint-dir` on a bad directory: exit non-zero, one line
     naming it, no traceback."""

@@ -78,3 +78,16 @@ def test_pyproject_names_the_command_and_the_plugin():
     # named like the module, so that the root conftest's pytest_plugins finds it registered (no double registration)
     assert project["entry-points"]["pytest11"] == {cli.PLUGIN: cli.PLUGIN}
     assert f'pytest_plugins = ["{cli.PLUGIN}"]' in (REPO / "conftest.py").read_text()
+
+
+def test_the_installed_default_selection_and_markers_are_the_repository_ini():
+    """Run from another directory there is no pytest.ini: the command's -m and the plugin's markers stand in for it."""
+    import configparser
+
+    from conformance import plugin
+
+    ini = configparser.ConfigParser()
+    ini.read(REPO / "pytest.ini")
+    assert f'-m "{cli.DEFAULT_MARKERS}"' in ini["pytest"]["addopts"]
+    declared = {line.split(":")[0].strip() for line in ini["pytest"]["markers"].strip().splitlines()}
+    assert declared == set(plugin.MARKERS)

@@ -114,6 +114,7 @@ def test_bad_requests_fail_with_one_line_and_exit_code_2(capsys, argv, says):
     assert says in lines[0], f"the error should say {says!r}: {lines[0]}"
 
 
+@pytest.mark.e2e
 def test_module_entry_point_runs_and_fails_cleanly():
     """As users run it: a fresh process, real exit codes, no traceback on a bad request."""
     command = [sys.executable, "-m", "tp_llama.generate", "--prompt", PROMPT, "--max-new-tokens", "2",

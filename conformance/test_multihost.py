@@ -114,6 +114,7 @@ def test_a_dead_process_gets_the_others_killed_at_once():
     assert not any(distributed.group_alive(o.pgid) for o in outcomes)
 
 
+@pytest.mark.e2e
 def test_a_hung_run_is_killed_with_its_children_when_the_time_is_up(tmp_path):
     """The hung process ignores SIGTERM and has a child of its own: both must be gone when launch returns."""
     child_pid = tmp_path / "child.pid"

@@ -116,3 +116,22 @@ def test_fragile_softmax_survives_tame_inputs(request, tp_model):
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, "float32"), params)
     with mutants.planted("softmax_no_max_subtraction"):
         check_attention(scratch_request(request.config), fresh, "meta", "float32", "1x1", "cached", 1)
+
+
+def test_kill_margin_reads_the_killers_own_failing_records():
+    """The kill matrix's margin: the worst failing metric's share of its bound; an error or an exact assertion
+    (no failing record: a token stream, a stop-token set) has no bound to share, so it is infinite."""
+    def record(test, passed, **fields):
+        return {"test": test, "passed": passed, "name": "logits", **fields}
+
+    failing = record("t::a", False, failed_metrics=["rel_l2", "kl"], metrics={"rel_l2": 3e-3, "kl": 1e-4},
+                     bounds={"rel_l2": 1e-3, "kl": 1e-4})
+    other = record("t::b", False, failed_metrics=["rel_l2"], metrics={"rel_l2": 1.0}, bounds={"rel_l2": 1e-3})
+    metric, value, bound, margin, _ = mutants.first_killer_margin({"records": [failing, other]}, "t::a")
+    assert (metric, value, bound) == ("rel_l2", 3e-3, 1e-3) and margin == pytest.approx(3.0)
+    raised = record("t::a", False, error="ValueError: shard_map", failed_metrics=[])
+    assert mutants.first_killer_margin({"records": [raised]}, "t::a")[::3] == ("error", float("inf"))
+    passed = record("t::a", True, failed_metrics=[])
+    assert mutants.first_killer_margin({"records": [passed, other]}, "t::a")[::3] == ("exact", float("inf"))
+    cell = mutants.Cell(["t::a"], 1.0, metric="exact", margin=float("inf"))
+    assert mutants.verdict("stop_without_eot", "float32", cell) == "killed" and mutants._margin_text(cell) == "exact"

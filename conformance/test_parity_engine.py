@@ -404,6 +404,7 @@ def test_xfail():
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("workers", [["-n", "2"], ["-p", "no:xdist"]], ids=["xdist2", "serial"])
 def test_plugin_json_keeps_every_record(pytester, monkeypatch, workers):
     monkeypatch.setenv("PYTHONPATH", str(REPO))

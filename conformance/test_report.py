@@ -739,6 +739,7 @@ def _inner(pytester, monkeypatch):
     pytester.makepyfile(test_inner=INNER_TESTS)
 
 
+@pytest.mark.e2e
 def test_plugin_writes_the_report_under_xdist_with_failures(pytester, monkeypatch):
     _inner(pytester, monkeypatch)
     report, out = pytester.path / "sub" / "parity.html", pytester.path / "out" / "parity.json"  # folders made
@@ -765,6 +766,7 @@ def test_plugin_writes_the_report_under_xdist_with_failures(pytester, monkeypatc
     assert "weights=17" in dom.one("section", id="environment").text()
 
 
+@pytest.mark.e2e
 def test_summary_says_when_no_report_is_written_and_why_one_failed(pytester, monkeypatch):
     _inner(pytester, monkeypatch)
     result = pytester.runpytest_subprocess("-p", "no:xdist", "-k", "test_pass")
@@ -908,6 +910,7 @@ def test_command_says_in_one_line_what_is_wrong_with_a_file(tmp_path, document, 
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_command_runs_as_a_module_and_rejects_a_directory(tmp_path, document):
     import subprocess
     import sys
