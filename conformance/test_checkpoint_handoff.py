@@ -137,7 +137,7 @@ class _KnowsOneStyle:
 
 def test_a_loader_that_drops_the_hub_rope_scaling_fails(request, checkpoints):
     probe = SimpleNamespace(config=request.config, node=SimpleNamespace(nodeid="probe", user_properties=[]))
-    args = ("meta", "float32", "1x1", "long")
+    args = ("meta", "float32", "1x1", "batch")
     good = build(_KnowsOneStyle, checkpoints["hf_rope_parameters"], "hf_rope_parameters", "1x1", "float32")
     check_handed_off(probe, good, "logits", "hf_rope_parameters", *args)
     bad = build(_KnowsOneStyle, checkpoints["hf_rope_scaling"], "hf_rope_scaling", "1x1", "float32")

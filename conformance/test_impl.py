@@ -128,12 +128,12 @@ def test_unknown_intermediate_names_fail(request, tiny_config, tiny_weights):
 
 
 def test_planted_bug_in_an_adapter_is_caught(request, tiny_config, tiny_weights):
-    """The example model without Llama 3.1's RoPE scaling: its long-prompt logits and its first q_rope fail."""
+    """The example model without Llama 3.1's RoPE scaling: its logits past position 8192 and its first q_rope fail."""
     unscaled = _example(tiny_config, tiny_weights, tiny_config.replace(rope_scaling=None))
     with pytest.raises(AssertionError, match="component 'logits'"):
-        check_logits(_probe(request), unscaled, "meta", "float32", "1x1", "long")
+        check_logits(_probe(request), unscaled, "meta", "float32", "1x1", "past_8192")
     with pytest.raises(AssertionError, match="first failing 'layers.0.q_rope'"):
-        check_intermediates(_probe(request), unscaled, "meta", "float32", "1x1", "long")
+        check_intermediates(_probe(request), unscaled, "meta", "float32", "1x1", "past_8192")
 
 
 def test_an_adapter_that_raises_is_a_failed_record(request):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tp_llama import layers
-from tp_llama.model import Attention, Block, FeedForward, RMSNorm, TPLlama, to_numpy
+from tp_llama.model import Attention, Block, FeedForward, RMSNorm, TPLlama, shared_program, to_numpy
 from tp_llama.shardings import ACTIVATION_AXES, param_specs, spec
 
 HIDDEN = spec(ACTIVATION_AXES["hidden"])
@@ -21,12 +21,12 @@ TOKENS = spec(ACTIVATION_AXES["tokens"])
 
 
 def _run(model: TPLlama, key: tuple, local_fn, in_specs, out_specs, *args):
-    """Run `local_fn` in shard_map on the model's mesh, jitted once per model and `key` (the component and what
-    its closure holds), so repeated calls reuse the compiled program; a new model compiles its own."""
-    programs = model.__dict__.setdefault("_component_programs", {})
-    if key not in programs:
-        programs[key] = jax.jit(jax.shard_map(local_fn, mesh=model.mesh, in_specs=in_specs, out_specs=out_specs))
-    return programs[key](*args)
+    """Run `local_fn` in shard_map on the model's mesh, jitted once per config, mesh, dtype and `key` (the component
+    and what its closure holds besides the model: tp_llama.model.shared_program), so repeated calls, and models
+    built again on the same config, reuse the traced program."""
+    program = shared_program(model, ("component", *key), lambda: jax.jit(
+        jax.shard_map(local_fn, mesh=model.mesh, in_specs=in_specs, out_specs=out_specs)))
+    return program(*args)
 
 
 def _layer(params, layer: int):

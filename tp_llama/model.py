@@ -7,9 +7,11 @@ mesh (the single-chip model) and any DxM mesh.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -207,6 +209,32 @@ def tap_axes(name: str) -> tuple[str, ...]:
     return ACTIVATION_AXES[HEAD_TAPS.get(leaf, "hidden")]
 
 
+# Jitted programs are shared by every TPLlama of one config, mesh and dtype in a process: the suite builds such
+# models again and again (per test module, per checkpoint form, per adapter), and tracing a new instance's programs
+# (about 0.3 s each, even when XLA loads the executable from the persistent cache) was most of the checkpoint
+# hand-off's time. A program is traced from the functions of tp_llama.layers and of this module as they are; a
+# planted bug (conformance/mutants.py swaps one of them) changes the fingerprint, so a program traced before the
+# swap never runs after it, nor one traced under the swap after it is undone. Least recently used programs go first.
+MAX_SHARED_PROGRAMS = 256
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _code_fingerprint() -> tuple:
+    return tuple(id(v) for module in (layers, sys.modules[__name__]) for v in vars(module).values() if callable(v))
+
+
+def shared_program(model: "TPLlama", key: tuple, build: Callable[[], Callable]) -> Callable:
+    """The program `build()` makes for `model` and `key`, made once for all models of its config, mesh, dtype."""
+    full_key = (model.config, model.mesh, model.dtype, _code_fingerprint(), key)
+    if full_key in _PROGRAMS:
+        _PROGRAMS.move_to_end(full_key)
+    else:
+        _PROGRAMS[full_key] = build()
+        if len(_PROGRAMS) > MAX_SHARED_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[full_key]
+
+
 class TPLlama:
     """The model under test bound to a config, a mesh and a dtype."""
 
@@ -251,11 +279,10 @@ class TPLlama:
         return {name: spec(tap_axes(name)) for name in names}
 
     def _sharded(self, capture: bool, with_cache: bool):
-        """The jitted shard_map'd forward, built once per (capture, with_cache)."""
-        key = (capture, with_cache)
-        cache = self.__dict__.setdefault("_compiled", {})
-        if key in cache:
-            return cache[key]
+        """The jitted shard_map'd forward, built once per (capture, with_cache) (shared_program)."""
+        return shared_program(self, ("forward", capture, with_cache), lambda: self._build_sharded(capture, with_cache))
+
+    def _build_sharded(self, capture: bool, with_cache: bool):
         batch_spec = spec(ACTIVATION_AXES["tokens"])
         cache_spec = spec(ACTIVATION_AXES["kv_cache"])
         cache_specs = tuple((cache_spec, cache_spec) for _ in range(self.config.n_layers)) if with_cache else None
@@ -270,10 +297,8 @@ class TPLlama:
 
         in_specs = (self._param_specs, batch_spec, batch_spec, batch_spec, batch_spec, cache_specs, spec(()))
         out_specs = (logits_spec, cache_specs, self._tap_specs() if capture else {})
-        fn = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
-                     donate_argnums=(5,) if with_cache else ())
-        cache[key] = fn
-        return fn
+        return jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
+                       donate_argnums=(5,) if with_cache else ())
 
     def forward(self, params, tokens, start_pos: int = 0, capture: bool = False, kv_valid=None):
         """Full forward without a cache: logits (B, S, V) float32, sharded on vocab, and named intermediates.
@@ -297,11 +322,11 @@ class TPLlama:
         self._check_batch(batch)
         kv = self.config.n_kv_heads * kv_replication(self.config, self.model_parallel)
         shape = (batch, length, kv, self.config.head_dim)
-        if "_zeros" not in self.__dict__:  # one jitted constructor per model: a new cache shape is its only retrace
-            sharding = NamedSharding(self.mesh, spec(ACTIVATION_AXES["kv_cache"]))
-            self._zeros = jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)
-        return tuple((self._zeros(shape, self.dtype), self._zeros(shape, self.dtype))
-                     for _ in range(self.config.n_layers))
+        sharding = NamedSharding(self.mesh, spec(ACTIVATION_AXES["kv_cache"]))
+        # one jitted constructor per config and mesh: a new cache shape is its only retrace
+        zeros = shared_program(self, ("zeros",), lambda: jax.jit(jnp.zeros, static_argnums=(0, 1),
+                                                                 out_shardings=sharding))
+        return tuple((zeros(shape, self.dtype), zeros(shape, self.dtype)) for _ in range(self.config.n_layers))
 
     def step(self, params, tokens, positions, cache, cache_index: int, kv_valid, capture: bool = False):
         """Write `tokens` into the cache at slots cache_index.. and attend over every valid slot.
