@@ -135,3 +135,26 @@ def test_kill_margin_reads_the_killers_own_failing_records():
     assert mutants.first_killer_margin({"records": [passed, other]}, "t::a")[::3] == ("exact", float("inf"))
     cell = mutants.Cell(["t::a"], 1.0, metric="exact", margin=float("inf"))
     assert mutants.verdict("stop_without_eot", "float32", cell) == "killed" and mutants._margin_text(cell) == "exact"
+
+
+@pytest.mark.usefixtures("builtin_only")  # tp_llama.model.shared_program is the built-in's program cache
+def test_a_planted_mutant_is_never_served_a_program_traced_without_it(tiny_config, tiny_weights):
+    """Built-in models of one config, mesh and dtype share their traced programs; planting or removing a mutant
+    must change which program runs, or every kill after the first clean trace would be a clean run."""
+    import numpy as np
+
+    from adapters import protocol
+    from fixtures.weights import make_tokens
+
+    tokens = make_tokens(tiny_config, 2, 12, seed=0)
+
+    def logits():
+        adapter = protocol.build(protocol.load(protocol.BUILTIN), tiny_config, tiny_weights, make_mesh("1x1"),
+                                 "float32")
+        return np.asarray(adapter.forward(tokens))
+
+    clean = logits()
+    with mutants.planted("rmsnorm_eps"):
+        planted = logits()
+    assert not np.array_equal(clean, planted), "the planted model ran the program traced before the mutant"
+    assert np.array_equal(clean, logits()), "the clean model ran the program traced under the mutant"
