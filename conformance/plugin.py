@@ -153,7 +153,6 @@ def _register_ini_defaults(config) -> None:
             config.addinivalue_line("filterwarnings", line)
 
 
-@pytest.hookimpl(tryfirst=True)  # before parity.plugin reads the file options, which _join_multiprocess_run sets
 def _distribute_by_module(config) -> None:
     """Under `-n N` without a --dist of the user's, send each test module to one worker (xdist's loadfile) instead of
     test by test: a module's references, checkpoints and decoding runs are computed once, not once per worker. On the
@@ -165,6 +164,7 @@ def _distribute_by_module(config) -> None:
         config.option.dist = "loadfile"
 
 
+@pytest.hookimpl(tryfirst=True)  # before parity.plugin reads the file options, which _join_multiprocess_run sets
 def pytest_configure(config):
     _register_ini_defaults(config)
     _distribute_by_module(config)

@@ -91,3 +91,20 @@ def test_the_installed_default_selection_and_markers_are_the_repository_ini():
     assert f'-m "{cli.DEFAULT_MARKERS}"' in ini["pytest"]["addopts"]
     declared = {line.split(":")[0].strip() for line in ini["pytest"]["markers"].strip().splitlines()}
     assert declared == set(plugin.MARKERS)
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["-n", "2"], "", "loadfile"),
+    (["-n", "2", "--dist", "load"], "", "load"),
+    (["-n", "2", "--dist=worksteal"], "", "load"),  # a mode of the user's: left as xdist set it
+    (["-n", "2"], "--dist load", "load"),
+])
+def test_workers_take_whole_modules_unless_the_user_chose_a_mode(monkeypatch, args, env, expected):
+    from types import SimpleNamespace
+
+    from conformance import plugin
+
+    monkeypatch.setenv("PYTEST_ADDOPTS", env)
+    config = SimpleNamespace(option=SimpleNamespace(dist="load"), invocation_params=SimpleNamespace(args=args))
+    plugin._distribute_by_module(config)
+    assert config.option.dist == expected
