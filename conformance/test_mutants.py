@@ -20,7 +20,7 @@ from conformance.test_rmsnorm import check_rmsnorm
 from conformance.test_rope import check_rope
 from llama_spec.layout import make_mesh
 from tp_llama.adapter import TPLlamaAdapter
-from tp_llama.model import TPLlama
+from tp_llama.model import TPLlama, program_config
 
 # Tests of the built-in model's own code: under another --impl they are not checked.
 pytestmark = pytest.mark.usefixtures("builtin_only")
@@ -158,3 +158,32 @@ def test_a_planted_mutant_is_never_served_a_program_traced_without_it(tiny_confi
         planted = logits()
     assert not np.array_equal(clean, planted), "the planted model ran the program traced before the mutant"
     assert np.array_equal(clean, logits()), "the clean model ran the program traced under the mutant"
+
+
+@pytest.mark.usefixtures("builtin_only")  # tp_llama.model.program_config keys the built-in's program cache
+def test_config_fields_left_out_of_the_program_key_leave_the_program_alone(tiny_config, tiny_weights):
+    """A model read from a checkpoint has another max_seq_len (params.json has none) or multiple_of (config.json
+    gives intermediate_size) and shares the suite's programs; that is right only if those fields reach no program."""
+    import jax.numpy as jnp
+
+    others = [tiny_config.replace(max_seq_len=131072, ffn_dim_multiplier=1.0),
+              tiny_config.replace(multiple_of=tiny_config.hidden_dim)]
+    assert all(program_config(c) == program_config(tiny_config) for c in others)
+    assert program_config(tiny_config.replace(rope_theta=10000.0)) != program_config(tiny_config)
+    tokens = jnp.zeros((2, 12), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+
+    def programs(config) -> list[str]:
+        adapter = TPLlamaAdapter.build(config, tiny_weights, make_mesh("1x4"), "float32")
+        texts = []
+        for with_cache in (False, True):
+            cache = adapter.init_cache(2, 16) if with_cache else None
+            program = adapter.model._build_sharded(True, with_cache)  # traced anew, not taken from the shared cache
+            texts.append(program.lower(adapter.params, tokens, positions, jnp.ones((2, 16 if with_cache else 12), bool),
+                                       positions, cache, jnp.int32(0)).as_text())
+        return texts
+
+    expected = programs(tiny_config)
+    for config in others:
+        assert programs(config) == expected, f"{config} traces another program than {tiny_config}: a field left " \
+                                             "out of tp_llama.model.program_config reaches the program"

@@ -223,9 +223,23 @@ def _code_fingerprint() -> tuple:
     return tuple(id(v) for module in (layers, sys.modules[__name__]) for v in vars(module).values() if callable(v))
 
 
+# Config fields no traced program reads: the SwiGLU width is read as hidden_dim, however it was derived, and positions
+# and cache lengths are arguments. One checkpoint read as Meta's params.json (no max_seq_len) or as HF's config.json
+# (intermediate_size, so multiple_of = hidden_dim) is then one program, not three.
+_UNTRACED_FIELDS = ("multiple_of", "ffn_dim_multiplier", "max_seq_len")
+
+
+def program_config(config: LlamaConfig) -> tuple:
+    """What of `config` a program depends on (conformance/test_mutants.py checks that the rest leaves the HLO alone)."""
+    fields = [f.name for f in dataclasses.fields(config) if f.name not in _UNTRACED_FIELDS]
+    kept = tuple((name, getattr(config, name)) for name in fields)
+    return kept + (("hidden_dim", config.hidden_dim),)
+
+
 def shared_program(model: "TPLlama", key: tuple, build: Callable[[], Callable]) -> Callable:
-    """The program `build()` makes for `model` and `key`, made once for all models of its config, mesh, dtype."""
-    full_key = (model.config, model.mesh, model.dtype, _code_fingerprint(), key)
+    """The program `build()` makes for `model` and `key`, made once for all models of its program config, mesh and
+    dtype."""
+    full_key = (program_config(model.config), model.mesh, model.dtype, _code_fingerprint(), key)
     if full_key in _PROGRAMS:
         _PROGRAMS.move_to_end(full_key)
     else:
