@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 from typing import Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from llama_spec.config import LlamaConfig
+from llama_spec.layout import meta_weight_shapes
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Vocab rows per float64 block of the oracle's logits (8192 x 4096 x 8 bytes = 256 MiB at 8B widths).
@@ -186,8 +188,8 @@ COLLECT_ABOVE_BYTES = 64 * 2**20
 
 def _block_bytes(config: LlamaConfig) -> int:
     """A block's weights in float32 (the widest copy any side holds): 832 MiB at 8B widths, 0.7 MiB tiny."""
-    attention = config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
-    return 4 * (attention + 3 * config.dim * config.hidden_dim)
+    shapes = meta_weight_shapes(config)
+    return 4 * sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("layers.0."))
 
 
 def run_layerwise(config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh: str, dtype: str, tokens,
