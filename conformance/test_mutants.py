@@ -137,7 +137,6 @@ def test_kill_margin_reads_the_killers_own_failing_records():
     assert mutants.verdict("stop_without_eot", "float32", cell) == "killed" and mutants._margin_text(cell) == "exact"
 
 
-@pytest.mark.usefixtures("builtin_only")  # tp_llama.model.shared_program is the built-in's program cache
 def test_a_planted_mutant_is_never_served_a_program_traced_without_it(tiny_config, tiny_weights):
     """Built-in models of one config, mesh and dtype share their traced programs; planting or removing a mutant
     must change which program runs, or every kill after the first clean trace would be a clean run."""
@@ -160,7 +159,6 @@ def test_a_planted_mutant_is_never_served_a_program_traced_without_it(tiny_confi
     assert np.array_equal(clean, logits()), "the clean model ran the program traced under the mutant"
 
 
-@pytest.mark.usefixtures("builtin_only")  # tp_llama.model.program_config keys the built-in's program cache
 def test_config_fields_left_out_of_the_program_key_leave_the_program_alone(tiny_config, tiny_weights):
     """A model read from a checkpoint has another max_seq_len (params.json has none) or multiple_of (config.json
     gives intermediate_size) and shares the suite's programs; that is right only if those fields reach no program."""
