@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 
+from conformance.support import rounded
 from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, LlamaConfig
 from llama_spec.layout import parse_mesh
 
@@ -122,13 +123,6 @@ class Case:
 
     def tokens(self) -> np.ndarray:
         return self.rng(3).integers(0, self.config.vocab_size, size=(self.batch, self.seq), dtype=np.int32)
-
-
-def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 holding values exactly representable in `dtype`."""
-    import jax.numpy as jnp
-
-    return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
 
 
 # Enough for every model the fixed-shape profiles use in one worker (3 meshes x their 1x1 and 1xM runs x 2
