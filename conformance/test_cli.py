@@ -108,3 +108,5 @@ def test_workers_take_whole_modules_unless_the_user_chose_a_mode(monkeypatch, ar
     config = SimpleNamespace(option=SimpleNamespace(dist="load"), invocation_params=SimpleNamespace(args=args))
     plugin._distribute_by_module(config)
     assert config.option.dist == expected
+    # the suite's loadfile sends the modules in collection order; a mode of the user's keeps xdist's own options
+    assert getattr(config.option, "loadscopereorder", True) is (expected != "loadfile")
