@@ -121,6 +121,27 @@ def test_model_matches_meta(request, impl_factory, case):
 
 # ---- the fixed shapes of the `dev` profile ----------------------------------------------------------
 
+def test_fixed_chunkings_come_with_the_mesh_and_cover_every_chunking():
+    """Under `dev` the chunked-prefill relation takes its chunking from the case's mesh, one per mesh role, so a run
+    compiles no mesh/chunking pair the fixed set does not hold; every chunking is still run, on some mesh."""
+    from hypothesis import find, settings
+
+    from conformance import strategies as s
+
+    meshes = s.fixed_meshes(s.MESHES)
+    chunkings = [tuple(s.fixed_cuts(mesh)) for mesh in meshes]
+    if len(meshes) == len(s.FIXED_CUTS):
+        assert sorted(chunkings) == sorted(s.FIXED_CUTS)
+    active = settings.get_current_profile_name()
+    try:
+        settings.load_profile("dev")
+        assert find(s.chunk_cuts(), lambda cuts: True) is None  # not drawn: fixed_cuts(case.mesh)
+        settings.load_profile("thorough")
+        assert len(find(s.chunk_cuts(), lambda cuts: len(cuts) == 2)) == 2  # drawn, one or two cuts anywhere
+    finally:
+        settings.load_profile(active)
+
+
 def test_fixed_models_fit_their_meshes_and_hold_what_the_drawn_configs_vary():
     """Without compiling: every fixed model splits over the mesh of its role, in every list a test draws from,
     and between them they cover the fields that decide which code runs."""
