@@ -251,8 +251,8 @@ def shared_program(model: "TPLlama", key: tuple, build: Callable[[], Callable]) 
 
 def _on_host_unless_on_device(x, dtype):
     """An input of the jitted programs as `dtype`: converted by numpy when it is on the host. Converting or building
-    host inputs with jnp compiles a small eager program for every new shape (four per forward shape, 5% of the
-    programs of a cold run of the suite); a device array stays where it is."""
+    host inputs with jnp compiles a small eager program for every new shape (up to four per forward shape, which
+    the suite meets by the hundred); a device array stays where it is."""
     return jnp.asarray(x, dtype) if isinstance(x, jax.Array) else np.asarray(x, dtype)
 
 
