@@ -288,7 +288,7 @@ def chunk_cuts() -> st.SearchStrategy[list[int] | None]:
 
 def fixed_cuts(mesh: str, names=MESHES) -> list[int]:
     """The chunking of the fixed-shape profiles on `mesh`, one of fixed_meshes(names): FIXED_CUTS by mesh role."""
-    return list(FIXED_CUTS[fixed_meshes(names).index(mesh) % len(FIXED_CUTS)])
+    return list(FIXED_CUTS[fixed_meshes(names).index(mesh)])  # at most three roles, one chunking each
 
 
 # ---- running one example -------------------------------------------------------------------

@@ -188,14 +188,13 @@ def test_config_fields_left_out_of_the_program_key_leave_the_program_alone(tiny_
 
 
 @pytest.mark.parametrize("tokens_on", ["host", "device"])
-def test_a_new_input_shape_compiles_only_the_models_program(tiny_config, tiny_weights, tokens_on):
+def test_a_new_input_shape_compiles_only_the_models_program(tiny_config, tp_model, tokens_on):
     """forward and step build their position, slot and mask inputs on the host: with jnp they compiled three to four
     small eager programs for every new shape (with strategies.rounded's, about 140 of a cold run's 600 programs)."""
     import jax
     import numpy as np
 
-    adapter = TPLlamaAdapter.build(tiny_config, tiny_weights, make_mesh("1x4"), "float32")
-    model, params = adapter.model, adapter.params
+    model, params = tp_model("1x4", "float32")  # the session's built-in model, not another copy
     compiled: list[str] = []
 
     def count(event, duration, **kwargs):
