@@ -250,3 +250,20 @@ def test_the_command_prints_every_bound_and_writes_the_table(tmp_path, capsys, m
     module = _module(table_file.read_text())  # the committed table is calibrated: --write reproduces its numbers
     assert [e.measured for e in cal.entries(module["TABLE"], module["OVERRIDES"])] == \
         [e.measured for e in cal.entries()]
+
+
+def test_the_command_writes_only_the_table_file_it_is_pointed_at(tmp_path, capsys, monkeypatch):
+    """A stale copy is rewritten and the repository's table left alone (write_measured once bound the real path
+    at import, so this file's tests rewrote fixtures/tolerances.py whenever the baseline had moved)."""
+    real = Path(tol.__file__).read_bytes()
+    stale = {e.label: {m: 1.234567e-5 if tol.direction(m) == tol.UPPER else 1 - 3.21e-9 for m in e.metrics()}
+             for e in cal.entries()}
+    table_file = tmp_path / "tolerances.py"
+    table_file.write_text(cal.rewrite_source(real.decode("utf-8"), stale))
+    monkeypatch.setattr(cal, "TABLE_FILE", table_file)
+    cal.main([str(cal.BASELINE), "--write"])
+    assert f"{table_file}: measured fields rewritten" in capsys.readouterr().out
+    assert Path(tol.__file__).read_bytes() == real, "the command rewrote the repository's table, not the copy"
+    module = _module(table_file.read_text())
+    assert [e.measured for e in cal.entries(module["TABLE"], module["OVERRIDES"])] == \
+        [e.measured for e in cal.entries()]
