@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conformance.inner_suite import INNER_CONFTEST
-from fixtures.tolerances import SLACK, bounds_for, slack_limit
+from fixtures.tolerances import SLACK, TABLE, bounds_for, slack_limit
 from parity import baseline as pb
 from parity.plugin import json_safe
 
@@ -205,6 +205,23 @@ def test_committed_baseline_is_a_passing_run_of_the_default_selection():
     failing = [pb.case_label(tuple(c[k] for k in pb.KEY_FIELDS)) for c in content["cases"] if not c["passed"]]
     assert not failing, f"the committed baseline records failing cases: {failing[:5]}"
     assert content["passed_tests"], "the committed baseline names no passing test"
+
+
+def test_committed_baseline_holds_the_tables_bounds():
+    """A bound changed in fixtures/tolerances.py without retaking the baseline fails CI's gate ("bound loosened"),
+    which only a CI=true run shows; this says so in any run. Components the table has no entry for (communication,
+    config) set their bounds in their tests and are left out."""
+    stale = []
+    for case in pb.load_baseline(COMMITTED)["cases"]:
+        if (case["component"], case["dtype"]) not in TABLE:
+            continue
+        now = bounds_for(case["component"], case["dtype"], "default", case["reference"], case["mesh"],
+                         name=case["name"], test=case["test"])
+        changed = {m: (was, now.get(m)) for m, was in case["bounds"].items() if now.get(m) != was}
+        if changed:
+            stale.append(f"{pb.case_label(tuple(case[k] for k in pb.KEY_FIELDS))}: {changed} (baseline, table)")
+    assert not stale, (f"{len(stale)} cases of {COMMITTED.name} hold bounds the table no longer gives; retake it "
+                       f"from a CI=true default run with --parity-update-baseline:\n  " + "\n  ".join(stale[:5]))
 
 
 # ---- the gate in a real run -----------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def make_baseline(document: Mapping[str, Any]) -> dict[str, Any]:
     """The baseline file's content for one run's --parity-json document: every case's verdict, gated metrics and
     bounds, and the tests that passed (only a passing test can regress by failing)."""
     cases = []
-    for key, record in keyed(document["records"]).items():
+    # sorted by key, not run order (which workers and --dist change): a retaken baseline diffs by what changed
+    for key, record in sorted(keyed(document["records"]).items(), key=lambda item: repr(item[0])):
         case = dict(zip(KEY_FIELDS, key))
         case["component"] = record["component"]
         case["passed"] = bool(record["passed"])
