@@ -142,6 +142,38 @@ def test_fixed_chunkings_come_with_the_mesh_and_cover_every_chunking():
         settings.load_profile(active)
 
 
+def test_model_level_draws_repeat_under_dev_and_vary_under_thorough():
+    """Under `dev` every run draws the same model-level examples, so a warm run meets no mesh/dtype program the
+    cold run did not compile and no draw an earlier run did not pass; `thorough` keeps drawing anew."""
+    from hypothesis import given, settings
+
+    from conformance import strategies as s
+
+    def draws(profile: str) -> list[list[tuple]]:
+        runs: list[list[tuple]] = []
+        active = settings.get_current_profile_name()
+        try:
+            settings.load_profile(profile)
+            for _ in range(2):
+                seen: list[tuple] = []
+
+                @s.model_settings()
+                @given(case=s.cases())
+                def property_(case):
+                    seen.append((case.mesh, case.dtype, case.seed, case.start_pos))
+
+                property_()
+                runs.append(seen)
+        finally:
+            settings.load_profile(active)
+        return runs
+
+    first, second = draws("dev")
+    assert first == second and len(first) >= 2, (first, second)
+    first, second = draws("thorough")
+    assert first != second, "thorough drew the same examples twice"
+
+
 def test_fixed_models_fit_their_meshes_and_hold_what_the_drawn_configs_vary():
     """Without compiling: every fixed model splits over the mesh of its role, in every list a test draws from,
     and between them they cover the fields that decide which code runs."""
