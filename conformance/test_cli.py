@@ -1,5 +1,6 @@
 """`llama-conformance` (conformance/cli.py): the pytest command line it builds, without running the battery, and the
-packaging that names it (pyproject.toml's console script and pytest11 entry point).
+packaging that names it (pyproject.toml's console script and pytest11 entry point), and how the plugin lays out
+`-n N` (modules per worker, each worker's share of the cores).
 
 (No argument here may be named `mesh`, `dtype` or `reference`: the suite's plugin parametrizes those.)
 """
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from conformance import cli
+
+pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,3 +113,47 @@ def test_workers_take_whole_modules_unless_the_user_chose_a_mode(monkeypatch, ar
     assert config.option.dist == expected
     # the suite's loadfile sends the modules in collection order; a mode of the user's keeps xdist's own options
     assert getattr(config.option, "loadscopereorder", True) is (expected != "loadfile")
+
+
+@pytest.mark.parametrize("workers, cores, preset, expected", [
+    (2, 2, None, "1"),     # the default run on 2 cores: one thread per worker
+    (2, 8, None, "4"),
+    (4, 2, None, "1"),     # more workers than cores: still one
+    (2, 2, "3", "3"),      # the user's setting is kept
+    (None, 2, None, None),  # no -n: one process, its pools left alone
+])
+def test_workers_share_the_cores_of_their_openmp_and_blas_pools(monkeypatch, workers, cores, preset, expected):
+    from types import SimpleNamespace
+
+    from conformance import plugin
+
+    if preset is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", preset)
+    monkeypatch.setattr(plugin, "_usable_cores", lambda: cores)
+    plugin._share_cores_among_workers(SimpleNamespace(option=SimpleNamespace(numprocesses=workers)))
+    assert os.environ.get("OMP_NUM_THREADS") == expected
+
+
+@pytest.mark.e2e
+def test_a_worker_starts_with_its_share_of_the_cores(pytester, monkeypatch):
+    """The variable reaches the workers (set before xdist starts them), and their torch reads it."""
+    from conformance import plugin
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share = max(1, plugin._usable_cores() // 2)
+    pytester.makeconftest('pytest_plugins = ["conformance.plugin"]')
+    pytester.makepyfile(test_threads=f"""
+import os
+
+import torch
+
+
+def test_threads():
+    assert os.environ.get("OMP_NUM_THREADS") == "{share}", os.environ.get("OMP_NUM_THREADS")
+    assert torch.get_num_threads() == {share}
+""")
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
