@@ -30,11 +30,17 @@ def rec(test="t.py::test_a", name="out", component="mlp", layer=None, passed=Tru
             "failed_metrics": [] if passed else ["rel_l2"], "error": None}
 
 
-def doc(*records, tests=None, profile="default"):
+def doc(*records, tests=None, profile="default", cpu=None, versions=None):
     nodeids = dict.fromkeys(r["test"] for r in records)
     tests = tests if tests is not None else [{"nodeid": n, "outcome": "passed", "message": None} for n in nodeids]
-    return json.loads(json.dumps(json_safe({"environment": {"tolerance_profile": profile, "versions": {}},
-                                            "records": list(records), "tests": tests})))
+    environment = {"tolerance_profile": profile, "versions": versions or {}}
+    if cpu is not None:
+        environment["cpu"] = cpu
+    return json.loads(json.dumps(json_safe({"environment": environment, "records": list(records), "tests": tests})))
+
+
+AVX2 = {"machine": "x86_64", "flags": ["avx", "avx2", "fma"]}
+AMX = {"machine": "x86_64", "flags": ["avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]}
 
 
 def gate(old_document, new_document):
@@ -151,6 +157,41 @@ def test_a_removed_or_lower_bound_loosened_fails():
 def test_bounds_are_not_compared_across_profiles():
     result = gate(doc(rec(), profile="strict"), doc(loose(), profile="default"))
     assert result.passed and result.notes[0].endswith("bounds not compared")
+
+
+def test_metric_values_are_compared_only_on_the_baselines_cpu_and_packages():
+    """Another CPU (or numerics package) moves metric values by more than the slack: the gate then judges
+    verdicts and bounds only, and its note names both platforms; on the same CPU a worsening still fails."""
+    worse = rec(rel_l2=1e-3)
+    assert not gate(doc(rec(), cpu=AVX2), doc(worse, cpu=AVX2)).passed
+    other_cpu = gate(doc(rec(), cpu=AVX2), doc(worse, cpu=AMX))
+    assert other_cpu.passed and other_cpu.compared == 1
+    (note,) = other_cpu.notes
+    assert note.startswith("metric values not compared") and "baseline x86_64 [avx avx2 fma]" in note
+    assert "this run x86_64 [avx avx2 fma avx512f avx512_bf16 amx_bf16]" in note
+    assert "--parity-update-baseline" in note
+    assert [r.kind for r in gate(doc(rec(), cpu=AVX2), doc(rec(passed=False), cpu=AMX)).regressions] == ["failed"]
+    assert [r.kind for r in gate(doc(rec(), cpu=AVX2), doc(loose(), cpu=AMX)).regressions] == ["loosened"]
+    unrecorded = gate(doc(rec()), doc(worse, cpu=AMX))  # a baseline older than the CPU field
+    assert unrecorded.passed and "baseline an unrecorded CPU" in unrecorded.notes[0]
+    unreadable = {"machine": "arm64", "flags": None}  # no /proc/cpuinfo: never assumed to be the same machine
+    assert gate(doc(rec(), cpu=unreadable), doc(worse, cpu=unreadable)).passed
+    jaxlib = gate(doc(rec(), cpu=AVX2, versions={"jaxlib": "0.10.2", "pytest": "9.2.0"}),
+                  doc(worse, cpu=AVX2, versions={"jaxlib": "0.10.3", "pytest": "9.3.0"}))
+    assert jaxlib.passed and "jaxlib: baseline 0.10.2, this run 0.10.3" in jaxlib.notes[0]
+    assert "pytest" not in jaxlib.notes[0]  # not a numerics package
+    assert not gate(doc(rec(), cpu=AVX2, versions={"pytest": "9.2.0"}),
+                    doc(worse, cpu=AVX2, versions={"pytest": "9.3.0"})).passed
+
+
+def test_cpu_info_keeps_the_numerically_relevant_flags(tmp_path):
+    from parity.plugin import cpu_info
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma avx512f amx_bf16 rdrand\n"
+                       "processor\t: 1\nflags\t\t: fpu sse4_2 avx2 fma avx512f amx_bf16 rdrand\n")
+    assert cpu_info(cpuinfo)["flags"] == ["sse4_2", "avx2", "fma", "avx512f", "amx_bf16"]
+    assert cpu_info(tmp_path / "missing")["flags"] is None
 
 
 def test_summary_names_every_regressed_case():

@@ -8,7 +8,10 @@ a test that records the same key twice gets occurrence 2, 3, ... in call order. 
   fixtures/tolerances.py fails the gate until the baseline is rewritten in the same change, so review sees both
   numbers; one regression per (component, dtype, metric, old bound, new bound), naming its first case; or
 - a test that passed in the baseline fails or errors now without any failing case to name (e.g. a setup error).
-Bounds are compared only when the run and the baseline use the same tolerance profile.
+Bounds are compared only when the run and the baseline use the same tolerance profile. Metric values (the slack
+check) are compared only when the run and the baseline ran on the same numerics: CPU flags (parity.plugin.cpu_info)
+and NUMERIC_PACKAGES' versions. Another CPU picks other kernels (AVX-512, AMX) and moves bfloat16 metrics by more
+than any slack that still sees a regression; there the gate judges verdicts and bounds only, and says so.
 Cases in only one of the two runs are counted, never judged: a narrower selection (`--mesh 2x4`) or a new test
 must not fail the gate, and `--parity-update-baseline` takes new cases in.
 """
@@ -25,6 +28,7 @@ from fixtures.tolerances import LOWER, SLACK, UPPER, direction, slack_limit
 FORMAT = "tp_llama-parity-baseline/2"  # /2: every case records its bounds; a /1 file cannot see a loosened bound
 KEY_FIELDS = ("test", "name", "layer", "reference", "dtype", "mesh", "occurrence")
 _BAD_TEST_OUTCOMES = ("failed", "error")
+NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models", "numpy")
 
 
 class BaselineError(ValueError):
@@ -102,6 +106,7 @@ def make_baseline(document: Mapping[str, Any]) -> dict[str, Any]:
         "format": FORMAT,
         "tolerance_profile": environment.get("tolerance_profile"),
         "versions": environment.get("versions", {}),
+        "cpu": environment.get("cpu"),
         "passed_tests": sorted(t["nodeid"] for t in document.get("tests", []) if t["outcome"] == "passed"),
         "cases": cases,
     }
@@ -191,6 +196,30 @@ def _loosened_regressions(groups: Mapping[tuple, list[str]]) -> list[Regression]
     return out
 
 
+def cpu_label(cpu: Mapping[str, Any] | None) -> str:
+    """A run's recorded CPU (parity.plugin.cpu_info) as one line: machine [flags]."""
+    if not cpu:
+        return "an unrecorded CPU"
+    flags = cpu.get("flags")
+    return f"{cpu.get('machine')} [{' '.join(flags) if flags is not None else 'flags unknown'}]"
+
+
+def numerics_differences(baseline: Mapping[str, Any], environment: Mapping[str, Any]) -> list[str]:
+    """What differs between the baseline's numerics and this run's (CPU, NUMERIC_PACKAGES); empty when the same.
+
+    A CPU whose flags could not be read matches nothing, so an unknown machine never has its values judged."""
+    found = []
+    old_cpu, new_cpu = baseline.get("cpu"), environment.get("cpu")
+    recorded = old_cpu is not None or new_cpu is not None  # neither: a document without an environment
+    if recorded and (old_cpu != new_cpu or (old_cpu or {}).get("flags") is None):
+        found.append(f"CPU: baseline {cpu_label(old_cpu)}, this run {cpu_label(new_cpu)}")
+    old_versions, new_versions = baseline.get("versions") or {}, environment.get("versions") or {}
+    for name in NUMERIC_PACKAGES:
+        if name in old_versions and name in new_versions and old_versions[name] != new_versions[name]:
+            found.append(f"{name}: baseline {old_versions[name]}, this run {new_versions[name]}")
+    return found
+
+
 def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str = "baseline") -> GateResult:
     """Judge one run (a --parity-json document) against a loaded baseline."""
     result = GateResult(path=str(path))
@@ -200,12 +229,13 @@ def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str 
     result.missing = len(old_cases.keys() - new_cases.keys())
     run_profile = document.get("environment", {}).get("tolerance_profile")
     same_profile = baseline.get("tolerance_profile") in (None, run_profile)
+    differences = numerics_differences(baseline, document.get("environment", {}))
     named_tests = set()
     loosened: dict[tuple, list[str]] = {}
     for key in sorted(new_cases.keys() & old_cases.keys(), key=repr):
         old, record = old_cases[key], new_cases[key]
         result.compared += 1
-        found = _case_regressions(key, old, record)
+        found = _case_regressions(key, old, record, values=not differences)
         result.regressions += found
         if found:
             named_tests.add(key[0])
@@ -222,14 +252,22 @@ def compare(baseline: Mapping[str, Any], document: Mapping[str, Any], path: str 
     if not same_profile:
         result.notes.append(f"baseline was taken under tolerance profile {baseline['tolerance_profile']!r}, "
                             f"this run uses {run_profile!r}; bounds not compared")
+    if differences:
+        result.notes.append("metric values not compared (another numerics platform; verdicts and bounds are): "
+                            + "; ".join(differences) + "; to gate values on this platform, retake the baseline "
+                            "here (--parity-update-baseline)")
     return result
 
 
-def _case_regressions(key: tuple, old: Mapping[str, Any], record: Mapping[str, Any]) -> list[Regression]:
+def _case_regressions(key: tuple, old: Mapping[str, Any], record: Mapping[str, Any], *,
+                      values: bool = True) -> list[Regression]:
+    """A verdict flipped to failing, or (when `values`) each gated metric worsened past its slack."""
     label = case_label(key)
     if old["passed"] and not record["passed"]:
         why = record.get("error") or ", ".join(record.get("failed_metrics") or []) or "failed"
         return [Regression("failed", label, f"passed in the baseline, fails now: {why}")]
+    if not values:
+        return []
     found = []
     for metric, old_value in old["metrics"].items():
         if metric not in record["metrics"] or metric not in SLACK:

@@ -55,6 +55,23 @@ def package_versions(names=VERSIONED) -> dict[str, str | None]:
     return out
 
 
+# The CPU features that change which kernels XLA and torch pick, and so the last bits of a result: a baseline's
+# metric values hold only on a CPU with the same ones (parity/baseline.py).
+NUMERIC_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
+    """The machine type and its numerically relevant CPU flags (None where /proc/cpuinfo cannot be read)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {"machine": platform.machine(), "flags": None}
+    line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
+    have = set(line.partition(":")[2].split())
+    return {"machine": platform.machine(), "flags": [f for f in NUMERIC_CPU_FLAGS if f in have]}
+
+
 def device_info() -> dict[str, Any] | None:
     """Backend, device kind and count, only if this process has already initialised a JAX backend."""
     jax = sys.modules.get("jax")
@@ -186,6 +203,7 @@ class ParityCollector:
             "platform": platform.platform(),
             "versions": package_versions(),
             "devices": devices,
+            "cpu": cpu_info(),
             "tolerance_profile": self.config.getoption("tolerance_profile", default=None) or "default",
             "seeds": self._seeds(),
             "xdist_workers": getattr(self.config.option, "numprocesses", None) or 0,

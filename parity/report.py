@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from fixtures.tolerances import COMPONENTS, LOWER, UPPER, direction
+from parity.baseline import cpu_label
 from parity.check import budget_used, format_value
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -586,6 +587,7 @@ def _environment_values(environment: Mapping[str, Any], records: list[Mapping[st
     return [
         ("implementation under test", implementation_label(implementation_of(environment))),
         ("platform", environment.get("platform")),
+        ("CPU (flags that pick kernels)", cpu_label(environment.get("cpu")) if environment.get("cpu") else None),
         ("python", python_text(environment) or None),
         ("devices", device_text),
         ("processes", devices.get("process_count")),
