@@ -246,6 +246,7 @@ def test_committed_baseline_is_a_passing_run_of_the_default_selection():
     failing = [pb.case_label(tuple(c[k] for k in pb.KEY_FIELDS)) for c in content["cases"] if not c["passed"]]
     assert not failing, f"the committed baseline records failing cases: {failing[:5]}"
     assert content["passed_tests"], "the committed baseline names no passing test"
+    assert content["cpu"]["flags"] is not None, "the committed baseline does not record its CPU's flags"
 
 
 def test_committed_baseline_holds_the_tables_bounds():
