@@ -192,6 +192,8 @@ def test_cpu_info_keeps_the_numerically_relevant_flags(tmp_path):
                        "processor\t: 1\nflags\t\t: fpu sse4_2 avx2 fma avx512f amx_bf16 rdrand\n")
     assert cpu_info(cpuinfo)["flags"] == ["sse4_2", "avx2", "fma", "avx512f", "amx_bf16"]
     assert cpu_info(tmp_path / "missing")["flags"] is None
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm sve bf16 i8mm\n")  # aarch64
+    assert cpu_info(cpuinfo)["flags"] == ["asimd", "sve", "bf16", "i8mm"]
 
 
 def test_summary_names_every_regressed_case():

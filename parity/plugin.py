@@ -58,7 +58,8 @@ def package_versions(names=VERSIONED) -> dict[str, str | None]:
 # The CPU features that change which kernels XLA and torch pick, and so the last bits of a result: a baseline's
 # metric values hold only on a CPU with the same ones (parity/baseline.py).
 NUMERIC_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
-                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+                     "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm")  # the last six: aarch64's "Features" line
 
 
 def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
