@@ -4,10 +4,10 @@
 
 runs pytest on the installed `conformance` test package (`--pyargs conformance`, or `--module test_rmsnorm ...` for
 some modules) with the suite's plugin (`-p conformance.plugin`), the default selection of the repository's pytest.ini
-(`-m "not slow and not browser and not multihost and not ecosystem and not e2e"` unless an `-m` is given) and no
-configuration file of the directory it runs in (`-c os.devnull`: a project's own pytest.ini/pyproject addopts do not
-leak in), rooted where the package is installed, so test ids read `conformance/test_rmsnorm.py::...` as in the
-repository (and a `--parity-baseline` taken there applies).
+(`-m "not slow and not browser and not multihost and not ecosystem and not e2e and not real_full"` unless an `-m`
+is given) and no configuration file of the directory it runs in (`-c os.devnull`: a project's own
+pytest.ini/pyproject addopts do not leak in), rooted where the package is installed, so test ids read
+`conformance/test_rmsnorm.py::...` as in the repository (and a `--parity-baseline` taken there applies).
 The current directory is appended to `sys.path` (after the installed suite, so a project's own `fixtures/` or
 `adapters/` cannot shadow the suite's) so `--impl MODULE:ATTR` imports from it, as under `python -m pytest`. Relative
 `--report`/`--json` paths are the current directory's. Every other argument goes to pytest unchanged (`-k rmsnorm`,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 PACKAGE = "conformance"
 PLUGIN = "conformance.plugin"
-DEFAULT_MARKERS = "not slow and not browser and not multihost and not ecosystem and not e2e"
+DEFAULT_MARKERS = "not slow and not browser and not multihost and not ecosystem and not e2e and not real_full"
 # pytest marks an entry-point plugin's packages for assertion rewriting, but this command imported `conformance` (the
 # package itself, not its test modules, which are still rewritten) before pytest started: that one warning is noise.
 QUIET_REWRITE = "ignore:Module already imported so cannot be rewritten; conformance:pytest.PytestAssertRewriteWarning"

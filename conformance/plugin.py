@@ -138,6 +138,7 @@ MARKERS = {
     "e2e": "runs the suite or one of its commands in child processes (the gate, the report, the CLIs end to end); "
            "run with -m e2e",
     "browser": "opens the HTML report in headless Chromium",
+    "real_full": "the real-model slice beyond the default run (every prompt, mesh 2x3); run with -m real_full",
     "ecosystem": "public implementations (keras-hub) in their own environment, requirements-ecosystem.txt",
 }
 FILTERWARNINGS = ("ignore::DeprecationWarning:fairscale.*",)

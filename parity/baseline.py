@@ -99,7 +99,7 @@ def make_baseline(document: Mapping[str, Any]) -> dict[str, Any]:
         case["component"] = record["component"]
         case["passed"] = bool(record["passed"])
         case["metrics"] = {m: v for m, v in record["metrics"].items() if m in SLACK}
-        case["bounds"] = _directed(record.get("bounds", {}))
+        case["bounds"] = _directed(table_bounds(record))
         cases.append(case)
     environment = document.get("environment", {})
     return {
@@ -167,12 +167,18 @@ def _directed(bounds: Mapping[str, Any]) -> dict[str, Any]:
     return {m: b for m, b in bounds.items() if direction(m) in (UPPER, LOWER)}
 
 
+def table_bounds(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The tolerance table's bounds of a record, before any were widened by the reference's own noise
+    (fixtures.tolerances.noise_scaled): a loosened bound is a change of the table, not of the data."""
+    return record.get("table_bounds") or record.get("bounds", {})
+
+
 def _loosened(old: Mapping[str, Any], record: Mapping[str, Any]) -> list[tuple[str, float, float | None]]:
     """(metric, baseline bound, bound now; None when removed) for every bound looser now than in the baseline.
 
     A removed bound counts when the case still computes the metric: nothing judges it any more."""
     found = []
-    new_bounds = _directed(record.get("bounds", {}))
+    new_bounds = _directed(table_bounds(record))
     for metric, was in _directed(old.get("bounds", {})).items():
         was = _number(was)
         if metric not in new_bounds:

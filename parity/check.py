@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fixtures.tolerances import LOWER, UPPER, bounds_for, direction
+from fixtures.tolerances import LOWER, UPPER, bounds_for, direction, noise_scaled
 from parity import metrics as pm
 
 RECORD_KEY = "parity_record"
@@ -80,7 +80,9 @@ def _failure_lines(record: Mapping[str, Any]) -> list[str]:
     for m in record["failed_metrics"]:
         value, bound = record["metrics"][m], record["bounds"][m]
         sign, kind = (">", "upper") if direction(m) == UPPER else ("<", "lower")
-        lines.append(f"{m} = {format_value(m, value)} {sign} {format_value(m, bound)} ({kind} bound)")
+        table = record.get("table_bounds", {}).get(m, bound)
+        scaled = f", widened from {format_value(m, table)} by the reference's own noise" if table != bound else ""
+        lines.append(f"{m} = {format_value(m, value)} {sign} {format_value(m, bound)} ({kind} bound{scaled})")
     return lines
 
 
@@ -110,7 +112,7 @@ def _worst(a: np.ndarray, b: np.ndarray) -> tuple[list[int], dict[str, float] | 
 
 def _evaluate(nodeid: str, profile: str, *, component: str, actual: Any, expected: Any, reference: str | None,
               dtype: Any, mesh: Any, layer: int | None, oracle: Any, logits: bool, name: str | None,
-              extra_metrics: Mapping[str, float] | None) -> dict[str, Any]:
+              extra_metrics: Mapping[str, float] | None, peers: Any = ()) -> dict[str, Any]:
     """Build one record (metrics, bounds, verdict); never raises on a numerical failure."""
     dtype, mesh = dtype_name(dtype), mesh_name(mesh)
     bounds = bounds_for(component, dtype, profile, reference=reference, mesh=mesh, name=name, test=nodeid)
@@ -133,11 +135,30 @@ def _evaluate(nodeid: str, profile: str, *, component: str, actual: Any, expecte
         return record
     values.update({m: float(v) for m, v in (extra_metrics or {}).items()})
     record["metrics"] = values
+    if oracle is not None:
+        # the reference's own distance from exact math sets the bounds that transfer (fixtures.tolerances)
+        own = _own_noise([b, *(pm.as_float64(p) for p in peers)], oracle, logits, dtype,
+                         int(bounds.get("topk", pm.DEFAULT_TOPK)))
+        judged = noise_scaled(bounds, own, pm.bias_spread(b))
+        if judged != bounds:
+            record["table_bounds"], record["bounds"] = record["bounds"], {m: float(v) for m, v in judged.items()}
+            bounds = judged
     record["worst_index"], record["worst"] = _worst(a, b)
     record["error"] = pm.check_finite(a, b)
     record["failed_metrics"] = _failing(values, bounds)
     record["passed"] = not record["failed_metrics"] and record["error"] is None
     return record
+
+
+def _own_noise(references: list, oracle: Any, logits: bool, dtype: str, k: int) -> dict[str, float]:
+    """The references' own metrics against the oracle, the farthest of them per metric: an implementation may be
+    as far from exact math as any official reference is (`peers`: the other references' outputs)."""
+    own: dict[str, float] = {}
+    for reference in references:
+        for metric, value in pm.compute_metrics(reference, oracle, logits=logits, dtype=dtype, k=k).items():
+            worse = max if direction(metric) == UPPER else min
+            own[metric] = worse(own[metric], value) if metric in own else value
+    return own
 
 
 def _context(request: Any) -> tuple[str, str, list]:
@@ -149,7 +170,7 @@ def _context(request: Any) -> tuple[str, str, list]:
 def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, reference: str | None,
                   dtype: Any, mesh: Any, layer: int | None = None, oracle: Any = None, logits: bool = False,
                   name: str | None = None, extra_metrics: Mapping[str, float] | None = None,
-                  extra: Mapping[str, Any] | None = None, diagnose: Any = None) -> dict[str, Any]:
+                  extra: Mapping[str, Any] | None = None, diagnose: Any = None, peers: Any = ()) -> dict[str, Any]:
     """Compare `actual` (implementation) with `expected` (reference) under the table's bounds, record, judge.
 
     noise_ratio is computed only with an `oracle` (float64 result of exact math), kl/top1/topk_overlap only
@@ -159,13 +180,15 @@ def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, r
     Only metrics that have both a value and a bound are judged; NaN/Inf on either side always fails.
     `diagnose`: a callable giving {deviation name: parity.diagnosis.Prediction} for these inputs, called only
     when the record fails; the ranked result goes to record["diagnosis"] and its summary to the message.
+    `peers`: the other references' outputs of the same tensor; with an oracle, bounds widen to the farthest
+    reference's own distance from exact math (fixtures.tolerances.noise_scaled), not only `expected`'s.
     Returns the record; raises AssertionError listing every failing metric and the worst index.
     """
     __tracebackhide__ = True
     nodeid, profile, properties = _context(request)
     record = _evaluate(nodeid, profile, component=component, actual=actual, expected=expected,
                        reference=reference, dtype=dtype, mesh=mesh, layer=layer, oracle=oracle, logits=logits,
-                       name=name, extra_metrics=extra_metrics)
+                       name=name, extra_metrics=extra_metrics, peers=peers)
     clash = sorted(set(extra or {}) & set(record))
     if clash:
         raise ValueError(f"assert_parity(extra=...): {clash} would replace standard record fields; rename them")
@@ -205,7 +228,7 @@ def failure_message(record: Mapping[str, Any], profile: str) -> str:
 
 def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any], expected: Mapping[str, Any],
                        reference: str | None, dtype: Any, mesh: Any, oracle: Mapping[str, Any] | None = None,
-                       logits: bool = False, diagnose: Any = None) -> list[dict[str, Any]]:
+                       logits: bool = False, diagnose: Any = None, peers: Any = ()) -> list[dict[str, Any]]:
     """Check many named tensors (e.g. per-layer intermediates) at once, recording every one.
 
     The reference's names set the order; a name missing on either side fails. The layer of each record is
@@ -213,7 +236,7 @@ def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any
     failing one (in the reference's order, usually where a bug enters) named first.
     `diagnose`: name -> the `diagnose` callable of assert_parity for that tensor; only the first failing record
     is diagnosed (where a bug enters, before later tensors mix its effect with others), and its summary ends the
-    message.
+    message. `peers`: a list of name -> tensor mappings, the other references' (see assert_parity).
     """
     __tracebackhide__ = True
     nodeid, profile, properties = _context(request)
@@ -223,7 +246,8 @@ def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any
             continue
         record = _evaluate(nodeid, profile, component=component, actual=actual[name], expected=expected[name],
                            reference=reference, dtype=dtype, mesh=mesh, layer=None,
-                           oracle=(oracle or {}).get(name), logits=logits, name=name, extra_metrics=None)
+                           oracle=(oracle or {}).get(name), logits=logits, name=name, extra_metrics=None,
+                           peers=[p[name] for p in peers if name in p])
         if diagnose is not None and not record["passed"] and all(r["passed"] for r in records):
             record["diagnosis"] = _diagnosis(actual[name], expected[name], (oracle or {}).get(name), diagnose(name))
         properties.append((RECORD_KEY, record))

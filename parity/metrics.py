@@ -112,6 +112,22 @@ def bias_z(a: Any, b: Any) -> float:
     return float(math.sqrt(d.size) * abs(float(np.dot(d, b.ravel()))) / (nd * nb))
 
 
+def bias_spread(b: Any) -> float:
+    """How wide bias_z spreads under pure rounding noise, relative to a Gaussian-shaped reference.
+
+    Rounding is relative: an element's error scales with |b_i|, so <d, b> has standard deviation
+    ~ u sqrt(sum b_i^4) and bias_z's null spread is kappa = sqrt(N sum b^4) / sum b^2. A Gaussian reference has
+    kappa = sqrt(3), where bias_z's bounds were set; a heavy-tailed one (a trained model's massive activations,
+    one dominant logit per position) has kappa in the tens or hundreds, and a one-ulp rounding of its few huge
+    entries lies along b. Returns max(1, kappa / sqrt(3)): the factor by which bias_z bounds widen."""
+    b = as_float64(b).ravel()
+    sum2 = float(np.dot(b, b))
+    if b.size == 0 or sum2 == 0.0 or not math.isfinite(sum2):
+        return 1.0
+    kappa = math.sqrt(b.size * float(np.sum(b ** 4))) / sum2
+    return max(1.0, kappa / math.sqrt(3.0))
+
+
 def worst_index(a: Any, b: Any) -> tuple[int, ...]:
     """Index of the largest |a - b| (NaN counts as worst), so a failure can say where it is wrong."""
     a, b = _pair(a, b)

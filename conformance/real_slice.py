@@ -1,0 +1,143 @@
+"""Inputs and cached reference results of the real-model slice (conformance/test_real_model.py).
+
+The subject is a real trained model (fixtures/real_model.py: SmolLM2-135M-Instruct, dequantized to float32) on
+real chat text: the checked-in prompts of fixtures/real_text/prompts.json, each rendered by the model's own chat
+template. A case's prompts are right-padded into one batch: the model is causal, so a prompt's positions do not
+see the padding after them, and only those positions are compared (`valid`). Every reference result depends on
+(case, reference, dtype), never on the mesh, so it is computed once per process. As in support.py, the float64
+oracle computes with the weights rounded to the run dtype, so its distance to each side measures only that
+side's arithmetic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from conformance.support import rounded
+from fixtures import real_model
+from reference import hf, meta, oracle
+
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "real_text" / "prompts.json"
+MESHES = ("1x1", "1x3")  # 9 query / 3 kv heads: the model axis splits them at 3, not at 4
+FULL_MESHES = ("2x3",)   # marker real_full
+PAD = 2  # <|im_end|>: any id serves, the positions after a prompt's end are never compared
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    prompt_ids: tuple[str, ...]  # ids of prompts.json
+
+
+# The default run's case: the four prompts marked default (37 to 63 tokens), one batch. Under real_full, every
+# prompt: the short ones in one batch, the 194- and 507-token ones alone.
+CASES = {
+    "chat": Case(("capital", "arithmetic", "code", "translate")),
+    "chat_more": Case(("haiku", "list", "definition", "email")),
+    "summary": Case(("summary",)),
+    "long": Case(("long",)),
+}
+FULL_CASES = ("chat_more", "summary", "long")
+
+
+def config():
+    return real_model.checkpoint().config
+
+
+@functools.lru_cache(maxsize=1)
+def prompt_texts() -> dict[str, str]:
+    return {p["id"]: p["text"] for p in json.loads(PROMPTS_FILE.read_text())["prompts"]}
+
+
+def chat_ids(text: str) -> list[int]:
+    """One user turn through the model's own chat template, ending with the assistant's generation prompt."""
+    encoded = real_model.tokenizer().apply_chat_template([{"role": "user", "content": text}],
+                                                         add_generation_prompt=True)
+    return list(encoded["input_ids"])
+
+
+@functools.lru_cache(maxsize=None)
+def prompts(case: str) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(chat_ids(prompt_texts()[i])) for i in CASES[case].prompt_ids)
+
+
+@functools.lru_cache(maxsize=None)
+def tokens(case: str) -> np.ndarray:
+    """(batch, longest) int32, each prompt right-padded with PAD."""
+    rows = prompts(case)
+    out = np.full((len(rows), max(map(len, rows))), PAD, np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def valid(case: str, x: np.ndarray) -> np.ndarray:
+    """x (batch, seq, ...) -> (prompt positions, ...): every prompt's own positions, the padding dropped."""
+    return np.concatenate([np.asarray(x)[i, :len(row)] for i, row in enumerate(prompts(case))], axis=0)
+
+
+@functools.lru_cache(maxsize=2)
+def weights(dtype: str) -> dict[str, np.ndarray]:
+    """The real weights as the run dtype sees them (what the oracle computes with)."""
+    return {k: rounded(v, dtype) for k, v in real_model.weights().items()}
+
+
+@functools.lru_cache(maxsize=4)
+def exact(dtype: str, case: str):
+    """The float64 oracle's (logits, intermediates) on the case, padding dropped."""
+    logits, taps = oracle.oracle_forward(config(), weights(dtype), tokens(case), 0, capture=True)
+    return valid(case, logits), {k: valid(case, v) for k, v in taps.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def full_forward(reference: str, dtype: str, case: str):
+    """The reference's (logits, intermediates) on the case, padding dropped."""
+    toks = tokens(case)
+    if reference == "meta":
+        ref = meta.MetaReference(config(), real_model.weights(), dtype, max_batch_size=toks.shape[0],
+                                 max_seq_len=toks.shape[1])
+        logits, taps = ref.forward(toks, 0, capture=True)
+    elif reference == "hf":
+        logits, taps = hf.HFReference(config(), real_model.weights(), dtype).forward(toks, 0, capture=True)
+    else:
+        raise ValueError(f"--reference {reference}: full-model references are meta and hf")
+    return valid(case, logits), {k: valid(case, v) for k, v in taps.items()}
+
+
+def peer(reference: str) -> str:
+    """The other official reference: bounds widen to whichever of the two is farther from exact math."""
+    return {"meta": "hf", "hf": "meta"}[reference]
+
+
+def outlier_ratio(x: np.ndarray) -> float:
+    """max |x| / median |x| of a hidden-state tensor: how massive its largest activation is."""
+    magnitude = np.abs(np.asarray(x, np.float64))
+    return float(magnitude.max() / max(float(np.median(magnitude)), 1e-30))
+
+
+def residual_inputs(dtype: str) -> list[np.ndarray]:
+    """The residual stream entering each layer on the default case (the embedding, then each block_out), from
+    the oracle, as (1, positions, dim)."""
+    _, taps = exact(dtype, "chat")
+    streams = [taps["embedding"]] + [taps[f"layers.{i}.block_out"] for i in range(config().n_layers - 1)]
+    return [s[None] for s in streams]
+
+
+@functools.lru_cache(maxsize=2)
+def outlier_layers(dtype: str, count: int = 2) -> tuple[int, ...]:
+    """The `count` layers whose residual input holds the largest outliers (max/median), in layer order."""
+    ratios = [outlier_ratio(x) for x in residual_inputs(dtype)]
+    return tuple(sorted(np.argsort(ratios)[::-1][:count].tolist()))
+
+
+def component_input(dtype: str, layer: int, which: str) -> np.ndarray:
+    """A real activation from the oracle's forward, rounded to the run dtype, shaped (1, positions, dim):
+    'residual' (what layer `layer` receives), 'attention_norm' or 'ffn_norm' (that layer's normed inputs)."""
+    if which == "residual":
+        x = residual_inputs(dtype)[layer]
+    else:
+        x = exact(dtype, "chat")[1][f"layers.{layer}.{which}"][None]
+    return rounded(x, dtype)
