@@ -1,12 +1,13 @@
 """`llama-conformance` (conformance/cli.py): the pytest command line it builds, without running the battery, and the
-packaging that names it (pyproject.toml's console script and pytest11 entry point), and how the plugin lays out
-`-n N` (modules per worker, each worker's share of the cores).
+packaging that names it (pyproject.toml's console script and pytest11 entry point), how the plugin lays out
+`-n N` (modules per worker, each worker's share of the cores), and the option mistakes it refuses before collection.
 
 (No argument here may be named `mesh`, `dtype` or `reference`: the suite's plugin parametrizes those.)
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -157,3 +158,71 @@ def test_threads():
 """)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+# ---- option mistakes: one line and exit status 4 (usage error) before collection ------------------------------
+
+def _option(**given):
+    from types import SimpleNamespace
+
+    defaults = dict(cpu_devices=8, mutant=None, parity_update_baseline=False, parity_json=None, parity_report=None,
+                    parity_baseline=None)
+    return SimpleNamespace(**{**defaults, **given})
+
+
+@pytest.mark.parametrize("given, complaint", [
+    (dict(cpu_devices=0), "--cpu-devices 0: must be at least 1"),
+    (dict(mutant="rope_unscaled", parity_update_baseline=True, parity_baseline="b.json"),
+     "--mutant rope_unscaled with --parity-update-baseline would record a planted bug as the baseline"),
+    (dict(parity_json="out/p.json", parity_report="out/../out/p.json"),
+     "--parity-json and --parity-report both name out/../out/p.json"),
+    (dict(parity_json="b.json", parity_baseline="b.json"), "--parity-json and --parity-baseline both name b.json"),
+])
+def test_conflicting_options_are_a_usage_error(given, complaint):
+    from conformance import plugin
+
+    with pytest.raises(pytest.UsageError, match="^" + re.escape(complaint)):
+        plugin._check_option_conflicts(_option(**given))
+
+
+def test_options_that_go_together_pass():
+    from conformance import plugin
+
+    plugin._check_option_conflicts(_option(mutant="rope_unscaled", parity_json="p.json", parity_report="r.html",
+                                           parity_baseline="b.json"))
+    plugin._check_option_conflicts(_option(parity_update_baseline=True, parity_baseline="b.json", cpu_devices=1))
+
+
+@pytest.mark.parametrize("meshes, devices, changes, complaint", [
+    (["1x4", "3x3"], 8, {}, "--mesh 3x3 needs 9 devices but this run simulates 8 CPU devices: give --cpu-devices 9"),
+    (["1x3"], 8, {}, "--mesh 1x3: tiny: cannot shard over a model axis of 3: n_heads=8 is not divisible"),
+    (["1x6"], 8, dict(dim=192, n_heads=12, n_kv_heads=4), "n_kv_heads=4 and the model axis 6 divide neither way"),
+    (["1x4"], 8, dict(vocab_size=510), "vocab_size=510 is not divisible by the model axis 4"),
+    (["1x16"], None, {}, "n_heads=8 is not divisible by the model axis 16"),
+    (["1-4"], 8, {}, "--mesh '1-4': expected DxM"),
+    (["0x4"], 8, {}, "--mesh: mesh '0x4' is not of the form DxM with positive integers"),
+])
+def test_a_mesh_the_run_cannot_use_is_a_usage_error(tiny_config, meshes, devices, changes, complaint):
+    from conformance import plugin
+
+    with pytest.raises(pytest.UsageError, match=re.escape(complaint)):
+        plugin._check_meshes(meshes, devices, {"tiny": tiny_config.replace(**changes)})
+
+
+def test_meshes_the_run_can_use_pass(tiny_config):
+    from conformance import plugin
+
+    plugin._check_meshes(["1x1", "1x4", "2x4", "1x8"], 8, {"tiny": tiny_config})
+    plugin._check_meshes(["4x4"], None, {"tiny": tiny_config})  # an accelerator's count is not known yet
+
+
+@pytest.mark.e2e
+def test_a_mesh_larger_than_the_devices_stops_pytest_with_one_line():
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "--collect-only", "-q", "--mesh", "3x3",
+                          "conformance/test_rmsnorm.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert run.stderr.strip() == ("ERROR: --mesh 3x3 needs 9 devices but this run simulates 8 CPU devices: give "
+                                  "--cpu-devices 9 or a smaller mesh"), run.stderr
+    assert "collected" not in run.stdout
