@@ -548,7 +548,7 @@ def test_cli_summarises_a_good_checkpoint(written, capsys):
 
 
 @pytest.mark.parametrize("case", ["params_field", "mesh", "nan"])
-def test_cli_bad_input_is_one_line_and_exit_1(written, tiny_config, tiny_weights, capsys, case):
+def test_cli_bad_input_is_one_line_and_exit_2(written, tiny_config, tiny_weights, capsys, case):
     directory = broken(written, "meta1", f"cli_{case}")
     argv = [str(directory)]
     if case == "params_field":
@@ -561,7 +561,7 @@ def test_cli_bad_input_is_one_line_and_exit_1(written, tiny_config, tiny_weights
         weights = dict(tiny_weights, **{"norm.weight": np.full(tiny_config.dim, np.inf, np.float32)})
         write_meta_checkpoint(directory, tiny_config, weights, dtype="float32")
         fragments = ("consolidated.00.pth", "norm.weight", "NaN/Inf")
-    assert main(argv) == 1
+    assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and lines[0].startswith("error: "), captured.err
@@ -579,7 +579,7 @@ def test_cli_entry_points_as_processes(written):
     assert good.returncode == 0 and "HF checkpoint" in good.stdout, good.stderr
     bad = subprocess.run([sys.executable, "-m", "llama_spec.checkpoint", str(missing)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.strip() == f"error: {missing}: no such checkpoint directory"
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {missing}: no such checkpoint directory"
     suite = subprocess.run([sys.executable, "-m", "pytest", "--checkpoint-dir", str(missing), "--collect-only",
                             "-q", "-p", "no:xdist", "conformance/test_checkpoints.py"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,7 @@
 """`llama-conformance` (conformance/cli.py): the pytest command line it builds, without running the battery, and the
 packaging that names it (pyproject.toml's console script and pytest11 entry point), how the plugin lays out
-`-n N` (modules per worker, each worker's share of the cores), and the option mistakes it refuses before collection.
+`-n N` (modules per worker, each worker's share of the cores), the option mistakes it refuses before collection, and
+the suite's other commands given a bad input file.
 
 (No argument here may be named `mesh`, `dtype` or `reference`: the suite's plugin parametrizes those.)
 """
@@ -226,3 +227,53 @@ def test_a_mesh_larger_than_the_devices_stops_pytest_with_one_line():
     assert run.stderr.strip() == ("ERROR: --mesh 3x3 needs 9 devices but this run simulates 8 CPU devices: give "
                                   "--cpu-devices 9 or a smaller mesh"), run.stderr
     assert "collected" not in run.stdout
+
+
+# ---- every command given a bad input file: one line naming it, exit status 2 ------------------------------------
+
+def _command(name):
+    """(main, argv for the bad input) of a command that reads a JSON file or a checkpoint directory."""
+    import importlib
+
+    module, _, flag = name.partition(" ")
+    main = importlib.import_module(module).main
+    if module in ("llama_spec.checkpoint", "tp_llama.generate", "benchmarks.checkpoint_memory"):
+        extra = {"llama_spec.checkpoint": ["--no-scan"], "tp_llama.generate": ["--prompt", "Hello", "--mesh", "1x1"],
+                 "benchmarks.checkpoint_memory": []}[module]
+        return main, lambda file: ([str(file.parent)] if module == "llama_spec.checkpoint"
+                                   else ["--checkpoint-dir", str(file.parent)]) + extra
+    extra = {"parity.report": ["-o", "out.html"]}.get(module, [])
+    return main, lambda file: ([flag, str(file)] if flag else [str(file)]) + extra
+
+
+COMMANDS_READING_FILES = ["fixtures.calibrate", "adapters.keras_hub.table", "adapters.keras_hub.table --diagnoses",
+                          "benchmarks.drawn_bounds --records", "parity.report", "llama_spec.checkpoint",
+                          "tp_llama.generate", "benchmarks.checkpoint_memory"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_json", "not_an_object", "wrong_object"])
+@pytest.mark.parametrize("command", COMMANDS_READING_FILES)
+def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys, command, problem):
+    """Checkpoint directories get the bad file as their params.json (beside an empty consolidated.00.pth)."""
+    main, argv = _command(command)
+    directory = tmp_path / ("missing" if problem == "missing" else "given")
+    checkpoint = not command.partition(" ")[0].endswith(("calibrate", "table", "drawn_bounds", "report"))
+    file = directory / ("params.json" if checkpoint else "records.json")
+    if problem != "missing":
+        directory.mkdir()
+        file.write_text({"not_json": "{", "not_an_object": "[1, 2]", "wrong_object": '{"environment": {}}'}[problem])
+        if checkpoint:
+            (directory / "consolidated.00.pth").write_bytes(b"")
+    if command.startswith("adapters.keras_hub.table --diagnoses"):  # the main file good, the --diagnoses one bad
+        good = tmp_path / "good.json"
+        good.write_text('{"environment": {}, "records": []}')
+        code = main([str(good), *argv(file)])
+    else:
+        code = main(argv(file))
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, captured.err
+    named = directory if problem == "missing" else file
+    assert re.match(r"(python -m \S+: |parity\.report: )?error: ", lines[0]) and str(named) in lines[0], lines[0]
+    assert captured.out == ""
+
