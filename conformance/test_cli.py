@@ -277,3 +277,15 @@ def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys
     assert re.match(r"(python -m \S+: |parity\.report: )?error: ", lines[0]) and str(named) in lines[0], lines[0]
     assert captured.out == ""
 
+
+@pytest.mark.parametrize("module", ["adapters.keras_hub.collectives", "adapters.keras_hub.table"])
+def test_help_describes_the_command_in_whole_sentences(capsys, module):
+    """(keras is not needed for --help.) The descriptions were the docstrings' first lines, cut mid-sentence."""
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    description = " ".join(out.split("\n\n")[1].split())
+    assert description.endswith(".") and len(description) > 60, description

@@ -177,7 +177,10 @@ def markdown(documents: list[dict], diagnosed: list[dict], commands: dict[str, s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.keras_hub.table", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m adapters.keras_hub.table",
+                                     description="Print the README's \"Public implementations, measured\" table "
+                                                 "(Markdown) from the parity JSON of whole-suite runs, one row per "
+                                                 "factory and dtype; keras is not needed.")
     parser.add_argument("json", nargs="+", type=Path, help="parity JSON of whole-suite runs, one per factory")
     parser.add_argument("--diagnoses", action="append", type=Path, default=[],
                         help="parity JSON whose diagnosed records explain the first failures (the ecosystem run)")
