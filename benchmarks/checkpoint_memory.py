@@ -65,24 +65,32 @@ def main(argv=None) -> int:
     parser.add_argument("--references", nargs="+", default=["meta", "hf"], choices=("meta", "hf"))
     parser.add_argument("--seq", type=int, default=32, help="tokens per sequence (batch: the mesh's data axis)")
     args = parser.parse_args(argv)
+    from llama_spec.checkpoint import CheckpointError, load_checkpoint
+
+    given = None
+    if args.checkpoint_dir is not None:
+        try:  # metadata only, before any JAX set-up: a bad directory is one line
+            given = load_checkpoint(args.checkpoint_dir)
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
     from fixtures.weights import make_tokens
-    from llama_spec.checkpoint import load_checkpoint
     from llama_spec.layout import parse_mesh
     from parity.metrics import compute_metrics
     from tp_llama.layerwise import LayerwiseRun, peak_rss_bytes, reset_peak_rss, run_layerwise
 
     with tempfile.TemporaryDirectory(prefix="ckpt8b-") as scratch:
-        directory = args.checkpoint_dir
-        if directory is None:
+        if given is None:
             directory = Path(scratch) / "meta-8b-width"
             seconds, child_peak = generate(directory, args.layers)
             size = sum(p.stat().st_size for p in directory.iterdir())
             print(f"generate: {seconds:.1f} s, peak RSS {child_peak / GIB:.2f} GiB, {size / 1e9:.2f} GB on disk")
-        config, weights = load_checkpoint(directory)
+            given = load_checkpoint(directory)
+        config, weights = given
         tokens = make_tokens(config, batch=parse_mesh(args.mesh)[0], seq_len=args.seq, seed=7)
         reset_peak_rss()
         baseline = peak_rss_bytes()

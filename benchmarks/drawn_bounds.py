@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from llama_spec.files import InputFileError, read_json
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("conformance/test_properties.py", "conformance/test_metamorphic.py")
 CASES_ENV = "DRAWN_BOUNDS_CASES"
@@ -122,8 +124,11 @@ def report_lines(worst: dict[tuple, dict], cases: dict[str, str]) -> list[str]:
 def read_cases(directory: Path) -> dict[str, str]:
     cases = {}
     for path in sorted(directory.glob("cases-*.jsonl")):
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputFileError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
             cases[entry["tag"]] = ", ".join(f"{k}={v}" for k, v in entry["drawn"].items())
     return cases
 
@@ -167,9 +172,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         paths = [records_path]
     records, cases = [], {}
-    for path in paths:
-        records += json.loads(path.read_text())["records"]
-        cases.update(read_cases(path.parent))
+    try:
+        for path in paths:
+            records += read_json(path, "a --parity-json document", ("records",))["records"]
+            cases.update(read_cases(path.parent))
+    except InputFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for line in report_lines(worst_values(records), cases):
         print(line)
     return 0

@@ -85,20 +85,22 @@ def pytest_addoption(parser):
                          "writes the parity files")
 
 
-def _simulate_cpu_devices(count: int) -> None:
-    """Must run before any JAX backend starts; a real accelerator platform is left alone."""
+def _simulate_cpu_devices(count: int) -> bool:
+    """Must run before any JAX backend starts; a real accelerator platform is left alone. Says whether it simulated
+    (then this process has exactly `count` devices)."""
     platforms = os.environ.get("JAX_PLATFORMS", "cpu")
     if platforms.split(",")[0] not in ("", "cpu"):
-        return
+        return False
     import jax
 
     jax.config.update("jax_num_cpu_devices", count)
+    return True
 
 
-def _join_multiprocess_run(config) -> None:
+def _join_multiprocess_run(config) -> bool:
     """One pytest per process, joined by jax.distributed before any backend starts. Every mesh must span the
     devices of all processes (each takes part in every computation and gather), and only process 0 writes the
-    parity files, so records are written once."""
+    parity files, so records are written once. Says whether it joined."""
     from llama_spec.layout import parse_mesh
     from tp_llama import distributed
 
@@ -108,7 +110,7 @@ def _join_multiprocess_run(config) -> None:
     except ValueError as err:
         raise pytest.UsageError(str(err)) from None
     if chosen is None:
-        return
+        return False
     if getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
         raise pytest.UsageError("a multi-process run is one pytest per process: drop -n (pytest-xdist)")
     distributed.initialize(chosen)
@@ -128,6 +130,51 @@ def _join_multiprocess_run(config) -> None:
     if jax.process_index() != 0:
         config.option.parity_json = config.option.parity_report = config.option.parity_baseline = None
         config.option.parity_update_baseline = False
+    return True
+
+
+def _check_option_conflicts(option) -> None:
+    """Options that contradict each other stop the run with one line before collection, not after a whole run."""
+    if option.cpu_devices < 1:
+        raise pytest.UsageError(f"--cpu-devices {option.cpu_devices}: must be at least 1")
+    if option.mutant and option.parity_update_baseline:
+        raise pytest.UsageError(f"--mutant {option.mutant} with --parity-update-baseline would record a planted bug "
+                                "as the baseline: drop one of them")
+    paths = {}
+    for name in ("parity_json", "parity_report", "parity_baseline"):
+        path = getattr(option, name)
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        resolved = os.path.realpath(path)
+        if resolved in paths:
+            raise pytest.UsageError(f"{paths[resolved]} and {flag} both name {path}: one file would overwrite the "
+                                    "other; give each its own path")
+        paths[resolved] = flag
+
+
+def _check_meshes(meshes, devices: int | None, configs: dict) -> None:
+    """A mesh the devices cannot hold, or whose model axis cannot split a config the tests build, would fail every
+    test on it, blamed on the implementation: refuse it with one line before collection. `devices`: how many this
+    run has (None: not known before JAX starts, on an accelerator); `configs`: where each config comes from ->
+    the LlamaConfig."""
+    from llama_spec.layout import check_splittable, parse_mesh
+
+    for mesh in meshes:
+        if not re.fullmatch(r"\d+x\d+", mesh):
+            raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
+        try:
+            data, model = parse_mesh(mesh)
+        except ValueError as err:
+            raise pytest.UsageError(f"--mesh: {err}") from None
+        if devices is not None and data * model > devices:
+            raise pytest.UsageError(f"--mesh {mesh} needs {data * model} devices but this run simulates {devices} CPU "
+                                    f"devices: give --cpu-devices {data * model} or a smaller mesh")
+        for source, config in configs.items():
+            try:
+                check_splittable(config, model, where=f"--mesh {mesh}: {source}")
+            except ValueError as err:
+                raise pytest.UsageError(str(err)) from None
 
 
 # The repository's pytest.ini declares these too; an installed suite run from another directory (`llama-conformance`)
@@ -193,13 +240,15 @@ def _share_cores_among_workers(config) -> None:
 @pytest.hookimpl(tryfirst=True)  # before parity.plugin reads the file options, which _join_multiprocess_run sets
 def pytest_configure(config):
     _register_ini_defaults(config)
+    _check_option_conflicts(config.option)
     _distribute_by_module(config)
     _share_cores_among_workers(config)
+    from llama_spec.config import preset
     from tp_llama.compile_cache import enable_compilation_cache
 
-    _simulate_cpu_devices(config.getoption("cpu_devices"))
+    simulated = _simulate_cpu_devices(config.getoption("cpu_devices"))
     enable_compilation_cache()  # $TP_LLAMA_COMPILATION_CACHE: the directory, or 'off'
-    _join_multiprocess_run(config)
+    joined = _join_multiprocess_run(config)  # checks its meshes against all processes' devices itself
     mutant = config.getoption("mutant")
     if mutant:
         from conformance import mutants
@@ -208,23 +257,27 @@ def pytest_configure(config):
             config.add_cleanup(mutants.apply(mutant))
         except ValueError as err:
             raise pytest.UsageError(f"--mutant: {err}") from None
-    for mesh in config.getoption("mesh") or ():
-        if not re.fullmatch(r"\d+x\d+", mesh):
-            raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
+    configs = {"the suite's tiny config (llama_spec.config.PRESETS['tiny'])": preset("tiny")}
     if config.getoption("checkpoint_dir"):
         from llama_spec.checkpoint import CheckpointError, load_checkpoint
 
         try:  # metadata only: a bad checkpoint stops the run with one line, before any test
-            load_checkpoint(config.getoption("checkpoint_dir"))
+            checkpoint, weights = load_checkpoint(config.getoption("checkpoint_dir"))
         except CheckpointError as err:
             raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
+        configs[str(weights.config_path)] = checkpoint
+    devices = config.getoption("cpu_devices") if simulated and not joined else None
+    _check_meshes(config.getoption("mesh") or DEFAULT_MESHES, devices, configs)
     if config.getoption("impl"):
-        from adapters.protocol import AdapterError, load
+        from adapters.protocol import BUILTIN, AdapterError, load
 
         try:  # a typo in --impl stops the run with one line, before any test
-            load(config.getoption("impl"))
+            factory = load(config.getoption("impl"))
         except AdapterError as err:
             raise pytest.UsageError(str(err)) from None
+        if mutant and factory is not load(BUILTIN):
+            raise pytest.UsageError(f"--mutant {mutant} plants its bug in the built-in tp_llama model, which --impl "
+                                    f"{config.getoption('impl')} does not run: drop one of them")
 
 
 @pytest.hookimpl(trylast=True)

@@ -22,6 +22,7 @@ import torch
 from adapters import protocol
 from fixtures.checkpoints import synthetic_tensor, write_hf_checkpoint, write_meta_checkpoint, write_tokenizer
 from fixtures.weights import make_tokens
+from llama_spec import config as config_fields
 from llama_spec.checkpoint import (
     HF_INDEX,
     SPLIT_AXIS,
@@ -29,6 +30,7 @@ from llama_spec.checkpoint import (
     load_checkpoint,
     load_for_generation,
     main,
+    read_config,
     split_axis,
 )
 from llama_spec.config import LLAMA32_ROPE_SCALING, LlamaConfig
@@ -333,6 +335,52 @@ def test_config_json_fields_this_model_cannot_compute(written, change, fragments
     assert_error(directory, "config.json", *fragments)
 
 
+# A value of the wrong JSON type for each type a config field can need: a quoted value, a boolean for a number, a
+# number for a boolean or a string, a float for an integer.
+WRONG_TYPES = {"an integer": ["2", True, 2.0], "a number": ["1e-5", False], "true or false": ["true", 1],
+               "a string": [1], "an array": ["LlamaForCausalLM"], "an object": ["llama3", [1]]}
+CONFIG_FIELDS = [  # (file, style, the object the fields sit in or None for the top level, fields and their types)
+    ("params.json", "meta", None, config_fields.PARAMS_FIELDS),
+    *[("config.json", style, None, config_fields.HF_FIELDS) for style in config_fields.HF_STYLES],
+    ("config.json", "rope_parameters", "rope_parameters", config_fields.HF_ROPE_FIELDS),
+    ("config.json", "hub", "rope_scaling", config_fields.HF_ROPE_FIELDS),
+]
+WRONG_TYPE_CASES = [pytest.param(file, style, inside, field, needed, value,
+                                 id=f"{style}-{inside + '.' if inside else ''}{field}-{json.dumps(value)}")
+                    for file, style, inside, fields in CONFIG_FIELDS
+                    for field, needed in fields.items() for value in WRONG_TYPES[needed.name]]
+
+
+@pytest.mark.parametrize("file, style, inside, field, needed, value", WRONG_TYPE_CASES)
+def test_a_config_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, tiny_config, file, style, inside, field,
+                                                                 needed, value):
+    """Every field the readers know, in params.json and both config.json styles: the error names the file, the
+    field and the type it needs, not whatever the value broke later (or nothing: "1e-5" used to pass)."""
+    data = tiny_config.to_params() if file == "params.json" else tiny_config.to_hf(style)
+    (data[inside] if inside else data)[field] = value
+    path = tmp_path / file
+    path.write_text(json.dumps(data))
+    name = f"{inside}.{field}" if inside else field
+    assert_error(tmp_path, f"{path}: field '{name}' must be {needed.name}", "got", "; write ",
+                 call=lambda _: read_config(path))
+
+
+def test_every_field_the_writers_write_has_a_type(tiny_config):
+    """So a field added to a writer is in the tables above, and the wrong-type cases cover it."""
+    assert set(tiny_config.to_params()) == set(config_fields.PARAMS_FIELDS)
+    for style, inside in (("rope_parameters", "rope_parameters"), ("hub", "rope_scaling")):
+        hf = tiny_config.to_hf(style)
+        assert set(hf) <= set(config_fields.HF_FIELDS), style
+        assert set(hf[inside]) <= set(config_fields.HF_ROPE_FIELDS), style
+
+
+def test_a_quoted_number_is_told_to_lose_its_quotes(tmp_path, tiny_config):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(dict(tiny_config.to_params(), dim="128")))
+    assert_error(tmp_path, f"{path}: field 'dim' must be an integer, got the string '128'; write 128 without the "
+                 "quotes", call=lambda _: read_config(path))
+
+
 def test_tied_embeddings_are_read_from_the_embedding(tmp_path, tiny_config):
     """Llama 3.2's layout: no lm_head.weight in the files, the output projection is the embedding."""
     tied = tiny_config.replace(tie_word_embeddings=True)
@@ -500,7 +548,7 @@ def test_cli_summarises_a_good_checkpoint(written, capsys):
 
 
 @pytest.mark.parametrize("case", ["params_field", "mesh", "nan"])
-def test_cli_bad_input_is_one_line_and_exit_1(written, tiny_config, tiny_weights, capsys, case):
+def test_cli_bad_input_is_one_line_and_exit_2(written, tiny_config, tiny_weights, capsys, case):
     directory = broken(written, "meta1", f"cli_{case}")
     argv = [str(directory)]
     if case == "params_field":
@@ -513,7 +561,7 @@ def test_cli_bad_input_is_one_line_and_exit_1(written, tiny_config, tiny_weights
         weights = dict(tiny_weights, **{"norm.weight": np.full(tiny_config.dim, np.inf, np.float32)})
         write_meta_checkpoint(directory, tiny_config, weights, dtype="float32")
         fragments = ("consolidated.00.pth", "norm.weight", "NaN/Inf")
-    assert main(argv) == 1
+    assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and lines[0].startswith("error: "), captured.err
@@ -531,7 +579,7 @@ def test_cli_entry_points_as_processes(written):
     assert good.returncode == 0 and "HF checkpoint" in good.stdout, good.stderr
     bad = subprocess.run([sys.executable, "-m", "llama_spec.checkpoint", str(missing)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.strip() == f"error: {missing}: no such checkpoint directory"
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {missing}: no such checkpoint directory"
     suite = subprocess.run([sys.executable, "-m", "pytest", "--checkpoint-dir", str(missing), "--collect-only",
                             "-q", "-p", "no:xdist", "conformance/test_checkpoints.py"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,12 +1,14 @@
 """`llama-conformance` (conformance/cli.py): the pytest command line it builds, without running the battery, and the
-packaging that names it (pyproject.toml's console script and pytest11 entry point), and how the plugin lays out
-`-n N` (modules per worker, each worker's share of the cores).
+packaging that names it (pyproject.toml's console script and pytest11 entry point), how the plugin lays out
+`-n N` (modules per worker, each worker's share of the cores), the option mistakes it refuses before collection, and
+the suite's other commands given a bad input file.
 
 (No argument here may be named `mesh`, `dtype` or `reference`: the suite's plugin parametrizes those.)
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -157,3 +159,133 @@ def test_threads():
 """)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+# ---- option mistakes: one line and exit status 4 (usage error) before collection ------------------------------
+
+def _option(**given):
+    from types import SimpleNamespace
+
+    defaults = dict(cpu_devices=8, mutant=None, parity_update_baseline=False, parity_json=None, parity_report=None,
+                    parity_baseline=None)
+    return SimpleNamespace(**{**defaults, **given})
+
+
+@pytest.mark.parametrize("given, complaint", [
+    (dict(cpu_devices=0), "--cpu-devices 0: must be at least 1"),
+    (dict(mutant="rope_unscaled", parity_update_baseline=True, parity_baseline="b.json"),
+     "--mutant rope_unscaled with --parity-update-baseline would record a planted bug as the baseline"),
+    (dict(parity_json="out/p.json", parity_report="out/../out/p.json"),
+     "--parity-json and --parity-report both name out/../out/p.json"),
+    (dict(parity_json="b.json", parity_baseline="b.json"), "--parity-json and --parity-baseline both name b.json"),
+])
+def test_conflicting_options_are_a_usage_error(given, complaint):
+    from conformance import plugin
+
+    with pytest.raises(pytest.UsageError, match="^" + re.escape(complaint)):
+        plugin._check_option_conflicts(_option(**given))
+
+
+def test_options_that_go_together_pass():
+    from conformance import plugin
+
+    plugin._check_option_conflicts(_option(mutant="rope_unscaled", parity_json="p.json", parity_report="r.html",
+                                           parity_baseline="b.json"))
+    plugin._check_option_conflicts(_option(parity_update_baseline=True, parity_baseline="b.json", cpu_devices=1))
+
+
+@pytest.mark.parametrize("meshes, devices, changes, complaint", [
+    (["1x4", "3x3"], 8, {}, "--mesh 3x3 needs 9 devices but this run simulates 8 CPU devices: give --cpu-devices 9"),
+    (["1x3"], 8, {}, "--mesh 1x3: tiny: cannot shard over a model axis of 3: n_heads=8 is not divisible"),
+    (["1x6"], 8, dict(dim=192, n_heads=12, n_kv_heads=4), "n_kv_heads=4 and the model axis 6 divide neither way"),
+    (["1x4"], 8, dict(vocab_size=510), "vocab_size=510 is not divisible by the model axis 4"),
+    (["1x16"], None, {}, "n_heads=8 is not divisible by the model axis 16"),
+    (["1-4"], 8, {}, "--mesh '1-4': expected DxM"),
+    (["0x4"], 8, {}, "--mesh: mesh '0x4' is not of the form DxM with positive integers"),
+])
+def test_a_mesh_the_run_cannot_use_is_a_usage_error(tiny_config, meshes, devices, changes, complaint):
+    from conformance import plugin
+
+    with pytest.raises(pytest.UsageError, match=re.escape(complaint)):
+        plugin._check_meshes(meshes, devices, {"tiny": tiny_config.replace(**changes)})
+
+
+def test_meshes_the_run_can_use_pass(tiny_config):
+    from conformance import plugin
+
+    plugin._check_meshes(["1x1", "1x4", "2x4", "1x8"], 8, {"tiny": tiny_config})
+    plugin._check_meshes(["4x4"], None, {"tiny": tiny_config})  # an accelerator's count is not known yet
+
+
+@pytest.mark.e2e
+def test_a_mesh_larger_than_the_devices_stops_pytest_with_one_line():
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "--collect-only", "-q", "--mesh", "3x3",
+                          "conformance/test_rmsnorm.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert run.stderr.strip() == ("ERROR: --mesh 3x3 needs 9 devices but this run simulates 8 CPU devices: give "
+                                  "--cpu-devices 9 or a smaller mesh"), run.stderr
+    assert "collected" not in run.stdout
+
+
+# ---- every command given a bad input file: one line naming it, exit status 2 ------------------------------------
+
+def _command(name):
+    """(main, argv for the bad input) of a command that reads a JSON file or a checkpoint directory."""
+    import importlib
+
+    module, _, flag = name.partition(" ")
+    main = importlib.import_module(module).main
+    if module in ("llama_spec.checkpoint", "tp_llama.generate", "benchmarks.checkpoint_memory"):
+        extra = {"llama_spec.checkpoint": ["--no-scan"], "tp_llama.generate": ["--prompt", "Hello", "--mesh", "1x1"],
+                 "benchmarks.checkpoint_memory": []}[module]
+        return main, lambda file: ([str(file.parent)] if module == "llama_spec.checkpoint"
+                                   else ["--checkpoint-dir", str(file.parent)]) + extra
+    extra = {"parity.report": ["-o", "out.html"]}.get(module, [])
+    return main, lambda file: ([flag, str(file)] if flag else [str(file)]) + extra
+
+
+COMMANDS_READING_FILES = ["fixtures.calibrate", "adapters.keras_hub.table", "adapters.keras_hub.table --diagnoses",
+                          "benchmarks.drawn_bounds --records", "parity.report", "llama_spec.checkpoint",
+                          "tp_llama.generate", "benchmarks.checkpoint_memory"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_json", "not_an_object", "wrong_object"])
+@pytest.mark.parametrize("command", COMMANDS_READING_FILES)
+def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys, command, problem):
+    """Checkpoint directories get the bad file as their params.json (beside an empty consolidated.00.pth)."""
+    main, argv = _command(command)
+    directory = tmp_path / ("missing" if problem == "missing" else "given")
+    checkpoint = not command.partition(" ")[0].endswith(("calibrate", "table", "drawn_bounds", "report"))
+    file = directory / ("params.json" if checkpoint else "records.json")
+    if problem != "missing":
+        directory.mkdir()
+        file.write_text({"not_json": "{", "not_an_object": "[1, 2]", "wrong_object": '{"environment": {}}'}[problem])
+        if checkpoint:
+            (directory / "consolidated.00.pth").write_bytes(b"")
+    if command.startswith("adapters.keras_hub.table --diagnoses"):  # the main file good, the --diagnoses one bad
+        good = tmp_path / "good.json"
+        good.write_text('{"environment": {}, "records": []}')
+        code = main([str(good), *argv(file)])
+    else:
+        code = main(argv(file))
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, captured.err
+    named = directory if problem == "missing" else file
+    assert re.match(r"(python -m \S+: |parity\.report: )?error: ", lines[0]) and str(named) in lines[0], lines[0]
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("module", ["adapters.keras_hub.collectives", "adapters.keras_hub.table"])
+def test_help_describes_the_command_in_whole_sentences(capsys, module):
+    """(keras is not needed for --help.) The descriptions were the docstrings' first lines, cut mid-sentence."""
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    description = " ".join(out.split("\n\n")[1].split())
+    assert description.endswith(".") and len(description) > 60, description

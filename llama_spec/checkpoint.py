@@ -620,7 +620,7 @@ def main(argv=None) -> int:
             lines.append(f"scan: all {len(weights)} tensors finite ({time.perf_counter() - start:.1f} s)")
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print("\n".join(lines))
     print("OK")
     return 0

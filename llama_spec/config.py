@@ -50,10 +50,41 @@ LLAMA31_ROPE_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_fa
 # Llama 3.2 1B and 3B (their config.json).
 LLAMA32_ROPE_SCALING = dataclasses.replace(LLAMA31_ROPE_SCALING, factor=32.0)
 
-# Meta's params.json fields; those without a default must be present. No max_seq_len: it is a runtime argument of
-# llama-models' Llama3.build, which passes it beside **params (a params.json holding it would not load there).
-_PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-                  "norm_eps", "rope_theta", "use_scaled_rope")
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonType:
+    """The JSON type a config field needs, checked before any value is used: a quoted number or a boolean where a
+    number belongs would otherwise fail somewhere inside the arithmetic, or pass (bool is an int in Python)."""
+    name: str  # as the error says it: "an integer"
+    types: tuple[type, ...]  # the Python types json.loads gives for it (bool only where named)
+    example: str  # what to write instead
+    nullable: bool = False
+
+    def fits(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool):
+            return bool in self.types
+        return isinstance(value, self.types)
+
+    def or_null(self) -> "JsonType":
+        return dataclasses.replace(self, nullable=True)
+
+
+INTEGER = JsonType("an integer", (int,), "a whole number such as 4096")
+NUMBER = JsonType("a number", (int, float), "a number such as 1e-05")
+BOOLEAN = JsonType("true or false", (bool,), "true or false")
+STRING = JsonType("a string", (str,), 'a quoted string such as "llama"')
+ARRAY = JsonType("an array", (list,), 'an array such as ["LlamaForCausalLM"]')
+OBJECT = JsonType("an object", (dict,), 'an object such as {"rope_type": "llama3", ...}')
+
+# Meta's params.json fields and their types (None where llama-models' ModelArgs defaults them); those without a
+# default must be present. No max_seq_len: it is a runtime argument of llama-models' Llama3.build, which passes it
+# beside **params (a params.json holding it would not load there).
+PARAMS_FIELDS = {"dim": INTEGER, "n_layers": INTEGER, "n_heads": INTEGER, "n_kv_heads": INTEGER.or_null(),
+                 "vocab_size": INTEGER, "multiple_of": INTEGER, "ffn_dim_multiplier": NUMBER.or_null(),
+                 "norm_eps": NUMBER, "rope_theta": NUMBER, "use_scaled_rope": BOOLEAN}
 _REQUIRED = ("dim", "n_layers", "n_heads", "vocab_size")
 # The published params.json shapes whose scaling and tying are implied, not stated (see the module docstring):
 # (dim, n_layers, n_heads, n_kv_heads, vocab_size, multiple_of, ffn_dim_multiplier) -> (name, scaling, tied).
@@ -67,6 +98,16 @@ _HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
                 "rms_norm_eps", "max_position_embeddings")
 _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0}
 _ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# The types of the config.json fields read here or by transformers for the HF reference (either style), and of the
+# RoPE object's (`rope_parameters` or the hub's `rope_scaling`; `type` is the hub's older name of `rope_type`).
+HF_FIELDS = {"architectures": ARRAY, "model_type": STRING, "hidden_size": INTEGER, "intermediate_size": INTEGER,
+             "num_hidden_layers": INTEGER, "num_attention_heads": INTEGER,
+             "num_key_value_heads": INTEGER.or_null(), "head_dim": INTEGER.or_null(), "vocab_size": INTEGER,
+             "rms_norm_eps": NUMBER, "max_position_embeddings": INTEGER, "rope_theta": NUMBER,
+             "rope_parameters": OBJECT.or_null(), "rope_scaling": OBJECT.or_null(), "hidden_act": STRING,
+             "tie_word_embeddings": BOOLEAN, "attention_bias": BOOLEAN, "mlp_bias": BOOLEAN}
+HF_ROPE_FIELDS = {"rope_theta": NUMBER, "rope_type": STRING, "type": STRING, "factor": NUMBER,
+                  "low_freq_factor": NUMBER, "high_freq_factor": NUMBER, "original_max_position_embeddings": INTEGER}
 HF_STYLES = ("rope_parameters", "hub")
 
 
@@ -131,17 +172,16 @@ class LlamaConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], source: str = "params.json") -> "LlamaConfig":
-        unknown = sorted(set(params) - set(_PARAMS_FIELDS))
+        unknown = sorted(set(params) - set(PARAMS_FIELDS))
         if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; expected only {sorted(_PARAMS_FIELDS)}")
+            raise ValueError(f"{source}: unknown field(s) {unknown}; expected only {sorted(PARAMS_FIELDS)}")
         missing = [name for name in _REQUIRED if name not in params]
         if missing:
             raise ValueError(f"{source}: missing field(s) {missing}")
+        check_types(params, PARAMS_FIELDS, source)
         values = dict(params)
         # Meta's checkpoints before 3.1 have no use_scaled_rope; its own ModelArgs defaults it to off.
         scaled = values.pop("use_scaled_rope", False)
-        if not isinstance(scaled, bool):
-            raise ValueError(f"{source}: use_scaled_rope={scaled!r} must be true or false")
         try:
             config = cls(**values, rope_scaling=None)
         except (TypeError, ValueError) as err:
@@ -158,6 +198,10 @@ class LlamaConfig:
             raise FileNotFoundError(f"{path}: no such file; a Meta checkpoint directory needs params.json") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read ({err.strerror})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: expected a JSON object of Meta's fields, found {type(params).__name__}")
         return cls.from_params(params, source=str(path))
 
     def to_params(self) -> dict[str, Any]:
@@ -170,7 +214,7 @@ class LlamaConfig:
         if self.tie_word_embeddings != tied:
             raise ValueError(f"params.json cannot hold tie_word_embeddings={self.tie_word_embeddings}: Meta ties "
                              f"only Llama 3.2 1B/3B, by their shape; write an HF checkpoint (config.json) instead")
-        return {name: getattr(self, name) for name in _PARAMS_FIELDS}
+        return {name: getattr(self, name) for name in PARAMS_FIELDS}
 
     # ---- Hugging Face config.json -----------------------------------------------------------
 
@@ -179,6 +223,7 @@ class LlamaConfig:
         """Either style: transformers 5's `rope_parameters` (rope_theta inside), or the hub's `rope_scaling` dict
         (or null) beside a top-level `rope_theta`. Every scaling parameter is read; anything this model does not
         compute (another rope_type, biases, another activation) is refused naming the field."""
+        check_types(hf, HF_FIELDS, source)
         missing = [key for key in _HF_REQUIRED if key not in hf]
         if missing:
             default = _HF_DEFAULTS.get(missing[0])
@@ -270,14 +315,49 @@ def _hf_rope(hf: Mapping[str, Any], source: str) -> Mapping[str, Any]:
     silently take the other's values)."""
     parameters, scaling = hf.get("rope_parameters"), hf.get("rope_scaling")
     for key, value in (("rope_parameters", parameters), ("rope_scaling", scaling)):
-        if value is not None and not isinstance(value, Mapping):
-            raise ValueError(f"{source}: {key}={value!r} must be an object or null")
+        if value is not None:
+            check_types(value, HF_ROPE_FIELDS, source, prefix=key + ".")
     if parameters is not None and scaling is not None:
         stripped = {k: v for k, v in parameters.items() if k != "rope_theta"}
         if stripped != {k: v for k, v in scaling.items() if k != "rope_theta"}:
             raise ValueError(f"{source}: rope_parameters and rope_scaling disagree ({dict(parameters)} vs "
                              f"{dict(scaling)}); keep one")
     return parameters if parameters is not None else (scaling or {})
+
+
+def check_types(data: Mapping[str, Any], fields: Mapping[str, JsonType], source: str, prefix: str = "") -> None:
+    """Raise a one-line ValueError naming the file, the first field of `fields` in `data` whose value has the wrong
+    JSON type, the type it needs, what it holds and what to write."""
+    for name, needed in fields.items():
+        if name not in data or needed.fits(data[name]):
+            continue
+        value = data[name]
+        wanted = needed.name + (" or null" if needed.nullable else "")
+        raise ValueError(f"{source}: field '{prefix}{name}' must be {wanted}, got {_described(value)}; "
+                         f"write {_unquoted(value, needed) or needed.example}")
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, bool):
+        return f"the boolean {json.dumps(value)}"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _unquoted(value: Any, needed: JsonType) -> str | None:
+    """'128 without the quotes' when the string `value` holds a JSON value of the needed type, else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        inner = json.loads(value)
+    except ValueError:
+        return None
+    return f"{value} without the quotes" if inner is not None and needed.fits(inner) else None
 
 
 PRESETS: dict[str, LlamaConfig] = {

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from llama_spec.files import InputFileError, read_json
+
 _PER_LAYER = ("attention_norm", "q_rope", "k_rope", "attention_out", "ffn_norm", "mlp_out", "block_out")
 _COMPONENTS = ("rmsnorm", "rope", "attention", "mlp", "block", "logits")
 DTYPES = ("float32", "bfloat16")
@@ -175,14 +177,22 @@ def markdown(documents: list[dict], diagnosed: list[dict], commands: dict[str, s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.keras_hub.table", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m adapters.keras_hub.table",
+                                     description="Print the README's \"Public implementations, measured\" table "
+                                                 "(Markdown) from the parity JSON of whole-suite runs, one row per "
+                                                 "factory and dtype; keras is not needed.")
     parser.add_argument("json", nargs="+", type=Path, help="parity JSON of whole-suite runs, one per factory")
     parser.add_argument("--diagnoses", action="append", type=Path, default=[],
                         help="parity JSON whose diagnosed records explain the first failures (the ecosystem run)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    documents = [json.loads(p.read_text()) for p in args.json]
-    diagnosed = [r for p in args.diagnoses for r in json.loads(p.read_text())["records"] if r.get("diagnosis")]
+    try:
+        documents = [read_json(p, "a --parity-json document", ("environment", "records")) for p in args.json]
+        diagnoses = [read_json(p, "a --parity-json document", ("records",)) for p in args.diagnoses]
+    except InputFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    diagnosed = [r for document in diagnoses for r in document["records"] if r.get("diagnosis")]
     print(markdown(documents, diagnosed))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows(documents, diagnosed), indent=1) + "\n")
