@@ -13,6 +13,8 @@ Greedy generation on the same model is test_generation.py's `real_chat` case. Th
 and the 2x3 mesh, run under the marker `real_full`.
 """
 import functools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ import pytest
 from adapters import protocol
 from conformance import real_slice, support
 from fixtures import real_model
-from llama_spec.layout import make_mesh
+from llama_spec.layout import check_splittable, make_mesh
 from parity import assert_parity, assert_parity_many
 from parity.check import record_not_checked
 from reference import hf, meta, oracle
@@ -206,3 +208,96 @@ def test_real_model_reaches_massive_activations():
     outliers trained Llama-architecture models are known for (max/median above 1000 somewhere)."""
     ratios = [real_slice.outlier_ratio(x) for x in real_slice.residual_inputs("float32")]
     assert max(ratios) > 1000, f"largest max/median of the residual stream is {max(ratios):.3g}: not the real model"
+
+
+# ---- the real model's own files: pinned, converted once, every bad input one line --------------------------
+
+
+def _one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message, f"error spans several lines: {message!r}"
+    return message
+
+
+def test_the_installed_gguf_is_the_pinned_file():
+    real_model.verify_gguf(real_model.gguf_path())
+
+
+@pytest.mark.parametrize("fault", ["missing", "truncated", "substituted"])
+def test_a_bad_gguf_stops_with_one_line_naming_it(tmp_path, fault):
+    good = b"GGUF" + bytes(range(256)) * 4
+    path = tmp_path / "model.gguf"
+    if fault != "missing":
+        path.write_bytes(good[:-7] if fault == "truncated" else good[::-1])
+    with pytest.raises(real_model.RealModelError) as error:
+        real_model.verify_gguf(path, size=len(good), sha256=real_model.hashlib.sha256(good).hexdigest())
+    message = _one_line(error)
+    assert str(path) in message and {"missing": "missing", "truncated": "bytes, expected",
+                                     "substituted": "sha256"}[fault] in message, message
+
+
+@pytest.mark.parametrize("file", ["hf/config.json", "meta/params.json"])
+def test_a_cached_config_that_disagrees_with_the_gguf_metadata_stops(tmp_path, file):
+    """The cache's configs are checked against the GGUF metadata the manifest pinned; a disagreement names the
+    file and the field, and says how to convert again."""
+    real = real_model.checkpoint()
+    target = tmp_path / "cache"
+    for sub, name in (("hf", "config.json"), ("meta", "params.json")):
+        (target / sub).mkdir(parents=True)
+        source = (real.hf_dir if sub == "hf" else real.meta_dir) / name
+        (target / sub / name).write_text(source.read_text())
+    (target / real_model.MANIFEST).write_text((real.hf_dir.parent / real_model.MANIFEST).read_text())
+    assert real_model._cached(target).config == real.config  # the copy as written passes
+    edited = json.loads((target / file).read_text())
+    key = "num_key_value_heads" if file.endswith("config.json") else "n_kv_heads"
+    edited[key] = 9
+    (target / file).write_text(json.dumps(edited))
+    with pytest.raises(real_model.RealModelError) as error:
+        real_model._cached(target)
+    message = _one_line(error)
+    assert str(target / file) in message and "n_kv_heads" in message and "convert again" in message, message
+
+
+def test_a_failed_conversion_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A write that fails after the first checkpoint is on disk: one line, no target, no staging left."""
+    class Model:
+        config = type("Config", (), {"to_dict": staticmethod(lambda: real_model.checkpoint().config.to_hf())})
+        generation_config = type("Generation", (), {"to_json_file": staticmethod(
+            lambda path: Path(path).write_text("{}"))})
+
+        @staticmethod
+        def state_dict():
+            return {}
+
+    class Tokenizer:
+        @staticmethod
+        def save_pretrained(directory):
+            (Path(directory) / "tokenizer.json").write_text("{}")
+
+    def hf_written(directory, *args, **kwargs):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        return Path(directory)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(real_model, "_load_gguf", lambda path: (Model(), Tokenizer()))
+    monkeypatch.setattr(real_model, "metadata_config", lambda path: real_model.checkpoint().config)
+    monkeypatch.setattr(real_model, "meta_weights_of", lambda state, config: {})
+    monkeypatch.setattr(real_model, "write_hf_checkpoint", hf_written)
+    monkeypatch.setattr(real_model, "write_meta_checkpoint", disk_full)
+    target = tmp_path / "cache" / "entry"
+    with pytest.raises(real_model.RealModelError) as error:
+        real_model.convert(tmp_path / "model.gguf", target)
+    assert "No space left" in _one_line(error) and "nothing was kept" in str(error.value)
+    assert not target.exists() and list(target.parent.iterdir()) == [], list(target.parent.iterdir())
+
+
+def test_a_model_axis_of_nine_is_refused_in_one_line():
+    """9 query heads would split over 9 devices, but neither the 3 kv heads' replication rule nor the vocab
+    (49152 = 2^14 x 3) would: the suite's layout check says which, in one line."""
+    with pytest.raises(ValueError) as error:
+        check_splittable(real_slice.config(), 9, where=real_model.NAME)
+    message = _one_line(error)
+    assert "vocab_size=49152" in message and real_model.NAME in message, message
