@@ -40,12 +40,15 @@ import numpy as np
 import pytest
 
 from adapters import decoding, protocol
+from conformance import real_slice
+from fixtures import real_model
 from fixtures.weights import make_tokens, make_weights
 from llama_spec.config import preset
 from llama_spec.generation import Generation
 from llama_spec.layout import make_mesh, parse_mesh
 from parity import metrics as pm
 from parity.check import record_not_checked
+from reference import oracle
 from reference.generation import hf_generate, meta_generate, meta_stop_tokens
 
 
@@ -54,6 +57,7 @@ class Case:
     """One decoding run: random prompts of `lengths` (tiny vocabulary) or `texts` (Llama 3 tokenizer)."""
     lengths: tuple[int, ...] = ()
     texts: tuple[str, ...] = ()
+    chat: tuple[str, ...] = ()  # prompts of fixtures/real_text/prompts.json, on the real model
     new_tokens: int = 16
     start_pos: int = 0  # RoPE position of every prompt's first token
 
@@ -71,11 +75,16 @@ CASES = {
     "text": Case(texts=("The capital of France is", "def fibonacci(n):\n    "), new_tokens=16),
     # A real 8200-token prefix: relative distances past 8192, where the scaled long wavelengths matter.
     "past_8192_full": Case(lengths=(8200,), new_tokens=8),
+    # The real trained model (fixtures/real_model.py) on two chat prompts of 37 and 54 tokens, left-padded into one
+    # batch, 32 tokens each: its vocabulary holds no Llama 3 stop id, so every engine runs all 32 steps.
+    "real_chat": Case(chat=("capital", "code"), new_tokens=32),
 }
+REAL = {"real_chat"}  # meshes of the real model's 9/3 heads: test_real_* below
 # Eight 8200-token prefills, each with about 2 GB of attention scores: minutes on 2 CPU cores.
 SLOW = {"past_8192_full"}
 case_names = pytest.mark.parametrize(
-    "case_name", [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in CASES])
+    "case_name", [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in CASES
+                  if name not in REAL])
 
 
 # ---- the engines, each run once per module ------------------------------------------------------------------
@@ -105,9 +114,13 @@ class Engines:
         return preset("tiny").replace(vocab_size=meta_tokenizer().n_words)
 
     def config(self, case: Case):
+        if case.chat:
+            return real_slice.config()
         return self.text_config if case.texts else preset("tiny")
 
     def weights(self, case: Case):
+        if case.chat:
+            return real_model.weights()
         if not case.texts:
             return self.tiny_weights
         return self._once("text weights", lambda: make_weights(self.text_config, seed=0))
@@ -121,11 +134,11 @@ class Engines:
     def adapter(self, case: Case, mesh: str, dtype: str):
         """The implementation under test on `mesh`: the session's build, or for the text case one built through
         the same factory with the Llama 3 vocabulary."""
-        if not case.texts:
+        if not case.texts and not case.chat:
             return self.impl(mesh, dtype)
         prompts = self.prompts(case)
-        return self._once(("text model", mesh, dtype), lambda: protocol.build(
-            self.factory, self.text_config, self.weights(case), make_mesh(mesh), dtype, max_batch_size=len(prompts),
+        return self._once((case, mesh, dtype), lambda: protocol.build(
+            self.factory, self.config(case), self.weights(case), make_mesh(mesh), dtype, max_batch_size=len(prompts),
             max_seq_len=case.start_pos + max(map(len, prompts)) + case.new_tokens))
 
     def generate(self, engine: str, case: Case, dtype: str, teacher=None):
@@ -155,7 +168,9 @@ class Engines:
 
 def _encode(case: Case) -> list[list[int]]:
     """Random ids from the tiny vocabulary, or the texts as Meta's tokenizer and HF's (which must agree) encode
-    them, BOS first."""
+    them, BOS first; or the chat prompts through the real model's own chat template."""
+    if case.chat:
+        return [real_slice.chat_ids(real_slice.prompt_texts()[name]) for name in case.chat]
     if not case.texts:
         return [make_tokens(preset("tiny"), 1, n, seed=1000 + n + case.start_pos)[0].tolist() for n in case.lengths]
     from reference.tokenizer import hf_encode, meta_tokenizer
@@ -238,13 +253,27 @@ def assert_generation_parity(request, engines: Engines, case_name: str, *, actua
     try:
         assert_parity(request, component="generation", name=name, actual=np.stack(forced_a),
                       expected=np.stack(forced_b), reference=reference, dtype=dtype, mesh=mesh, logits=True,
-                      extra_metrics=metrics, extra=extra)
+                      oracle=_exact_teacher_forced(case, prompts, want, dtype), extra_metrics=metrics, extra=extra)
     except AssertionError as failure:
         a_name, b_name = engines.label(actual), engines.label(expected)
         details = [f"prompt {i} ({len(prompts[i])} tokens): streams part at step {step}: {a_name} chose {a} (rank "
                    f"{rank_a} for {b_name}), {b_name} chose {b} (rank {rank_b} for {a_name}), log-prob gap {gap:.3g}"
                    for i, step, a, b, rank_a, rank_b, gap in parted]
         raise AssertionError("\n  ".join([str(failure), *details])) from None
+
+
+def _exact_teacher_forced(case: Case, prompts, want: Generation, dtype: str):
+    """On the real model, the float64 oracle's logits after each step's history of `want`, in the order of the
+    record's rows, so the record's bounds transfer to trained weights (fixtures.tolerances.noise_scaled); None
+    for the synthetic cases, whose bounds were calibrated without it."""
+    if not case.chat:
+        return None
+    steps = []
+    for prompt, tokens in zip(prompts, want.tokens):
+        sequence = np.asarray([list(prompt) + list(tokens)], np.int32)
+        logits = oracle.oracle_forward(real_slice.config(), real_slice.weights(dtype), sequence, 0)[0]
+        steps += [logits[len(prompt) - 1 + t] for t in range(len(tokens))]
+    return np.stack(steps)
 
 
 def _skip_unless_decodable(request, engines: Engines, case_name: str, mesh_engine: str, *, dtype: str,
@@ -263,6 +292,8 @@ def _skip_unless_decodable(request, engines: Engines, case_name: str, mesh_engin
 
 
 def _decoder(case: Case):
+    if case.chat:
+        return real_model.tokenizer().decode
     if not case.texts:
         return None
     from reference.tokenizer import meta_tokenizer
@@ -337,3 +368,20 @@ def test_builtin_greedy_generate_is_the_suites_decoding_loop(builtin_only, tp_mo
         assert ours.tokens == suites.tokens, f"{what}: greedy_generate chose {ours.tokens}, the suite's loop " \
                                              f"{suites.tokens}"
         np.testing.assert_array_equal(np.stack(ours.step_logits), np.stack(suites.step_logits), err_msg=what)
+
+
+@pytest.mark.real_full  # HF's bf16 generate alone takes about a minute on 2 cores
+@pytest.mark.parametrize("real_mesh", real_slice.MESHES)
+def test_real_model_generates_like_reference(request, engines, reference, dtype, real_mesh):
+    """The real model (32 greedy tokens of chat answers) through the implementation under test on the real
+    slice's meshes, against Meta's and HF's own loops."""
+    if reference == "oracle":
+        pytest.skip("the float64 oracle has no decoding loop; generation parity runs against meta and hf")
+    assert_generation_parity(request, engines, "real_chat", actual=real_mesh, expected=reference, dtype=dtype,
+                             reference=reference, mesh=real_mesh)
+
+
+@pytest.mark.real_full
+def test_real_model_generates_alike_on_every_mesh(request, engines, dtype):
+    assert_generation_parity(request, engines, "real_chat", actual="1x3", expected="1x1", dtype=dtype,
+                             reference="1x1", mesh="1x3")
