@@ -141,3 +141,90 @@ def component_input(dtype: str, layer: int, which: str) -> np.ndarray:
     else:
         x = exact(dtype, "chat")[1][f"layers.{layer}.{which}"][None]
     return rounded(x, dtype)
+
+
+# ---- golden data: what the references say, kept, so any implementation is judged without running them ----------
+
+GOLDEN_FILE = PROMPTS_FILE.parent / "golden.npz"
+GOLDEN_TOPK = 20
+DTYPES = ("float32", "bfloat16")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def next_token_nll(case: str, logprobs: np.ndarray) -> np.ndarray:
+    """Per predicted token, -log p(next token): each prompt's positions 0 .. n-2 predicting tokens 1 .. n-1
+    (`logprobs` over the case's valid positions, as `valid` lays them out)."""
+    out, start = [], 0
+    for row in prompts(case):
+        n = len(row)
+        out.append(-logprobs[start + np.arange(n - 1), np.asarray(row[1:])])
+        start += n
+    return np.concatenate(out)
+
+
+def golden_arrays(case: str) -> dict[str, np.ndarray]:
+    """Per position of the case: the float64 oracle's top-20 token ids on the float32 weights, and at those ids the
+    log-probs of the oracle and of HF, at each dtype (the oracle on the weights rounded to it), plus each side's
+    next-token NLL for perplexity."""
+    out: dict[str, np.ndarray] = {}
+    for dtype in DTYPES:
+        oracle_lp = log_softmax(exact(dtype, case)[0])
+        hf_lp = log_softmax(full_forward("hf", dtype, case)[0])
+        if dtype == "float32":
+            out["ids"] = np.argsort(-oracle_lp, axis=-1, kind="stable")[:, :GOLDEN_TOPK].astype(np.int32)
+        ids = out["ids"]
+        out[f"oracle_{dtype}"] = np.take_along_axis(oracle_lp, ids, -1).astype(np.float32)
+        out[f"hf_{dtype}"] = np.take_along_axis(hf_lp, ids, -1).astype(np.float32)
+        out[f"oracle_nll_{dtype}"] = next_token_nll(case, oracle_lp).astype(np.float32)
+        out[f"hf_nll_{dtype}"] = next_token_nll(case, hf_lp).astype(np.float32)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def golden() -> dict[str, dict[str, np.ndarray]]:
+    """case -> golden arrays, from the checked-in file; a file taken from other prompts is refused."""
+    data = np.load(GOLDEN_FILE)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key in data.files:
+        case, _, name = key.partition("/")
+        out.setdefault(case, {})[name] = data[key]
+    for case, arrays in out.items():
+        positions = sum(map(len, prompts(case)))
+        if arrays["ids"].shape[0] != positions:
+            raise ValueError(f"{GOLDEN_FILE}: case {case} has {arrays['ids'].shape[0]} positions, the prompts "
+                             f"{positions}; regenerate it: python -m conformance.real_slice --write-golden")
+    return out
+
+
+def write_golden(path: Path = GOLDEN_FILE) -> None:
+    arrays = {f"{case}/{name}": value for case in CASES for name, value in golden_arrays(case).items()}
+    np.savez_compressed(path, **arrays)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m conformance.real_slice",
+                                     description="Regenerate the real model's golden data (top-20 ids and the "
+                                                 "float64 oracle's and HF's log-probs per prompt position).")
+    parser.add_argument("--write-golden", action="store_true", help=f"write {GOLDEN_FILE}")
+    args = parser.parse_args(argv)
+    if not args.write_golden:
+        parser.print_help()
+        return 2
+    try:
+        write_golden()
+    except real_model.RealModelError as err:
+        print(f"error: {err}")
+        return 2
+    print(f"{GOLDEN_FILE}: {len(CASES)} cases, top-{GOLDEN_TOPK}, dtypes {', '.join(DTYPES)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
