@@ -12,6 +12,11 @@ The current directory is appended to `sys.path` (after the installed suite, so a
 `adapters/` cannot shadow the suite's) so `--impl MODULE:ATTR` imports from it, as under `python -m pytest`. Relative
 `--report`/`--json` paths are the current directory's. Every other argument goes to pytest unchanged (`-k rmsnorm`,
 `-n 2`, `--mesh 1x4`, `--dtype float32`, `-rs`, `--parity-baseline FILE`). The exit status is pytest's.
+
+    llama-conformance doctor --impl mypkg.adapter:MyLlama
+
+runs the doctor instead (conformance/doctor.py): in seconds, each capability of the adapter ok, missing or wrong with
+the fix, exit status 1 when anything present is wrong. `doctor` is recognised as the first argument only.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from pathlib import Path
 
 PACKAGE = "conformance"
 PLUGIN = "conformance.plugin"
+DOCTOR = "doctor"  # the first argument that runs the doctor instead of the battery
 DEFAULT_MARKERS = "not slow and not browser and not multihost and not ecosystem and not e2e and not real_full"
 # pytest marks an entry-point plugin's packages for assertion rewriting, but this command imported `conformance` (the
 # package itself, not its test modules, which are still rewritten) before pytest started: that one warning is noise.
@@ -34,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="llama-conformance", allow_abbrev=False,
         description="Run the tensor-parallel Llama 3.1 conformance battery on an implementation (--impl). "
                     "Arguments not listed here are passed to pytest.",
-        epilog="example: llama-conformance --impl mypkg.adapter:MyLlama --report out/parity.html -n 2 -rs")
+        epilog="example: llama-conformance --impl mypkg.adapter:MyLlama --report out/parity.html -n 2 -rs; "
+               "llama-conformance doctor --impl mypkg.adapter:MyLlama checks the adapter itself in seconds")
     parser.add_argument("--impl", metavar="MODULE:ATTR",
                         help="the implementation's adapter factory, importable from the current directory "
                              "(default: the built-in tp_llama.adapter:TPLlamaAdapter)")
@@ -78,13 +85,18 @@ def pytest_args(argv: Sequence[str], cwd: str | os.PathLike[str], root: str | os
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import pytest
-
+    """`doctor ...` runs conformance/doctor.py; anything else is the battery."""
     cwd = os.getcwd()
-    args = pytest_args(sys.argv[1:] if argv is None else argv, cwd)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if cwd not in sys.path:
         sys.path.append(cwd)
-    return int(pytest.main(args))
+    if argv[:1] == [DOCTOR]:
+        from conformance import doctor
+
+        return doctor.main(argv[1:])
+    import pytest
+
+    return int(pytest.main(pytest_args(argv, cwd)))
 
 
 if __name__ == "__main__":

@@ -64,12 +64,41 @@ def test_main_runs_pytest_with_the_current_directory_importable(tmp_path, monkey
     assert seen["path"][-1] == str(tmp_path)  # appended: the suite's own packages are found first
 
 
+def test_doctor_runs_the_doctor_not_pytest(tmp_path, monkeypatch):
+    """`llama-conformance doctor ARGS` hands ARGS to conformance/doctor.py, the current directory importable."""
+    from conformance import doctor
+
+    seen = {}
+
+    def fake_doctor(args):
+        seen["args"], seen["path"] = list(args), list(sys.path)
+        return 1
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    monkeypatch.setattr(doctor, "main", fake_doctor)
+    monkeypatch.setattr(pytest, "main", lambda args: pytest.fail(f"pytest ran: {args}"))
+    assert cli.main(["doctor", "--impl", "x:Y"]) == 1
+    assert seen["args"] == ["--impl", "x:Y"] and seen["path"][-1] == str(tmp_path)
+
+
+def test_doctor_past_the_first_argument_goes_to_pytest(tmp_path, monkeypatch):
+    from conformance import doctor
+
+    ran = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(doctor, "main", lambda args: pytest.fail(f"the doctor ran: {args}"))
+    monkeypatch.setattr(pytest, "main", lambda args: ran.append(list(args)) or 0)
+    assert cli.main(["-k", "doctor"]) == 0
+    assert ran == [cli.pytest_args(["-k", "doctor"], cwd=tmp_path)]
+
+
 def test_help_names_the_options(capsys):
     with pytest.raises(SystemExit) as done:
         cli.pytest_args(["--help"], cwd=".")
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "--impl" in out and "--report" in out and "--module" in out
+    assert "--impl" in out and "--report" in out and "--module" in out and "doctor --impl" in out
 
 
 def test_pyproject_names_the_command_and_the_plugin():
