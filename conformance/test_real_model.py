@@ -203,6 +203,39 @@ def test_real_mesh_invariance(request, impl_factory, dtype, real_mesh):
                            **scope)
 
 
+def _kl_per_position(expected_lp: np.ndarray, actual_lp: np.ndarray) -> np.ndarray:
+    """KL(expected || actual) per position over the golden's top-20 ids and one bin for the rest of the mass."""
+    def binned(lp):
+        p = np.exp(np.asarray(lp, np.float64))
+        return np.concatenate([p, np.clip(1.0 - p.sum(-1, keepdims=True), 1e-12, None)], axis=-1)
+    p, q = binned(expected_lp), binned(actual_lp)
+    return np.sum(p * (np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(q, 1e-300, None))), axis=-1)
+
+
+@pytest.mark.parametrize("real_mesh", MESH_PARAMS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_real_logits_match_the_golden_data(request, impl_factory, dtype, real_mesh, case):
+    """The subject's log-probs at the golden top-20 ids against HF's kept ones (the float64 oracle's kept too, for
+    noise_ratio), no reference run; the task-level figures (perplexity on the prompts, the per-position KL
+    distribution and the share of the same top-1) go into the record's metrics."""
+    mesh = real_mesh
+    scope = dict(component="golden", reference="hf", dtype=dtype, mesh=mesh)
+    logits, _ = subject_forward(request, impl_factory, mesh, dtype, case, scope)
+    kept = real_slice.golden()[case]
+    logprobs = real_slice.log_softmax(logits)
+    actual = np.take_along_axis(logprobs, kept["ids"].astype(np.int64), -1)
+    kl = _kl_per_position(kept[f"hf_{dtype}"], actual)
+    nll = real_slice.next_token_nll(case, logprobs)
+    figures = {"perplexity": float(np.exp(nll.mean())),
+               "perplexity_hf": float(np.exp(kept[f"hf_nll_{dtype}"].mean())),
+               "perplexity_oracle": float(np.exp(kept[f"oracle_nll_{dtype}"].mean())),
+               "kl_mean": float(kl.mean()), "kl_median": float(np.median(kl)),
+               "kl_p99": float(np.quantile(kl, 0.99)), "kl_p999": float(np.quantile(kl, 0.999)),
+               "same_top1": float(np.mean(np.argmax(logits, -1) == kept["ids"][:, 0]))}
+    assert_parity(request, name=f"real.{case}.golden_top{real_slice.GOLDEN_TOPK}", actual=actual,
+                  expected=kept[f"hf_{dtype}"], oracle=kept[f"oracle_{dtype}"], extra_metrics=figures, **scope)
+
+
 def test_real_model_reaches_massive_activations():
     """The real slice is only worth its time if the model is the real one: its residual stream must carry the
     outliers trained Llama-architecture models are known for (max/median above 1000 somewhere)."""
