@@ -1,9 +1,10 @@
 """Greedy decoding of any implementation through the protocol's Decode capability (adapters/protocol.py).
 
-The suite's one decoding loop for the implementation under test, the counterpart of Meta's and HF's own loops
-(reference/generation.py): prompts of different lengths are left-padded into one batch (`step(..., pad=)`),
-one prefill writes every prompt, then one token per step, argmax of the last position's logits. A row ends by
-the suite's stop rule (`llama_spec.generation.ends`: at its first stop token, kept; the stop ids default to
+The suite's decoding loop for the implementation under test, the counterpart of Meta's and HF's own loops
+(reference/generation.py), is `llama_spec.generation.greedy`, the loop the built-in model's own generation runs
+too: prompts of different lengths are left-padded into one batch (`step(..., pad=)`), one prefill writes every
+prompt, then one token per step, argmax of the last position's logits. A row ends by the suite's stop rule
+(`llama_spec.generation.ends`: at its first stop token, kept; the stop ids default to
 `llama_spec.generation.stop_tokens()`); with a teacher, row i is fed teacher[i][t] at step t instead of its argmax
 while it has one. `start_pos` puts each prompt's first token at that RoPE position with nothing before it
 (`step(..., offset=)`). `pad` and `offset` are passed only when a run needs them, so an adapter whose step takes
@@ -12,8 +13,6 @@ neither still decodes prompts of one length from position 0; `unsupported` says 
 from __future__ import annotations
 
 from typing import Collection, Sequence
-
-import numpy as np
 
 from adapters import protocol
 from llama_spec import generation as rules
@@ -52,29 +51,13 @@ def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
         raise protocol.AdapterError(reason.removeprefix("not checked: "))
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one new token")
-    if teacher is not None and len(teacher) != len(prompts):
-        raise ValueError(f"teacher has {len(teacher)} rows for {len(prompts)} prompts; give one per prompt")
     tokens, pads = left_pad(prompts)
     needs = _needs(prompts, start_pos)
     keywords = {**({"pad": pads} if "pad" in needs else {}), **({"offset": start_pos} if "offset" in needs else {})}
-    batch, prompt_len = tokens.shape
-    stops = set(int(t) for t in (rules.stop_tokens() if stop_tokens is None else stop_tokens))
-    cache = adapter.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = adapter.step(tokens, 0, cache, **keywords)
-    rows: list[list[int]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, bool)
-    step_logits = []
-    for step in range(max_new_tokens):
-        last = protocol.host(logits[:, -1])
-        chosen = last.argmax(-1).astype(np.int32)
-        for i in range(batch):
-            if teacher is not None and step < len(teacher[i]):
-                chosen[i] = teacher[i][step]
-            if not done[i]:
-                rows[i].append(int(chosen[i]))
-                done[i] = rules.ends(rows[i], stops)
-        step_logits.append(last)
-        if step == max_new_tokens - 1 or done.all():
-            break
-        logits, cache = adapter.step(chosen[:, None], prompt_len + step, cache, **keywords)
-    return Generation(tokens=rows, step_logits=step_logits)
+
+    def step(fed, slot, cache):
+        logits, cache = adapter.step(fed, slot, cache, **keywords)
+        return protocol.host(logits[:, -1]), cache
+
+    cache = adapter.init_cache(len(prompts), tokens.shape[1] + max_new_tokens)
+    return rules.greedy(step, cache, tokens, max_new_tokens, stops=stop_tokens, teacher=teacher)

@@ -74,7 +74,8 @@ class JaxRunner:
         from tp_llama.generate import greedy_generate
 
         prompts = prompt.tolist()
-        return _timed(lambda mark: greedy_generate(self.model, self.params, prompts, new_tokens,
+        # No stop tokens: every implementation times the same number of steps.
+        return _timed(lambda mark: greedy_generate(self.model, self.params, prompts, new_tokens, stop_tokens=(),
                                                    on_token=lambda step, chosen: mark()).tokens)
 
 

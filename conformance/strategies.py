@@ -315,7 +315,7 @@ def run_case(request, **drawn):
     final = current_build_context().is_final
     try:
         yield
-    except Exception:
+    except (Exception, pytest.fail.Exception):  # pytest.fail raises a BaseException
         node.stash[_FAILED] = True
         raise
     finally:

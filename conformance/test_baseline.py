@@ -268,6 +268,26 @@ def test_committed_baseline_holds_the_tables_bounds():
                        f"from a CI=true default run with --parity-update-baseline:\n  " + "\n  ".join(stale[:5]))
 
 
+def test_tokenizer_records_new_to_the_committed_baseline_are_counted_not_judged():
+    """The committed baseline predates tokenizer records (parity.check.record_token_ids): against it they count as
+    new, not as regressions, until a retaken baseline holds them; a failing one still fails the gate, through its
+    test, which passed in the baseline."""
+    baseline = pb.load_baseline(COMMITTED)
+    nodeid = "conformance/test_tokenizer.py::test_corpus_ids_match_meta[english]"
+    assert nodeid in baseline["passed_tests"] and not any(c["component"] == "tokenizer" for c in baseline["cases"])
+    metrics = {"token_ids": 20.0, "differing_ids": 0.0, "first_difference": -1.0}
+    record = {"test": nodeid, "component": "tokenizer", "name": "english", "layer": None, "reference": "meta",
+              "dtype": "tokenizer", "mesh": None, "metrics": metrics, "bounds": {}, "passed": True,
+              "failed_metrics": [], "error": None}
+    result = pb.compare(baseline, doc(record), str(COMMITTED))
+    assert result.passed and (result.compared, result.new) == (0, 1)
+    failing = {**record, "passed": False, "metrics": {**metrics, "differing_ids": 1.0, "first_difference": 4.0},
+               "error": "1 of 20 ids differ; input 0 of 1 differs from position 4"}
+    tests = [{"nodeid": nodeid, "outcome": "failed", "message": "Failed: encode: Meta and HF ids differ"}]
+    (regression,) = pb.compare(baseline, doc(failing, tests=tests), str(COMMITTED)).regressions
+    assert regression.kind == "test" and regression.label == nodeid
+
+
 # ---- the gate in a real run -----------------------------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 The engines' numerical agreement is generation parity (test_generation.py, whose "text" case decodes with
 these very synthetic weights: the tiny preset with the tokenizer's vocabulary, seed 0); here only the command
-line is under test. Errors must be one line on stderr, exit code 2, no traceback.
+line is under test, and that it stops at each Llama 3 stop token (crafted weights, fixtures/stop_chains.py).
+Errors must be one line on stderr, exit code 2, no traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.checkpoints import write_meta_checkpoint
+from fixtures.stop_chains import stop_chains
+from llama_spec.config import preset
+from llama_spec.generation import STOP_TOKENS
 from tp_llama.generate import main
 
 # The built-in model's own command line: not checked under another --impl.
@@ -73,7 +78,6 @@ def test_reference_option_selects_the_engine_and_progress_reports_every_token(ca
 def test_checkpoint_dir_runs_its_weights_and_its_tokenizer(capsys, tmp_path, tiny_config, tiny_weights, tp_model):
     """A Meta checkpoint of the canonical tiny weights, with its own 512-id tokenizer: the command prints that
     tokenizer's ids and exactly the tokens greedy_generate gives on the same weights and mesh."""
-    from fixtures.checkpoints import write_meta_checkpoint
     from reference.tokenizer import load_meta_tokenizer
     from tp_llama.generate import greedy_generate
 
@@ -88,6 +92,40 @@ def test_checkpoint_dir_runs_its_weights_and_its_tokenizer(capsys, tmp_path, tin
     expected = greedy_generate(*tp_model("1x4", "float32"), [shown["prompt ids"]], 12,
                                stop_tokens=tokenizer.stop_tokens)
     assert shown["new ids"] == expected.tokens[0], "the command did not decode with the checkpoint's weights"
+
+
+# Per Llama 3 stop token: a prompt, and the step at which the crafted weights end its greedy stream there.
+STOP_RUNS = [("<|end_of_text|>", "The capital of France is", 2), ("<|eom_id|>", "Hello world", 4),
+             ("<|eot_id|>", "Once upon a time", 6)]
+STOP_NEW_TOKENS = 9  # room for a stream that runs past its stop
+
+
+@pytest.fixture(scope="module")
+def stop_checkpoint(tmp_path_factory, meta_tok):
+    """(directory, stop id -> crafted stream): a Meta checkpoint of the tiny width with Llama 3's vocabulary and
+    tokenizer whose greedy stream after each STOP_RUNS prompt ends at that run's stop id at its step."""
+    config = preset("tiny").replace(vocab_size=meta_tok.n_words)
+    prompts = [meta_tok.encode(text, bos=True, eos=False) for _, text, _ in STOP_RUNS]
+    stops = [STOP_TOKENS[name] for name, _, _ in STOP_RUNS]
+    weights, streams = stop_chains(config, prompts, stops, [step for _, _, step in STOP_RUNS])
+    directory = write_meta_checkpoint(tmp_path_factory.mktemp("stop_chains"), config, weights, dtype="float32")
+    return directory, dict(zip(stops, streams))
+
+
+@pytest.mark.parametrize("name, text, step", STOP_RUNS, ids=["end_of_text", "end_of_message", "end_of_turn"])
+def test_stops_at_each_stop_token(capsys, stop_checkpoint, name, text, step):
+    """The command's own loop ends the new ids at each Llama 3 stop token, kept, and runs no decode step after."""
+    directory, streams = stop_checkpoint
+    stop = STOP_TOKENS[name]
+    code, out, err = run(capsys, "--checkpoint-dir", str(directory), "--prompt", text, "--max-new-tokens",
+                         str(STOP_NEW_TOKENS), "--progress")
+    assert code == 0, f"exit code {code}; stderr:\n{err}"
+    new, expected = parse(out)["new ids"], streams[stop]
+    assert new == expected, f"{name} {stop}: the weights make {text!r} end there at step {step} ({expected}); the " \
+                            f"command printed new ids {new}"
+    ran = max((int(k) for k in re.findall(r"token (\d+)/", err)), default=0)
+    assert ran == step + 1, f"{name} {stop}: the command ran {ran} decode steps, but its only row had ended after " \
+                            f"{step + 1}"
 
 
 LONG_TEXT = "word " * 17000  # 17001 ids with BOS, past the tiny preset's max_seq_len of 16384

@@ -352,8 +352,9 @@ def test_stop_tokens_end_each_row_and_then_the_run(request, impl, tiny_config):
 
 @pytest.mark.parametrize("case_name", ["batch", "past_8192"])
 def test_builtin_greedy_generate_is_the_suites_decoding_loop(builtin_only, tp_model, engines, case_name):
-    """tp_llama.generate.greedy_generate (the CLI's own loop) gives the tokens and logits of the suite's loop
-    over the built-in adapter bit for bit, free and teacher-forced, so generation parity covers it too."""
+    """tp_llama.generate.greedy_generate (the CLI's entry point, wiring the model's step into the suite's loop
+    llama_spec.generation.greedy) gives the tokens and logits of the suite's loop over the built-in adapter bit
+    for bit, free and teacher-forced, so generation parity covers it too."""
     from tp_llama.generate import greedy_generate
 
     case, model_and_params = CASES[case_name], tp_model("1x4", "float32")

@@ -19,7 +19,7 @@ import pytest
 import fixtures.tolerances as tol
 from parity import assert_parity, assert_parity_many, compute_metrics
 from parity import metrics as pm
-from parity.check import budget_used, layer_of, mesh_name
+from parity.check import RECORD_KEY, budget_used, format_value, layer_of, mesh_name, record_token_ids
 from parity.schema import load_schema, validate
 
 pytest_plugins = ["pytester"]
@@ -305,6 +305,34 @@ def test_many_records_all_and_lists_every_failure():
     records = [r for _, r in req.node.user_properties]
     assert [r["name"] for r in records] == [n for n in names if n != "layers.0.attention_out"]
     assert [r["layer"] for r in records] == [0, 1, 1, 2, 2]
+
+
+def test_tokenizer_record_counts_compared_and_differing_ids():
+    """One record per tokenizer check, passed exactly when every id agrees: a planted differing id, a missing id
+    and a later input that differs each fail, counted and located; the counts print as integers."""
+    req = fake_request(nodeid="conformance/test_tokenizer.py::test_corpus_ids_match_meta[english]")
+    same = record_token_ids(req, name="english", actual=[[791, 4062]], expected=[[791, 4062]], reference="meta")
+    assert same == {"test": req.node.nodeid, "component": "tokenizer", "name": "english", "layer": None,
+                    "reference": "meta", "dtype": "tokenizer", "mesh": None,
+                    "metrics": {"token_ids": 2.0, "differing_ids": 0.0, "first_difference": -1.0}, "bounds": {},
+                    "passed": True, "failed_metrics": [], "worst_index": [], "worst": None, "error": None}
+    planted = record_token_ids(req, name="planted", actual=[[1, 2, 9, 4, 5]], expected=[[1, 2, 3, 4, 5]],
+                               reference="meta")
+    assert not planted["passed"]
+    assert planted["metrics"] == {"token_ids": 5.0, "differing_ids": 1.0, "first_difference": 2.0}
+    assert planted["error"] == ("1 of 5 ids differ; input 0 of 1 differs from position 2 (lengths 5 and 5); around "
+                                "it actual [1, 2, 9, 4, 5], expected [1, 2, 3, 4, 5]")
+    shorter = record_token_ids(req, name="short", actual=[[1, 2]], expected=[[1, 2, 3]], reference="meta")
+    assert shorter["metrics"] == {"token_ids": 3.0, "differing_ids": 1.0, "first_difference": 2.0}
+    later = record_token_ids(req, name="many", actual=[[1], [2, 3], [4]], expected=[[1], [2, 7], [5]],
+                             reference="meta")
+    assert later["metrics"] == {"token_ids": 4.0, "differing_ids": 2.0, "first_difference": 1.0}
+    assert "input 1 of 3 differs from position 1" in later["error"]
+    assert [v for k, v in req.node.user_properties if k == RECORD_KEY] == [same, planted, shorter, later]
+    with pytest.raises(ValueError, match="2 actual id lists for 1 expected"):
+        record_token_ids(req, name="bad", actual=[[1], [2]], expected=[[1]], reference="meta")
+    assert (format_value("token_ids", 5.0), format_value("first_difference", -1.0)) == ("5", "-1")
+    assert format_value("rel_l2", 1.0) == "1.000e+00"
 
 
 def test_helpers_parse_names():

@@ -23,7 +23,7 @@ from conformance.inner_suite import INNER_CONFTEST
 from fixtures.tolerances import bounds_for
 from parity import assert_parity
 from parity import report as pr
-from parity.check import RECORD_KEY
+from parity.check import RECORD_KEY, record_token_ids
 
 pytest_plugins = ["pytester"]
 
@@ -34,11 +34,16 @@ ENV_PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models"
 
 # ---- the sample document --------------------------------------------------------------------------------
 
+def _stand_in(nodeid: str) -> SimpleNamespace:
+    """Just what the record helpers of parity.check read from pytest's request fixture."""
+    options = {"tolerance_profile": "default"}
+    return SimpleNamespace(config=SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)),
+                           node=SimpleNamespace(nodeid=nodeid, user_properties=[]))
+
+
 def _records(nodeid: str, checks: list[dict]) -> list[dict]:
     """Run assert_parity for each check under a stand-in request; keep every record, failing ones included."""
-    options = {"tolerance_profile": "default"}
-    request = SimpleNamespace(config=SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)),
-                              node=SimpleNamespace(nodeid=nodeid, user_properties=[]))
+    request = _stand_in(nodeid)
     for check in checks:
         try:
             assert_parity(request, **check)
@@ -679,6 +684,39 @@ def test_baseline_regressions_turn_the_verdict_red():
     assert dom.one("div", cls="verdict").attrs["data-verdict"] == "FAIL"
     assert "FAIL against fixtures/parity_baseline.json: 1 regressions" in squash(dom.one(id="gate").text())
     assert "t.py::x [mlp] reference=meta" in dom.one("ul", cls="regressions").text()
+
+
+def test_tokenizer_records_get_a_matrix_row_and_fail_on_one_differing_id(document):
+    """Tokenizer records, as conformance/test_tokenizer.py makes them (parity.check.record_token_ids), follow the
+    JSON schema and get a matrix of their own with a tokenizer row; a planted differing id fails its cell and its
+    row in the records table, which shows the id counts and where the ids part."""
+    from parity.schema import validate
+
+    records = []
+    for case, meta_ids, hf_ids in (("english", [791, 4062, 14198], [791, 4062, 14198]),
+                                   ("emoji", [15571, 2683, 9], [15571, 2683, 0])):  # planted: one id differs
+        request = _stand_in(f"conformance/test_tokenizer.py::test_corpus_ids_match_meta[{case}]")
+        record_token_ids(request, name=case, actual=[hf_ids], expected=[meta_ids], reference="meta")
+        records += [value for key, value in request.node.user_properties if key == RECORD_KEY]
+    tests = [{"nodeid": r["test"], "outcome": "passed" if r["passed"] else "failed", "message": None}
+             for r in records]
+    run = json.loads(json.dumps({"environment": document["environment"], "records": records, "tests": tests}))
+    assert validate(run) == []
+    dom = parse(pr.render(run))
+    table = dom.one("table", cls="matrix")
+    assert squash(table.one("caption").text()) == "tokenizer"
+    (row,) = table.one("tbody").all("tr")
+    assert tuple(squash(th.text()) for th in row.all("th")) == ("tokenizer", "meta")
+    cell = row.one("td", cls="cell")
+    assert "fail" in cell.classes() and squash(cell.one("span").text()) == "1 fail"
+    assert cell.attrs["title"].startswith("2 records, 1 failing")
+    failing, passing = dom.one("table", id="record-table").one("tbody").all("tr")
+    assert (failing.attrs["data-outcome"], passing.attrs["data-outcome"]) == ("fail", "pass")
+    assert "emoji" in failing.text() and "english" in passing.text()
+    shown = squash(failing.text())
+    assert "token_ids 3" in shown and "differing_ids 1" in shown and "first_difference 2" in shown
+    assert squash(failing.one("div", cls="error").text()).startswith(
+        "1 of 3 ids differ; input 0 of 1 differs from position 2")
 
 
 def test_margins():

@@ -5,18 +5,17 @@ greedy streams that end at each Llama 3 stop token, for the implementation under
   128009, read from the tokenizer.model it ships) and `eos_token_id` of the generation_config.json the suite's HF
   checkpoint writer puts beside config.json, as transformers reads it (`GenerationConfig.from_pretrained`), must
   both be the suite's `stop_tokens()`.
-- Streams: random weights never emit a stop id by themselves, so the weights are crafted (`crafted`): on the
-  tiny width with Llama 3's 128256-token vocabulary, a batch of three prompts, each the start of a chain of
-  tokens whose output rows make every one the clear greedy successor of the one before (top-1 margin of about
-  20 logits, so no dtype or engine parts), ending in a stop id: row i ends at stop id i at step 2, 4, 6, the
-  other rows decode on, and the run ends when the last one has. (Picking streams of the random model and renaming
-  a token into a stop id was tried first: with 128256 logits the top-1 margin is under 0.5 by step 2 on most
-  prompts, within bfloat16's noise.)
-- Engines: the implementation under test through the suite's decoding loop (adapters/decoding.py, which stops
-  by `llama_spec.generation.ends` at `stop_tokens()`); Meta's loop (reference/generation.py) at llama-models'
-  stop tokens; HF `generate` on `LlamaForCausalLM.from_pretrained` of the written checkpoint, with the
-  generation config it read (no eos_token_id passed). Each engine's tokens must be the crafted streams, ending
-  where they should, and the implementation must run no step after its last row ended.
+- Streams: random weights never emit a stop id by themselves, so the weights are crafted (`crafted`, by
+  fixtures/stop_chains.py): on the tiny width with Llama 3's 128256-token vocabulary, a batch of three prompts,
+  each ending in the start of a chain of tokens each the clear greedy successor of the one before, ending in a
+  stop id: row i ends at stop id i at step 2, 4, 6, the other rows decode on, and the run ends when the last one
+  has.
+- Engines: the implementation under test through the suite's decoding loop (adapters/decoding.py over
+  `llama_spec.generation.greedy`, which stops by `llama_spec.generation.ends` at `stop_tokens()`); Meta's loop
+  (reference/generation.py) at llama-models' stop tokens; HF `generate` on `LlamaForCausalLM.from_pretrained` of
+  the written checkpoint, with the generation config it read (no eos_token_id passed). Each engine's tokens must
+  be the crafted streams, ending where they should, and the implementation must run no step after its last row
+  ended. The built-in model's command line is run to each stop id in test_generate_cli.py.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ import pytest
 
 from adapters import decoding, protocol
 from fixtures.checkpoints import write_hf_checkpoint
-from fixtures.weights import make_weights
+from fixtures.stop_chains import stop_chains
 from llama_spec import generation as rules
 from llama_spec.config import preset
 from llama_spec.layout import make_mesh
@@ -37,8 +36,6 @@ from reference.generation import hf_generate, hf_stop_tokens, meta_generate, met
 STEPS = (2, 4, 6)              # the step at which each stop id (ascending) ends its row
 NEW_TOKENS = max(STEPS) + 3    # room for a row that runs past its stop
 PROMPT_LEN = 6
-EMBEDDING_SCALE = 30.0         # chain tokens' embedding rows: the residual stream follows the last token
-CHAIN_LOGIT = 30.0             # a successor's logit after its predecessor (random logits: std 2.5)
 
 
 def _config():
@@ -49,31 +46,14 @@ def _config():
 
 @functools.lru_cache(maxsize=1)
 def crafted():
-    """(config, weights, prompts, expected streams): row i ends at llama-models' stop id i (ascending) at step
-    STEPS[i].
-
-    Row i's prompt is random tokens then a chain token a0; its successors a1 .. a_k, then the stop id, follow
-    because each chain token's embedding row is scaled by EMBEDDING_SCALE (the last position's final-norm state
-    is then nearly that row's direction, whatever the context) and the successor's output row is that direction,
-    sized to give logit CHAIN_LOGIT, far above every random logit. Deterministic at both dtypes, in every engine.
-    """
+    """(config, weights, prompts, expected streams): row i, PROMPT_LEN random tokens, ends at llama-models' stop
+    id i (ascending) at step STEPS[i] (fixtures/stop_chains.py)."""
     config = _config()
-    weights = {k: v.copy() if k in ("tok_embeddings.weight", "output.weight") else v
-               for k, v in make_weights(config, seed=0).items()}
-    emb, out, norm = weights["tok_embeddings.weight"], weights["output.weight"], weights["norm.weight"]
-    rng = np.random.default_rng(16)
-    pool = rng.permutation(4096)[:sum(STEPS) + len(STEPS) + len(STEPS) * PROMPT_LEN].tolist()
-    prompts, expected = [], []
     stops = sorted(meta_stop_tokens())  # the reference's ids, not the suite's rule under test
     assert len(stops) == len(STEPS), f"llama-models has {len(stops)} stop tokens, the crafted batch {len(STEPS)}"
-    for step, stop in zip(STEPS, stops):
-        chain = [pool.pop() for _ in range(step + 1)] + [stop]
-        prompts.append([pool.pop() for _ in range(PROMPT_LEN - 1)] + [chain[0]])
-        expected.append(chain[1:])
-        for before, after in zip(chain, chain[1:]):
-            emb[before] *= EMBEDDING_SCALE
-            direction = emb[before] / np.linalg.norm(emb[before]) * np.sqrt(config.dim) * norm
-            out[after] = CHAIN_LOGIT * direction / np.dot(direction, direction)
+    ids = np.random.default_rng(16).permutation(4096)[:len(STEPS) * PROMPT_LEN]  # ordinary BPE ids, none special
+    prompts = ids.reshape(len(STEPS), PROMPT_LEN).tolist()
+    weights, expected = stop_chains(config, prompts, stops, STEPS)
     return config, weights, prompts, expected
 
 

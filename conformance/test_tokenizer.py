@@ -4,7 +4,9 @@ Generation parity is only meaningful if both references read the same ids, so th
 own tiktoken conversion (`TikTokenConverter`, through reference/tokenizer.py) to Meta's `Tokenizer` id for id:
 on a fixed multilingual corpus, on every vocab token's text, on hypothesis-generated text, on special tokens
 written as text, on BOS/EOS, and on inputs long enough for Meta's encoder to cut them. The one genuine
-difference (Meta's 400k-character / 25k-run cuts) is pinned, not hidden.
+difference (Meta's 400k-character / 25k-run cuts) is pinned, not hidden. Every comparison of HF's ids with Meta's
+leaves one parity record of component 'tokenizer' (parity.check.record_token_ids: the case, ids compared, ids
+differing, first differing position), so the JSON and the report show the tokenizer beside the numerics.
 
 Speed: the converted tokenizer is built once per process (and cached on disk across runs); the vocab-wide tests
 share one parse of the tiktoken file; hypothesis runs at most 100 examples per test whatever the profile.
@@ -22,6 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conformance.strategies import run_case
+from parity.check import record_token_ids
 from reference import tokenizer as rt
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,12 +54,14 @@ def _show(tokenizer_decode, ids, at):
     return f"{window} = {[tokenizer_decode([i]) for i in window]!r}"
 
 
-def assert_same_ids(text, meta_ids, hf_ids, meta_tok, what="encode"):
-    """Fail with the first diverging position, the ids around it on each side, and what they decode to."""
+def assert_same_ids(request, case, text, meta_ids, hf_ids, meta_tok, what="encode"):
+    """Record the comparison as case `case`; fail with the first diverging position, the ids around it on each side,
+    and what they decode to."""
     __tracebackhide__ = True
-    if meta_ids == hf_ids:
+    record = record_token_ids(request, name=case, actual=[hf_ids], expected=[meta_ids], reference="meta")
+    if record["passed"]:
         return
-    at = next((i for i, (a, b) in enumerate(zip(meta_ids, hf_ids)) if a != b), min(len(meta_ids), len(hf_ids)))
+    at = int(record["metrics"]["first_difference"])
     shown = text if len(text) <= 120 else text[:117] + "..."
     pytest.fail(
         f"{what}: Meta and HF ids differ for {shown!r} ({len(text)} chars)\n"
@@ -143,9 +149,9 @@ CORPUS = {
 
 
 @pytest.mark.parametrize("name", list(CORPUS))
-def test_corpus_ids_match_meta(name, meta_tok, hf_tok):
+def test_corpus_ids_match_meta(request, name, meta_tok, hf_tok):
     text = CORPUS[name]
-    assert_same_ids(text, meta_ids(meta_tok, text), hf_ids(text), meta_tok)
+    assert_same_ids(request, name, text, meta_ids(meta_tok, text), hf_ids(text), meta_tok)
 
 
 @pytest.mark.parametrize("name", list(CORPUS))
@@ -156,18 +162,19 @@ def test_corpus_round_trips(name, meta_tok, hf_tok):
     assert rt.hf_decode(rt.hf_encode(text, bos=False, eos=False)) == text, "HF: decode(encode(x)) != x"
 
 
-def test_whole_corpus_with_bos_eos(meta_tok, hf_tok):
+def test_whole_corpus_with_bos_eos(request, meta_tok, hf_tok):
     text = "\n\n".join(CORPUS.values())
-    assert_same_ids(text, meta_ids(meta_tok, text, bos=True, eos=True), hf_ids(text, bos=True, eos=True), meta_tok)
+    assert_same_ids(request, "whole corpus, bos, eos", text, meta_ids(meta_tok, text, bos=True, eos=True),
+                    hf_ids(text, bos=True, eos=True), meta_tok)
 
 
-def test_digit_runs_split_into_groups_of_at_most_three(meta_tok, hf_tok):
+def test_digit_runs_split_into_groups_of_at_most_three(request, meta_tok, hf_tok):
     """Llama 3's split regex cuts numbers into 1-3 digit pieces, left to right, on both sides."""
     for text, pieces in [("1234567", ["123", "456", "7"]), ("12345", ["123", "45"]),
                          ("x 2024!", ["x", " ", "202", "4", "!"]), ("١٢٣٤", None)]:
         meta = meta_ids(meta_tok, text)
         hf = hf_ids(text)
-        assert_same_ids(text, meta, hf, meta_tok)
+        assert_same_ids(request, f"digits {text!r}", text, meta, hf, meta_tok)
         decoded = [meta_tok.decode([i]) for i in hf]
         if pieces is not None:
             assert decoded == pieces, f"{text!r} -> {decoded}, expected {pieces}"
@@ -280,14 +287,15 @@ def _token_texts(ranks):
     return texts
 
 
-def test_every_vocab_token_text_encodes_alike(meta_tok, hf_tok, ranks):
+def test_every_vocab_token_text_encodes_alike(request, meta_tok, hf_tok, ranks):
     """The text of every BPE token that is valid UTF-8, encoded alone. Both sides return a pre-token that is itself
     a token whole (tiktoken's lookup, HF's `ignore_merges`; several hundred late tokens are reachable only so), so
     this checks the vocab and that shortcut, not the merges (next test)."""
     texts = _token_texts(ranks)
     assert len(texts) > 120_000
-    bad = [text for text, hf in zip(texts, _hf_ordinary_ids(hf_tok, texts))
-           if hf != meta_tok.model.encode_ordinary(text)]
+    meta, hf = [meta_tok.model.encode_ordinary(text) for text in texts], _hf_ordinary_ids(hf_tok, texts)
+    record_token_ids(request, name="every vocab token's text", actual=hf, expected=meta, reference="meta")
+    bad = [text for text, a, b in zip(texts, hf, meta) if a != b]
     assert not bad, f"{len(bad)} token texts encode differently, e.g. {bad[:5]!r}"
 
 
@@ -296,7 +304,7 @@ def test_every_vocab_token_text_encodes_alike(meta_tok, hf_tok, ranks):
 _AFTER_LETTER, _AFTER_OTHER = "\U00020000", "\u2e0e"  # CJK ideograph 𠀀 (Lo), editorial coronis ⸎ (Po)
 
 
-def test_every_vocab_token_is_built_by_merges_alike(meta_tok, hf_tok, ranks):
+def test_every_vocab_token_is_built_by_merges_alike(request, meta_tok, hf_tok, ranks):
     """Every valid-UTF-8 token not ending in whitespace, followed by a rare character of its pre-token class:
     Meta's result contains the token itself for more than 99% of them, so a merge missing, extra or out of order
     on the HF side shows here (the whole-token test above cannot see merges)."""
@@ -306,16 +314,20 @@ def test_every_vocab_token_is_built_by_merges_alike(meta_tok, hf_tok, ranks):
     meta = [meta_tok.model.encode_ordinary(text) for text in texts]
     reached = sum(ranks[text[:-1].encode()] in ids for text, ids in zip(texts, meta))
     assert reached > 0.99 * len(texts), f"only {reached} of {len(texts)} tokens are built by merging here"
-    bad = [text for text, hf, ids in zip(texts, _hf_ordinary_ids(hf_tok, texts), meta) if hf != ids]
+    hf = _hf_ordinary_ids(hf_tok, texts)
+    record_token_ids(request, name="every vocab token's text + one character", actual=hf, expected=meta,
+                     reference="meta")
+    bad = [text for text, a, b in zip(texts, hf, meta) if a != b]
     assert not bad, f"{len(bad)} token texts + one character encode differently, e.g. {bad[:5]!r}"
 
 
 @pytest.mark.parametrize("bos", [False, True])
 @pytest.mark.parametrize("eos", [False, True])
 @pytest.mark.parametrize("text", ["", "Hello, world!", "<|begin_of_text|>already there", "  x\n"])
-def test_bos_eos_like_meta(text, bos, eos, meta_tok, hf_tok):
+def test_bos_eos_like_meta(request, text, bos, eos, meta_tok, hf_tok):
     meta = meta_ids(meta_tok, text, bos=bos, eos=eos)
-    assert_same_ids(text, meta, hf_ids(text, bos=bos, eos=eos), meta_tok, f"encode(bos={bos}, eos={eos})")
+    what = f"encode(bos={bos}, eos={eos})"
+    assert_same_ids(request, f"{text!r} {what}", text, meta, hf_ids(text, bos=bos, eos=eos), meta_tok, what)
     assert (meta[:1] == [128000]) == bos
     assert (meta[-1:] == [128001]) == eos
 
@@ -329,29 +341,30 @@ def test_hf_adds_bos_through_its_template_and_never_eos(hf_tok):
     assert 128001 not in with_template
 
 
-def test_special_token_text_is_plain_text_by_default(meta_tok, hf_tok):
+def test_special_token_text_is_plain_text_by_default(request, meta_tok, hf_tok):
     """Meta's encode defaults to allowed_special=set(), disallowed_special=(): special text is not special."""
     text = CORPUS["special_tokens_as_text"]
     meta = meta_ids(meta_tok, text)
     assert max(meta) < 128000, "Meta's default encodes special-token text as ordinary text"
-    assert_same_ids(text, meta, hf_ids(text), meta_tok)
+    assert_same_ids(request, "special_tokens_as_text", text, meta, hf_ids(text), meta_tok)
     # HF's own default differs (it matches added tokens); hf_encode is what follows Meta
     assert 128000 in hf_tok(text, add_special_tokens=False).input_ids
 
 
 @pytest.mark.parametrize("allowed", ["all", frozenset({"<|eot_id|>", "<|start_header_id|>"}), frozenset()],
                          ids=["all", "subset", "none"])
-def test_allowed_special_like_meta(allowed, meta_tok, hf_tok):
+def test_allowed_special_like_meta(request, allowed, meta_tok, hf_tok):
     text = CORPUS["special_tokens_as_text"] + " tail <|eot_id|><|eot_id|>x"
     meta = meta_ids(meta_tok, text, allowed_special=allowed)
     hf = hf_ids(text, allowed_special=allowed)
-    assert_same_ids(text, meta, hf, meta_tok, f"encode(allowed_special={allowed!r})")
+    what = f"encode(allowed_special={allowed!r})"
+    assert_same_ids(request, what, text, meta, hf, meta_tok, what)
     expected_specials = {meta_tok.special_tokens[name] for name in
                          (meta_tok.special_tokens if allowed == "all" else allowed) if name in text}
     assert {i for i in hf if i >= 128000} == expected_specials
 
 
-def test_disallowed_special_raises_like_meta(meta_tok, hf_tok):
+def test_disallowed_special_raises_like_meta(request, meta_tok, hf_tok):
     text = "hello <|eot_id|>"
     with pytest.raises(ValueError):
         meta_tok.encode(text, bos=False, eos=False, disallowed_special="all")
@@ -359,13 +372,17 @@ def test_disallowed_special_raises_like_meta(meta_tok, hf_tok):
         rt.hf_encode(text, bos=False, eos=False, disallowed_special="all")
     # allowed wins over disallowed="all", as in tiktoken
     allowed = {"<|eot_id|>"}
-    assert rt.hf_encode(text, bos=False, eos=False, allowed_special=allowed, disallowed_special="all") == \
-        meta_tok.encode(text, bos=False, eos=False, allowed_special=allowed, disallowed_special="all")
+    options = dict(allowed_special=allowed, disallowed_special="all")
+    what = f"encode(allowed_special={allowed!r}, disallowed_special='all')"
+    assert_same_ids(request, what, text, meta_ids(meta_tok, text, **options), hf_ids(text, **options), meta_tok,
+                    what)
 
 
-def test_empty_string(meta_tok, hf_tok):
-    assert meta_ids(meta_tok, "") == hf_ids("") == []
-    assert meta_tok.encode("", bos=True, eos=True) == rt.hf_encode("", bos=True, eos=True) == [128000, 128001]
+def test_empty_string(request, meta_tok, hf_tok):
+    assert_same_ids(request, "empty", "", meta_ids(meta_tok, ""), hf_ids(""), meta_tok)
+    assert_same_ids(request, "empty, bos, eos", "", meta_ids(meta_tok, "", bos=True, eos=True),
+                    hf_ids("", bos=True, eos=True), meta_tok)
+    assert meta_ids(meta_tok, "") == [] and meta_ids(meta_tok, "", bos=True, eos=True) == [128000, 128001]
     assert meta_tok.decode([]) == rt.hf_decode([]) == ""
 
 
@@ -378,19 +395,21 @@ def _ordinary_text(n_chars: int) -> str:
     return (body * (n_chars // len(body) + 1))[:n_chars]
 
 
-def test_long_input_ids_match(meta_tok, hf_tok):
+def test_long_input_ids_match(request, meta_tok, hf_tok):
     """150k characters of the corpus: Meta hands it to tiktoken in one piece (no cut fires) and ids agree."""
     text = _ordinary_text(150_000)
     assert rt.meta_encode_chunks(text) == [text]
-    assert_same_ids(text, meta_ids(meta_tok, text, bos=True, eos=True), hf_ids(text, bos=True, eos=True), meta_tok)
+    assert_same_ids(request, "150k chars, bos, eos", text, meta_ids(meta_tok, text, bos=True, eos=True),
+                    hf_ids(text, bos=True, eos=True), meta_tok)
 
 
-def test_input_over_400k_chars_cut_between_pretokens_ids_match(meta_tok, hf_tok):
+def test_input_over_400k_chars_cut_between_pretokens_ids_match(request, meta_tok, hf_tok):
     """Meta cuts at 400,000 characters; when the cut falls between pre-tokens ("\\n" | "The") ids still agree."""
     text = _ordinary_text(399_999) + "\n" + "The end of a very long document. " * 1_000
     chunks = rt.meta_encode_chunks(text)
     assert len(chunks) == 2 and len(chunks[0]) == 400_000
-    assert_same_ids(text, meta_ids(meta_tok, text), hf_ids(text), meta_tok)
+    assert_same_ids(request, "400k chars cut between pre-tokens", text, meta_ids(meta_tok, text), hf_ids(text),
+                    meta_tok)
 
 
 # The one disagreement: inputs whose pre-tokens Meta's cuts split. HF encodes the text whole, so ids differ near
@@ -418,12 +437,13 @@ def _runs(ids):
 
 
 @pytest.mark.parametrize("name", list(MISMATCH_INPUTS))
-def test_meta_chunking_is_the_only_difference(name, meta_tok, hf_tok):
+def test_meta_chunking_is_the_only_difference(request, name, meta_tok, hf_tok):
     make_text, meta_runs, hf_runs = MISMATCH_INPUTS[name]
     text = make_text()
     meta = meta_ids(meta_tok, text)
     assert len(rt.meta_encode_chunks(text)) > 1
-    assert_same_ids(text, meta, hf_ids(text, chunk_like_meta=True), meta_tok, "encode(chunk_like_meta=True)")
+    what = "encode(chunk_like_meta=True)"
+    assert_same_ids(request, f"{name} {what}", text, meta, hf_ids(text, chunk_like_meta=True), meta_tok, what)
     whole = hf_ids(text)
     assert (_runs(meta), _runs(whole)) == (meta_runs, hf_runs), (
         "the pinned Meta-vs-HF difference changed (a change to Meta's chunking or to the HF conversion): update "
@@ -455,12 +475,14 @@ texts = st.one_of(
 
 @FUZZ
 @given(text=texts)
-def test_random_text_ids_match_and_round_trip(text):
+def test_random_text_ids_match_and_round_trip(request, text):
+    """One record per example (those of hypothesis' shrinking attempts dropped, conformance.strategies.run_case)."""
     meta_tok = rt.meta_tokenizer()
-    meta = meta_ids(meta_tok, text)
-    assert_same_ids(text, meta, hf_ids(text), meta_tok)
-    assert meta_tok.decode(meta) == text
-    assert rt.hf_decode(hf_ids(text)) == text
+    with run_case(request, text=text):
+        meta = meta_ids(meta_tok, text)
+        assert_same_ids(request, "random text", text, meta, hf_ids(text), meta_tok)
+        assert meta_tok.decode(meta) == text
+        assert rt.hf_decode(hf_ids(text)) == text
 
 
 @FUZZ

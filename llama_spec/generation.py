@@ -1,5 +1,7 @@
 """What greedy generation means, for the model under test and the references alike: the result of a run, the
-stop rule, the requests no engine can serve, and the left padding of prompts of different lengths into one batch.
+stop rule, the requests no engine can serve, the left padding of prompts of different lengths into one batch, and
+the one greedy decoding loop (`greedy`) that the suite drives any implementation with (adapters/decoding.py) and
+the built-in model's own generation runs (tp_llama/generate.py), so both stop by this rule.
 
 The stop rule is the suite's own statement of the published one (Llama 3.1 model card and chat format): a row
 ends at the first of end of text, end of message or end of turn, and that token is kept. The references define
@@ -9,7 +11,7 @@ conformance/test_stop_tokens.py compares this statement with both and runs strea
 from __future__ import annotations
 
 import dataclasses
-from typing import Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -33,6 +35,47 @@ def ends(row: Sequence[int], stops: Collection[int]) -> bool:
     """Whether a row of new tokens is complete: its last token is a stop token (kept in the row). A decoding loop
     asks this after appending each token and feeds the row no further once it holds."""
     return bool(row) and int(row[-1]) in stops
+
+
+# A decode step: (tokens (batch, seq) written at cache slot `slot`, cache) -> (the last position's logits on the
+# host as (batch, vocab) float32, new cache).
+Step = Callable[[np.ndarray, int, Any], tuple[np.ndarray, Any]]
+
+
+def greedy(step: Step, cache, tokens: np.ndarray, max_new_tokens: int, *,
+           stops: Collection[int] | None = None, teacher: Sequence[Sequence[int]] | None = None,
+           on_token: Callable[[int, np.ndarray], None] | None = None) -> Generation:
+    """Greedy decoding of a batch of left-padded prompts `tokens` (see `left_pad`) through `step`: one prefill,
+    then one token per step, the argmax of the last position's logits.
+
+    A row ends by `ends` at the ids `stops` (default `stop_tokens()`); decoding ends when every row has ended, or
+    after max_new_tokens. `teacher` (teacher forcing): row i feeds teacher[i][t] at step t instead of its argmax
+    while it has one, so step_logits are the logits after the teacher's tokens. `on_token(step, chosen)` reports
+    each step's fed tokens (progress display).
+    """
+    batch, prompt_len = tokens.shape
+    if teacher is not None and len(teacher) != batch:
+        raise ValueError(f"teacher has {len(teacher)} rows for {batch} prompts; give one per prompt")
+    stop_set = set(int(t) for t in (stop_tokens() if stops is None else stops))
+    last, cache = step(tokens, 0, cache)
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, bool)
+    step_logits = []
+    for index in range(max_new_tokens):
+        chosen = last.argmax(-1).astype(np.int32)
+        for i in range(batch):
+            if teacher is not None and index < len(teacher[i]):
+                chosen[i] = teacher[i][index]
+            if not done[i]:
+                rows[i].append(int(chosen[i]))
+                done[i] = ends(rows[i], stop_set)
+        step_logits.append(last)
+        if on_token:
+            on_token(index, chosen)
+        if index == max_new_tokens - 1 or done.all():
+            break
+        last, cache = step(chosen[:, None], prompt_len + index, cache)
+    return Generation(tokens=rows, step_logits=step_logits)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int,

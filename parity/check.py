@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -64,7 +64,10 @@ def budget_used(metric: str, value: float, bound: float) -> float:
 
 
 def format_value(metric: str, value: float) -> str:
-    """Errors in scientific notation; similarities with enough digits to see how far from 1 they are."""
+    """Errors in scientific notation; similarities with enough digits to see how far from 1 they are; whole
+    values of metrics the table does not bound (counts: token ids, config fields, NaN/Inf) as integers."""
+    if direction(metric) is None and float(value).is_integer():
+        return str(int(value))
     return f"{value:.3e}" if direction(metric) != LOWER else f"{value:.7g}"
 
 
@@ -323,6 +326,46 @@ def assert_config_agrees(request: Any, check: Any) -> dict[str, Any]:
     properties.append((RECORD_KEY, record))
     if check.disagreements:
         raise AssertionError(message)
+    return record
+
+
+def id_differences(actual: Sequence[int], expected: Sequence[int]) -> tuple[int, int, int]:
+    """(positions compared, positions differing, first differing position or -1) of two id sequences; every
+    position past the shorter one's end differs."""
+    shorter, longer = sorted((len(actual), len(expected)))
+    differing = [i for i in range(shorter) if actual[i] != expected[i]] + list(range(shorter, longer))
+    return longer, len(differing), differing[0] if differing else -1
+
+
+def record_token_ids(request: Any, *, name: str, actual: Sequence[Sequence[int]],
+                     expected: Sequence[Sequence[int]], reference: str) -> dict[str, Any]:
+    """Record one tokenizer check (one id list per input text: `actual` from the tokenizer under test, `expected`
+    from `reference`'s) as a parity record of component 'tokenizer', so the JSON and the report show it beside
+    the numerical ones.
+
+    Metrics: token_ids (positions compared over every input), differing_ids, first_difference (its position in
+    the first input that differs, -1 for none); that input and both sides' ids there are the error. No bound: any
+    differing id fails. Returns the record; the caller fails the test, with what the ids decode to."""
+    if len(actual) != len(expected):
+        raise ValueError(f"record_token_ids: {len(actual)} actual id lists for {len(expected)} expected; give one "
+                         f"per input on both sides")
+    nodeid, _, properties = _context(request)
+    compared = differing = 0
+    first, error = -1, None
+    for index, (a, b) in enumerate(zip(actual, expected)):
+        count, wrong, at = id_differences(a, b)
+        compared, differing = compared + count, differing + wrong
+        if at >= 0 and error is None:
+            window = slice(max(0, at - 3), at + 4)
+            first, error = at, (f"input {index} of {len(expected)} differs from position {at} (lengths {len(a)} "
+                                f"and {len(b)}); around it actual {list(a[window])}, expected {list(b[window])}")
+    record = {"test": nodeid, "component": "tokenizer", "name": name, "layer": None, "reference": reference,
+              "dtype": "tokenizer", "mesh": None,
+              "metrics": {"token_ids": float(compared), "differing_ids": float(differing),
+                          "first_difference": float(first)},
+              "bounds": {}, "passed": error is None, "failed_metrics": [], "worst_index": [], "worst": None,
+              "error": error and f"{differing} of {compared} ids differ; {error}"}
+    properties.append((RECORD_KEY, record))
     return record
 
 

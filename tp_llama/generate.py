@@ -17,55 +17,34 @@ from typing import Callable, Collection, Sequence
 
 import numpy as np
 
-from llama_spec.generation import Generation, check_prompts, left_pad
+from llama_spec.generation import Generation, check_prompts, greedy, left_pad
+from tp_llama.adapter import TPLlamaAdapter
 from tp_llama.model import TPLlama, to_numpy
 
 
 def greedy_generate(model: TPLlama, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     on_token: Callable[[int, np.ndarray], None] | None = None, *,
-                    stop_tokens: Collection[int] = (), teacher: Sequence[Sequence[int]] | None = None,
+                    stop_tokens: Collection[int] | None = None, teacher: Sequence[Sequence[int]] | None = None,
                     start_pos: int = 0) -> Generation:
-    """Greedy decoding of every prompt in one batch; `on_token(step, tokens)` reports progress.
+    """Greedy decoding of every prompt in one batch by the suite's own loop (`llama_spec.generation.greedy`) over
+    this model's decode step, so the command line stops as generation parity checks; `on_token(step, tokens)`
+    reports progress.
 
-    A row ends at its first token in `stop_tokens` (kept); decoding ends when every row has ended.
-    `teacher` (teacher forcing): row i feeds teacher[i][t] back at step t instead of its argmax while it has
-    one, so step_logits are this model's logits after the teacher's tokens; `tokens` are the tokens fed.
-    `start_pos`: RoPE position of each prompt's first token, with nothing before it (long-context positions
-    without a long prefix).
+    A row ends at its first token in `stop_tokens` (kept; default Llama 3's `llama_spec.generation.stop_tokens()`);
+    decoding ends when every row has ended. `teacher` (teacher forcing): row i feeds teacher[i][t] back at step t
+    instead of its argmax while it has one. `start_pos`: RoPE position of each prompt's first token, with nothing
+    before it (long-context positions without a long prefix).
     """
     check_prompts(prompts, max_new_tokens, model.config.max_seq_len, model.config.vocab_size, start_pos)
-    if teacher is not None and len(teacher) != len(prompts):
-        raise ValueError(f"teacher has {len(teacher)} rows for {len(prompts)} prompts; give one per prompt")
-    stops = np.array(sorted(set(int(t) for t in stop_tokens)), np.int32)
+    adapter = TPLlamaAdapter(model, params)
     tokens, pads = left_pad(prompts)
-    batch, prompt_len = tokens.shape
-    total = prompt_len + max_new_tokens
-    slots = np.arange(total)
-    valid = slots[None, :] >= pads[:, None]                         # (batch, total)
-    positions = start_pos + np.maximum(slots[None, :prompt_len] - pads[:, None], 0)
-    cache = model.init_cache(batch, total)
-    logits, cache = model.step(params, tokens, positions, cache, 0, valid & (slots < prompt_len))
-    rows: list[list[int]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, bool)
-    step_logits = []
-    for step in range(max_new_tokens):
-        last = to_numpy(logits[:, -1])
-        chosen = last.argmax(-1).astype(np.int32)
-        for i in range(batch):
-            if teacher is not None and step < len(teacher[i]):
-                chosen[i] = teacher[i][step]
-            if not done[i]:
-                rows[i].append(int(chosen[i]))
-        step_logits.append(last)
-        done |= np.isin(chosen, stops)
-        if on_token:
-            on_token(step, chosen)
-        if step == max_new_tokens - 1 or done.all():
-            break
-        slot = prompt_len + step
-        pos = (start_pos + slot - pads)[:, None]
-        logits, cache = model.step(params, chosen[:, None], pos, cache, slot, valid & (slots <= slot))
-    return Generation(tokens=rows, step_logits=step_logits)
+
+    def step(fed, slot, cache):
+        logits, cache = adapter.step(fed, slot, cache, pad=pads, offset=start_pos)
+        return to_numpy(logits[:, -1]), cache
+
+    cache = model.init_cache(len(prompts), tokens.shape[1] + max_new_tokens)
+    return greedy(step, cache, tokens, max_new_tokens, stops=stop_tokens, teacher=teacher, on_token=on_token)
 
 
 # ---- command line ------------------------------------------------------------------------------
