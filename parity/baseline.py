@@ -100,6 +100,8 @@ def make_baseline(document: Mapping[str, Any]) -> dict[str, Any]:
         case["passed"] = bool(record["passed"])
         case["metrics"] = {m: v for m, v in record["metrics"].items() if m in SLACK}
         case["bounds"] = _directed(table_bounds(record))
+        if "reference_noise" in record:  # the calibration's view of which bounds judged the case
+            case["reference_noise"], case["bias_spread"] = record["reference_noise"], record["bias_spread"]
         cases.append(case)
     environment = document.get("environment", {})
     return {

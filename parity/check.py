@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fixtures.tolerances import LOWER, UPPER, bounds_for, direction, noise_scaled
+from fixtures.tolerances import LOWER, NOISE_SCALED, NOISE_SCALED_COMPONENTS, UPPER, bounds_for, direction, noise_scaled
 from parity import metrics as pm
 
 RECORD_KEY = "parity_record"
@@ -139,10 +139,14 @@ def _evaluate(nodeid: str, profile: str, *, component: str, actual: Any, expecte
         return record
     values.update({m: float(v) for m, v in (extra_metrics or {}).items()})
     record["metrics"] = values
-    if oracle is not None:
+    if oracle is not None and component in NOISE_SCALED_COMPONENTS:
         # the reference's own distance from exact math sets the bounds that transfer (fixtures.tolerances)
         own = _own_noise([expected, *peers], oracle, logits, dtype, int(bounds.get("topk", pm.DEFAULT_TOPK)))
-        judged = noise_scaled(bounds, own, pm.bias_spread(b))
+        spread = pm.bias_spread(b)
+        judged = noise_scaled(bounds, own, spread)
+        # what widened them, so the calibration can tell the records the table's bounds judged (fixtures.calibrate)
+        record["reference_noise"] = {m: float(own[m]) for m in NOISE_SCALED if m in own}
+        record["bias_spread"] = float(spread)
         if judged != bounds:
             record["table_bounds"], record["bounds"] = record["bounds"], {m: float(v) for m, v in judged.items()}
             bounds = judged
