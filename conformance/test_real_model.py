@@ -175,6 +175,7 @@ def test_real_decode_equals_full_forward(request, impl_factory, dtype, real_mesh
     """The first default prompt: a prefill, then one-token steps, against the subject's own full forward."""
     mesh = real_mesh
     scope = dict(component="kv_cache", reference="self", dtype=dtype, mesh=mesh)
+    support.data_split(mesh, 1)
     adapter = real_subject(request, impl_factory, mesh, dtype, component=scope["component"],
                            reference=scope["reference"])
     tokens = np.asarray([real_slice.prompts("chat")[0]], np.int32)
