@@ -296,8 +296,10 @@ def test_a_cached_config_that_disagrees_with_the_gguf_metadata_stops(tmp_path, f
     assert str(target / file) in message and "n_kv_heads" in message and "convert again" in message, message
 
 
-def test_a_failed_conversion_leaves_nothing_half_written(tmp_path, monkeypatch):
-    """A write that fails after the first checkpoint is on disk: one line, no target, no staging left."""
+@pytest.fixture
+def fake_conversion(monkeypatch):
+    """convert() with transformers' loading and the checkpoint writers replaced by stand-ins that write a marker
+    file each: what convert does with the directories is under test, not the conversion itself."""
     class Model:
         config = type("Config", (), {"to_dict": staticmethod(lambda: real_model.checkpoint().config.to_hf())})
         generation_config = type("Generation", (), {"to_json_file": staticmethod(
@@ -312,24 +314,42 @@ def test_a_failed_conversion_leaves_nothing_half_written(tmp_path, monkeypatch):
         def save_pretrained(directory):
             (Path(directory) / "tokenizer.json").write_text("{}")
 
-    def hf_written(directory, *args, **kwargs):
+    def written(directory, *args, **kwargs):
         Path(directory).mkdir(parents=True)
-        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        (Path(directory) / "model.safetensors").write_bytes(b"new")
         return Path(directory)
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(real_model, "_load_gguf", lambda path: (Model(), Tokenizer()))
     monkeypatch.setattr(real_model, "metadata_config", lambda path: real_model.checkpoint().config)
     monkeypatch.setattr(real_model, "meta_weights_of", lambda state, config: {})
-    monkeypatch.setattr(real_model, "write_hf_checkpoint", hf_written)
-    monkeypatch.setattr(real_model, "write_meta_checkpoint", disk_full)
+    monkeypatch.setattr(real_model, "write_hf_checkpoint", written)
+    monkeypatch.setattr(real_model, "write_meta_checkpoint", written)
+    return monkeypatch
+
+
+def test_a_failed_conversion_leaves_nothing_half_written(tmp_path, fake_conversion):
+    """A write that fails after the first checkpoint is on disk: one line, no target, no staging left."""
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    fake_conversion.setattr(real_model, "write_meta_checkpoint", disk_full)
     target = tmp_path / "cache" / "entry"
     with pytest.raises(real_model.RealModelError) as error:
         real_model.convert(tmp_path / "model.gguf", target)
     assert "No space left" in _one_line(error) and "nothing was kept" in str(error.value)
     assert not target.exists() and list(target.parent.iterdir()) == [], list(target.parent.iterdir())
+
+
+def test_a_conversion_that_finds_another_processs_result_keeps_it(tmp_path, fake_conversion):
+    """Two workers converting at once: the later one's rename meets the earlier one's finished directory, keeps
+    it and leaves no staging behind."""
+    target = tmp_path / "entry"
+    (target / "hf").mkdir(parents=True)
+    (target / "hf" / "model.safetensors").write_bytes(b"first")
+    (target / real_model.MANIFEST).write_text("{}")
+    real_model.convert(tmp_path / "model.gguf", target)
+    assert (target / "hf" / "model.safetensors").read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"], list(tmp_path.iterdir())
 
 
 def test_a_model_axis_of_nine_is_refused_in_one_line():
@@ -339,3 +359,4 @@ def test_a_model_axis_of_nine_is_refused_in_one_line():
         check_splittable(real_slice.config(), 9, where=real_model.NAME)
     message = _one_line(error)
     assert "vocab_size=49152" in message and real_model.NAME in message, message
+
