@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from conformance.support import rounded
-from fixtures import real_model
+from fixtures import extremes, real_model
+from parity import metrics as pm
 from reference import hf, meta, oracle
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "real_text" / "prompts.json"
@@ -112,12 +113,6 @@ def peer(reference: str) -> str:
     return {"meta": "hf", "hf": "meta"}[reference]
 
 
-def outlier_ratio(x: np.ndarray) -> float:
-    """max |x| / median |x| of a hidden-state tensor: how massive its largest activation is."""
-    magnitude = np.abs(np.asarray(x, np.float64))
-    return float(magnitude.max() / max(float(np.median(magnitude)), 1e-30))
-
-
 def residual_inputs(dtype: str) -> list[np.ndarray]:
     """The residual stream entering each layer on the default case (the embedding, then each block_out), from
     the oracle, as (1, positions, dim)."""
@@ -129,7 +124,7 @@ def residual_inputs(dtype: str) -> list[np.ndarray]:
 @functools.lru_cache(maxsize=2)
 def outlier_layers(dtype: str, count: int = 2) -> tuple[int, ...]:
     """The `count` layers whose residual input holds the largest outliers (max/median), in layer order."""
-    ratios = [outlier_ratio(x) for x in residual_inputs(dtype)]
+    ratios = [extremes.outlier_ratio(x) for x in residual_inputs(dtype)]
     return tuple(sorted(np.argsort(ratios)[::-1][:count].tolist()))
 
 
@@ -150,12 +145,6 @@ GOLDEN_TOPK = 20
 DTYPES = ("float32", "bfloat16")
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def next_token_nll(case: str, logprobs: np.ndarray) -> np.ndarray:
     """Per predicted token, -log p(next token): each prompt's positions 0 .. n-2 predicting tokens 1 .. n-1
     (`logprobs` over the case's valid positions, as `valid` lays them out)."""
@@ -173,8 +162,8 @@ def golden_arrays(case: str) -> dict[str, np.ndarray]:
     next-token NLL for perplexity."""
     out: dict[str, np.ndarray] = {}
     for dtype in DTYPES:
-        oracle_lp = log_softmax(exact(dtype, case)[0])
-        hf_lp = log_softmax(full_forward("hf", dtype, case)[0])
+        oracle_lp = pm.log_softmax(exact(dtype, case)[0])
+        hf_lp = pm.log_softmax(full_forward("hf", dtype, case)[0])
         if dtype == "float32":
             out["ids"] = np.argsort(-oracle_lp, axis=-1, kind="stable")[:, :GOLDEN_TOPK].astype(np.int32)
         ids = out["ids"]

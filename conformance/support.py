@@ -107,18 +107,14 @@ def weights(dtype: str, kind: str = "canonical") -> dict[str, np.ndarray]:
 _BUILT: dict = {}
 
 
-def subject_with(request, factory, mesh: str, dtype: str, kind: str, *, component: str,
-                 reference: str | None = None):
-    """The --impl factory built on `mesh` at `dtype` with weight set `kind` (once per process); the canonical set
-    is the `impl` fixture's own build. A build that raises is a failed record of `component`."""
+def built_once(request, key, build, *, component: str, dtype: str, mesh: str, reference: str | None = None,
+               what: str):
+    """build() once per process under `key`; a build that raises is kept and becomes a failed record of
+    `component` in every test that asks for it."""
     __tracebackhide__ = True
-    from llama_spec.layout import make_mesh
-
-    key = (factory, mesh, dtype, kind)
     if key not in _BUILT:
         try:
-            _BUILT[key] = protocol.build(factory, CONFIG, weight_set(kind), make_mesh(mesh), dtype,
-                                         max_batch_size=4, max_seq_len=16384)
+            _BUILT[key] = build()
         except Exception as err:  # noqa: BLE001 - raised again (as a failed record) to every test that asks
             _BUILT[key] = err
 
@@ -127,8 +123,20 @@ def subject_with(request, factory, mesh: str, dtype: str, kind: str, *, componen
             raise _BUILT[key]
         return _BUILT[key]
 
-    return run(request, get, component=component, reference=reference, dtype=dtype, mesh=mesh,
-               what=f"building --impl on {mesh} at {dtype} with weight set {kind}")
+    return run(request, get, component=component, reference=reference, dtype=dtype, mesh=mesh, what=what)
+
+
+def subject_with(request, factory, mesh: str, dtype: str, kind: str, *, component: str,
+                 reference: str | None = None):
+    """The --impl factory built on `mesh` at `dtype` with weight set `kind` (once per process); the canonical set
+    is the `impl` fixture's own build. A build that raises is a failed record of `component`."""
+    __tracebackhide__ = True
+    from llama_spec.layout import make_mesh
+
+    return built_once(request, (factory, mesh, dtype, kind), lambda: protocol.build(
+        factory, CONFIG, weight_set(kind), make_mesh(mesh), dtype, max_batch_size=4, max_seq_len=16384),
+        component=component, reference=reference, dtype=dtype, mesh=mesh,
+        what=f"building --impl on {mesh} at {dtype} with weight set {kind}")
 
 
 def layer(dtype: str, index: int) -> dict[str, np.ndarray]:

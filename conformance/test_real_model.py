@@ -21,9 +21,10 @@ import pytest
 
 from adapters import protocol
 from conformance import real_slice, support
-from fixtures import real_model
+from fixtures import extremes, real_model
 from llama_spec.layout import check_splittable, make_mesh
 from parity import assert_parity, assert_parity_many
+from parity import metrics as pm
 from parity.check import record_not_checked
 from reference import hf, meta, oracle
 from reference.layers import intermediate_names, layer_weights
@@ -39,34 +40,22 @@ REFERENCE_COMPONENTS = {"meta": (meta.meta_rms_norm, meta.meta_attention, meta.m
                         "hf": (hf.hf_rms_norm, hf.hf_attention, hf.hf_feed_forward)}
 DECODE_PREFILL = 24  # of the first default prompt (37 tokens): the rest are one-token decode steps
 
-_builds: dict = {}
-
-
 def real_subject(request, factory, mesh: str, dtype: str, *, component: str, reference: str | None = None):
     """The --impl factory built from the real weights on `mesh` (once per process); a build that raises is a
     failed record of `component`."""
     __tracebackhide__ = True
-    key = (protocol.name_of(factory), mesh, dtype)
-    if key not in _builds:
-        try:
-            _builds[key] = protocol.build(factory, real_slice.config(), real_model.weights(), make_mesh(mesh), dtype,
-                                          max_batch_size=4, max_seq_len=1024)
-        except Exception as err:  # noqa: BLE001 - raised again (as a failed record) to every test that asks
-            _builds[key] = err
-
-    def get():
-        if isinstance(_builds[key], Exception):
-            raise _builds[key]
-        return _builds[key]
-
-    return support.run(request, get, component=component, reference=reference, dtype=dtype, mesh=mesh,
-                       what=f"building --impl from the real model ({real_model.NAME}) on {mesh} at {dtype}")
+    return support.built_once(
+        request, ("real", protocol.name_of(factory), mesh, dtype), lambda: protocol.build(
+            factory, real_slice.config(), real_model.weights(), make_mesh(mesh), dtype, max_batch_size=4,
+            max_seq_len=1024),
+        component=component, reference=reference, dtype=dtype, mesh=mesh,
+        what=f"building --impl from the real model ({real_model.NAME}) on {mesh} at {dtype}")
 
 
 @functools.lru_cache(maxsize=None)
-def _forward(factory_name: str, mesh: str, dtype: str, case: str):
-    """The subject's (logits, intermediates) on a case, padding dropped; shared by every check of the module."""
-    adapter = _builds[factory_name, mesh, dtype]
+def _forward(adapter, case: str):
+    """The subject's (logits, intermediates) on a case, padding dropped; shared by every check of the module (the
+    adapter is the process's one build, so it keys the cache)."""
     logits, taps = protocol.forward(adapter, real_slice.tokens(case))
     return (real_slice.valid(case, protocol.host(logits)),
             {k: real_slice.valid(case, protocol.host(v)) for k, v in taps.items()})
@@ -76,9 +65,9 @@ def subject_forward(request, impl_factory, mesh, dtype, case, scope):
     """The subject's forward on a case (built on first use); `scope` names the check for a failed record."""
     __tracebackhide__ = True
     support.data_split(mesh, len(real_slice.CASES[case].prompt_ids))
-    real_subject(request, impl_factory, mesh, dtype, component=scope["component"], reference=scope["reference"])
-    return support.run(request, _forward, protocol.name_of(impl_factory), mesh, dtype, case, **scope,
-                       what="forward(capture=True) on real text")
+    adapter = real_subject(request, impl_factory, mesh, dtype, component=scope["component"],
+                           reference=scope["reference"])
+    return support.run(request, _forward, adapter, case, **scope, what="forward(capture=True) on real text")
 
 
 def _full_model_reference(reference: str) -> None:
@@ -227,7 +216,7 @@ def test_real_logits_match_the_golden_data(request, impl_factory, dtype, real_me
     scope = dict(component="golden", reference="hf", dtype=dtype, mesh=mesh)
     logits, _ = subject_forward(request, impl_factory, mesh, dtype, case, scope)
     kept = real_slice.golden()[case]
-    logprobs = real_slice.log_softmax(logits)
+    logprobs = pm.log_softmax(logits)
     actual = np.take_along_axis(logprobs, kept["ids"].astype(np.int64), -1)
     kl = _kl_per_position(kept[f"hf_{dtype}"], actual)
     nll = real_slice.next_token_nll(case, logprobs)
@@ -244,7 +233,7 @@ def test_real_logits_match_the_golden_data(request, impl_factory, dtype, real_me
 def test_real_model_reaches_massive_activations():
     """The real slice is only worth its time if the model is the real one: its residual stream must carry the
     outliers trained Llama-architecture models are known for (max/median above 1000 somewhere)."""
-    ratios = [real_slice.outlier_ratio(x) for x in real_slice.residual_inputs("float32")]
+    ratios = [extremes.outlier_ratio(x) for x in real_slice.residual_inputs("float32")]
     assert max(ratios) > 1000, f"largest max/median of the residual stream is {max(ratios):.3g}: not the real model"
 
 
