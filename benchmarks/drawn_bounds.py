@@ -1,7 +1,7 @@
 """`python -m benchmarks.drawn_bounds`: the worst value every drawn case reached, against the bound that judges it.
 
 A bound that random draws are judged by must sit above what any draw reaches, with a stated margin
-(fixtures/tolerances.py). This runs the property-based and metamorphic modules under a hypothesis profile
+(parity/tolerances.py). This runs the property-based and metamorphic modules under a hypothesis profile
 (default `thorough`, which draws every field) with every bound switched off, so no example fails, shrinks or
 stops the test early, and then prints, per component, dtype and metric, the worst value over all examples,
 the case it came from, the default and strict bounds and the margin (bound / worst for errors,
@@ -11,7 +11,7 @@ the case it came from, the default and strict bounds and the margin (bound / wor
     python -m benchmarks.drawn_bounds --profile dev -- -k meshes_agree   # more pytest arguments after --
     python -m benchmarks.drawn_bounds --records out/drawn/records.json   # analyse an earlier run again
 
-Beside `python -m fixtures.calibrate --run --thorough` (same draws, bounds judged: the first failing example stops
+Beside `python -m parity.calibrate --run --thorough` (same draws, bounds judged: the first failing example stops
 its test and hypothesis shrinks it, so the worst value of that test is never reached) this switches bounds off and
 names the case behind every worst value. Folding it into calibrate as an option is left to do.
 
@@ -39,8 +39,7 @@ CASES_ENV = "DRAWN_BOUNDS_CASES"
 
 def _install() -> None:
     from conformance import strategies
-    from fixtures import tolerances
-    from parity import check
+    from parity import check, tolerances
 
     def no_bounds(component, dtype, profile, reference=None, mesh=None, **kwargs):
         bounds = tolerances.bounds_for(component, dtype, profile, reference=reference, mesh=mesh, **kwargs)
@@ -73,7 +72,7 @@ def pytest_configure(config) -> None:
 
 def worst_values(records: list[dict], profile: str = "default") -> dict[tuple, dict]:
     """(component, dtype, metric) -> the worst record for that metric, with the table's bounds for it."""
-    from fixtures.tolerances import LOWER, UPPER, bounds_for, direction
+    from parity.tolerances import LOWER, UPPER, bounds_for, direction
 
     worst: dict[tuple, dict] = {}
     for record in records:
@@ -97,7 +96,7 @@ def worst_values(records: list[dict], profile: str = "default") -> dict[tuple, d
 
 def margin(metric: str, value: float, bound: float) -> float:
     """How many times the worst value fits under its bound (similarities: distances from 1)."""
-    from fixtures.tolerances import UPPER, direction
+    from parity.tolerances import UPPER, direction
 
     used, allowed = (value, bound) if direction(metric) == UPPER else (1.0 - value, 1.0 - bound)
     return float("inf") if used <= 0 else allowed / used

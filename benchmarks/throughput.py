@@ -63,7 +63,7 @@ class CompileCounter:
 
 class JaxRunner:
     def __init__(self, config: LlamaConfig, weights, mesh: str, dtype: str):
-        from reference.convert import meta_to_jax
+        from tp_llama.convert import meta_to_jax
         from tp_llama.model import TPLlama
 
         self.name = f"jax {mesh}"

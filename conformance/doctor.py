@@ -44,7 +44,7 @@ FLOATS = ("float16", "bfloat16", "float32", "float64")
 MODULES = {"forward": "test_logits", "decode": "test_kv_cache", "rms_norm": "test_rmsnorm", "rope": "test_rope",
            "attention": "test_attention", "feed_forward": "test_mlp", "block": "test_block", "head": "test_logits"}
 HALF_LAYOUT_FIX = ("return Meta's interleaved pairs (2i, 2i+1): convert each head with "
-                   "reference.convert.halves_to_interleaved_last_axis(x), that is "
+                   "llama_spec.convert.halves_to_interleaved_last_axis(x), that is "
                    "x.reshape(*x.shape[:-1], 2, head_dim // 2).swapaxes(-1, -2).reshape(x.shape)")
 
 
@@ -180,8 +180,8 @@ def _departs(name: str, actual, exact, capability: str, spec: str) -> Problem | 
 
 def _in_half_layout(actual, exact) -> bool:
     """q or k that agree with the oracle only once the oracle's are put in HF's rotate-half layout."""
+    from llama_spec.convert import interleaved_to_halves_last_axis
     from parity.metrics import rel_l2
-    from reference.convert import interleaved_to_halves_last_axis
 
     actual = protocol.host(actual)
     return rel_l2(actual, exact) > AGREE and rel_l2(actual, interleaved_to_halves_last_axis(exact)) <= AGREE
@@ -270,9 +270,9 @@ def check_forward(build: Build, add, note) -> None:
 
 def _noise_floor(config, tokens, logits, exact_logits) -> Problem | None:
     """conformance/test_dtype.py's floor: a bfloat16 run as exact as float32 computes in float32 behind its outputs."""
-    from fixtures.tolerances import bounds_for
     from fixtures.weights import canonical_weights
     from parity.metrics import noise_ratio
+    from parity.tolerances import bounds_for
     from reference.meta import MetaReference
     from reference.oracle import oracle_forward
 

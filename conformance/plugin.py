@@ -55,14 +55,14 @@ def pytest_addoption(parser):
                     help="plant one bug from conformance/mutants.py into the model for this run "
                          "(python -m conformance.mutants runs them all)")
     group.addoption("--tolerance-profile", default="default", choices=("strict", "default"),
-                    help="column of fixtures/tolerances.py to hold results to (default: %(default)s)")
+                    help="column of parity/tolerances.py to hold results to (default: %(default)s)")
     group.addoption("--parity-json", default=None, metavar="PATH",
                     help="write every parity record (metrics, bounds, verdict) and the environment as JSON")
     group.addoption("--parity-report", default=None, metavar="PATH",
                     help="write the self-contained HTML parity report (matrix, depth chart, records, environment)")
     group.addoption("--parity-baseline", default=None, metavar="PATH",
                     help="fail the run when a case that passed in this baseline fails, or a metric worsens past "
-                         "the slack of fixtures/tolerances.py (committed: fixtures/parity_baseline.json)")
+                         "the slack of parity/tolerances.py (committed: fixtures/parity_baseline.json)")
     group.addoption("--parity-update-baseline", action="store_true", default=False,
                     help="rewrite the --parity-baseline file from this run instead of judging against it")
     group.addoption("--checkpoint-dir", default=None, metavar="DIR",

@@ -5,7 +5,7 @@ and without the KV cache.
 values written by earlier ones; 'pos9000' is one chunk starting past the original RoPE context; 'prefill128' is
 one chunk of 128 tokens from position 0, where RoPE rounds least and rows are long, so a bf16 implementation that
 rounds where Meta rounds agrees with it far inside the bf16 bound, and the override scoped to this case can see a
-softmax computed in bf16 (fixtures/tolerances.py); 'extreme' is the chunks of 'cached' on inputs with a long run
+softmax computed in bf16 (parity/tolerances.py); 'extreme' is the chunks of 'cached' on inputs with a long run
 of one repeated position, scaled so that scores after the 1/sqrt(head_dim) scaling reach >= 100 (asserted on the
 oracle's q and k; fixtures/extremes.py).
 """

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conformance.inner_suite import INNER_CONFTEST
-from fixtures.tolerances import SLACK, TABLE, bounds_for, slack_limit
 from parity import baseline as pb
 from parity.plugin import json_safe
+from parity.tolerances import SLACK, TABLE, bounds_for, slack_limit
 
 pytest_plugins = ["pytester"]
 
@@ -252,7 +252,7 @@ def test_committed_baseline_is_a_passing_run_of_the_default_selection():
 
 
 def test_committed_baseline_holds_the_tables_bounds():
-    """A bound changed in fixtures/tolerances.py without retaking the baseline fails CI's gate ("bound loosened"),
+    """A bound changed in parity/tolerances.py without retaking the baseline fails CI's gate ("bound loosened"),
     which only a CI=true run shows; this says so in any run. Components the table has no entry for (communication,
     config) set their bounds in their tests and are left out."""
     stale = []
@@ -381,7 +381,7 @@ def test_option_mistakes_fail_before_any_test_runs(pytester, monkeypatch):
 LOOSEN = """
 import os
 
-from fixtures import tolerances
+from parity import tolerances
 
 if os.environ.get("INNER_LOOSEN"):  # a reviewer's one changed number: the mlp float32 rel_l2 bound, loosened
     for profile in tolerances.PROFILES:

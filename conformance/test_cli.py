@@ -275,7 +275,7 @@ def _command(name):
     return main, lambda file: ([flag, str(file)] if flag else [str(file)]) + extra
 
 
-COMMANDS_READING_FILES = ["fixtures.calibrate", "adapters.keras_hub.table", "adapters.keras_hub.table --diagnoses",
+COMMANDS_READING_FILES = ["parity.calibrate", "parity.scoreboard", "parity.scoreboard --diagnoses",
                           "benchmarks.drawn_bounds --records", "parity.report", "llama_spec.checkpoint",
                           "tp_llama.generate", "benchmarks.checkpoint_memory"]
 
@@ -293,7 +293,7 @@ def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys
         file.write_text({"not_json": "{", "not_an_object": "[1, 2]", "wrong_object": '{"environment": {}}'}[problem])
         if checkpoint:
             (directory / "consolidated.00.pth").write_bytes(b"")
-    if command.startswith("adapters.keras_hub.table --diagnoses"):  # the main file good, the --diagnoses one bad
+    if command.startswith("parity.scoreboard --diagnoses"):  # the main file good, the --diagnoses one bad
         good = tmp_path / "good.json"
         good.write_text('{"environment": {}, "records": []}')
         code = main([str(good), *argv(file)])
@@ -307,7 +307,7 @@ def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys
     assert captured.out == ""
 
 
-@pytest.mark.parametrize("module", ["adapters.keras_hub.collectives", "adapters.keras_hub.table"])
+@pytest.mark.parametrize("module", ["adapters.keras_hub.collectives", "parity.scoreboard"])
 def test_help_describes_the_command_in_whole_sentences(capsys, module):
     """(keras is not needed for --help.) The descriptions were the docstrings' first lines, cut mid-sentence."""
     import importlib

@@ -25,9 +25,9 @@ from llama_spec.config import LLAMA32_ROPE_SCALING
 from parity import assert_parity
 from parity.check import assert_config_agrees
 from reference.config_check import cross_check
-from reference.convert import meta_to_jax
 from reference.hf import HFReference
 from reference.meta import MetaReference
+from tp_llama.convert import meta_to_jax
 
 # Past the original 8192-token context, where factor 8, factor 32 and no scaling all give different phases.
 START = 9000

@@ -21,7 +21,7 @@ BROKEN = {
                                         "parameters": "place every parameter on the mesh build() receives"},
     "float32_compute:Float32ComputeAdapter": {"forward": "keep the weights in bfloat16 and compute in bfloat16",
                                               "parameters": "place the weights in bfloat16"},
-    "half_layout_rope:HalfLayoutRoPEAdapter": {"forward": "reference.convert.halves_to_interleaved_last_axis(x)"},
+    "half_layout_rope:HalfLayoutRoPEAdapter": {"forward": "llama_spec.convert.halves_to_interleaved_last_axis(x)"},
     "float32_intermediates:Float32IntermediatesAdapter": {"forward": "return them in bfloat16"},
     "unreplicated_kv:UnreplicatedKVAdapter": {"parameters": "replicate the kv heads",
                                               "compiled_forward": "kv heads replicated"},

@@ -4,7 +4,7 @@ Two checks. Its outputs come back in that dtype: every captured intermediate and
 (logits may also be float32, as Meta's `.float()` returns them). And, at bfloat16, its error against the
 float64 oracle is of the size Meta's own bfloat16 run has: an implementation that quietly keeps float32
 weights, or computes in float32 and rounds at the end, is far more exact than bfloat16 can be, and
-`noise_floor_ratio` (fixtures/tolerances.py, measured there) shows it, whatever dtype its outputs claim.
+`noise_floor_ratio` (parity/tolerances.py, measured there) shows it, whatever dtype its outputs claim.
 """
 import jax.numpy as jnp
 import pytest

@@ -389,9 +389,9 @@ def test_converter_with_another_head_dim_fails_loudly(kh, tmp_path):
 # ---- the README table ---------------------------------------------------------------------------------------
 
 def test_table_names_the_earliest_failing_tensor_and_its_diagnosis():
-    """adapters.keras_hub.table on a small parity document: counts per dtype, the first failing tensor in forward
+    """parity.scoreboard on a small parity document: counts per dtype, the first failing tensor in forward
     order (a later layer's failure and a component's come after layer 0's attention_norm), a borrowed diagnosis."""
-    from adapters.keras_hub import table
+    from parity import scoreboard as table
 
     def record(name, passed, dtype="float32", component="intermediate", test="t::test_intermediates[hf-float32-1x4]",
                **extra):

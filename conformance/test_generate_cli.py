@@ -48,7 +48,7 @@ def parse(out: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def meta_tok():
-    from reference.tokenizer import meta_tokenizer
+    from llama_spec.tokenizer import meta_tokenizer
 
     return meta_tokenizer()
 
@@ -78,7 +78,7 @@ def test_reference_option_selects_the_engine_and_progress_reports_every_token(ca
 def test_checkpoint_dir_runs_its_weights_and_its_tokenizer(capsys, tmp_path, tiny_config, tiny_weights, tp_model):
     """A Meta checkpoint of the canonical tiny weights, with its own 512-id tokenizer: the command prints that
     tokenizer's ids and exactly the tokens greedy_generate gives on the same weights and mesh."""
-    from reference.tokenizer import load_meta_tokenizer
+    from llama_spec.tokenizer import load_meta_tokenizer
     from tp_llama.generate import greedy_generate
 
     write_meta_checkpoint(tmp_path, tiny_config, tiny_weights, dtype="float32")

@@ -109,7 +109,7 @@ class Engines:
 
     @functools.cached_property
     def text_config(self):
-        from reference.tokenizer import meta_tokenizer
+        from llama_spec.tokenizer import meta_tokenizer
 
         return preset("tiny").replace(vocab_size=meta_tokenizer().n_words)
 
@@ -173,7 +173,8 @@ def _encode(case: Case) -> list[list[int]]:
         return [real_slice.chat_ids(real_slice.prompt_texts()[name]) for name in case.chat]
     if not case.texts:
         return [make_tokens(preset("tiny"), 1, n, seed=1000 + n + case.start_pos)[0].tolist() for n in case.lengths]
-    from reference.tokenizer import hf_encode, meta_tokenizer
+    from llama_spec.tokenizer import meta_tokenizer
+    from reference.tokenizer import hf_encode
 
     meta_ids = [meta_tokenizer().encode(t, bos=True, eos=False) for t in case.texts]
     hf_ids = [hf_encode(t, bos=True, eos=False) for t in case.texts]
@@ -212,8 +213,8 @@ def assert_generation_parity(request, engines: Engines, case_name: str, *, actua
     """Record and judge one pair of engines on one case, every prompt in one record: the teacher-forced logits
     (`actual` fed `expected`'s tokens) and the free-running streams."""
     __tracebackhide__ = True
-    from fixtures.tolerances import bounds_for
     from parity import assert_parity
+    from parity.tolerances import bounds_for
 
     case = CASES[case_name]
     prompts = engines.prompts(case)
@@ -264,7 +265,7 @@ def assert_generation_parity(request, engines: Engines, case_name: str, *, actua
 
 def _exact_teacher_forced(case: Case, prompts, want: Generation, dtype: str):
     """On the real model, the float64 oracle's logits after each step's history of `want`, in the order of the
-    record's rows, so the record's bounds transfer to trained weights (fixtures.tolerances.noise_scaled); None
+    record's rows, so the record's bounds transfer to trained weights (parity.tolerances.noise_scaled); None
     for the synthetic cases, whose bounds were calibrated without it."""
     if not case.chat:
         return None
@@ -296,7 +297,7 @@ def _decoder(case: Case):
         return real_model.tokenizer().decode
     if not case.texts:
         return None
-    from reference.tokenizer import meta_tokenizer
+    from llama_spec.tokenizer import meta_tokenizer
 
     return meta_tokenizer().decode
 

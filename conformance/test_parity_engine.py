@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import fixtures.tolerances as tol
+import parity.tolerances as tol
 from parity import assert_parity, assert_parity_many, compute_metrics
 from parity import metrics as pm
 from parity.check import RECORD_KEY, budget_used, format_value, layer_of, mesh_name, record_token_ids

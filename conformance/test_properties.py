@@ -6,7 +6,7 @@ sequence, position and dtype (the implementation is built through its factory fo
 - The full model on 1x1 and on the drawn mesh likewise, every named intermediate and then the logits (whose
   distribution must also match Meta's: kl, and top-1 in float32).
 
-Both judge by the `property` row of fixtures/tolerances.py: noise_ratio = error(ours vs oracle) / error(Meta
+Both judge by the `property` row of parity/tolerances.py: noise_ratio = error(ours vs oracle) / error(Meta
 vs oracle) holds for any shape, whereas a fixed rel_l2 bound measured on the tiny preset does not (bfloat16
 attention on a drawn 32-wide config sits at 5e-3 from Meta with noise_ratio 1.0).
 Meta's Transformer reads its KV cache from slot 0, so the full-model property starts at position 0; positions

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from conformance.inner_suite import INNER_CONFTEST
-from fixtures.tolerances import bounds_for
 from parity import assert_parity
 from parity import report as pr
 from parity.check import RECORD_KEY, record_token_ids
+from parity.tolerances import bounds_for
 
 pytest_plugins = ["pytester"]
 

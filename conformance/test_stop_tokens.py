@@ -39,7 +39,7 @@ PROMPT_LEN = 6
 
 
 def _config():
-    from reference.tokenizer import meta_tokenizer
+    from llama_spec.tokenizer import meta_tokenizer
 
     return preset("tiny").replace(vocab_size=meta_tokenizer().n_words)
 
@@ -110,7 +110,7 @@ def _compare_rules(theirs: tuple[int, ...], who: str) -> None:
 
 def test_suite_stop_tokens_are_meta_tokenizers():
     """llama-models' Tokenizer.stop_tokens (its tokenizer.model, its special-token names) is the suite's set."""
-    from reference.tokenizer import meta_tokenizer
+    from llama_spec.tokenizer import meta_tokenizer
 
     tokenizer = meta_tokenizer()
     _compare_rules(meta_stop_tokens(), "llama-models' Tokenizer.stop_tokens")

@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conformance.strategies import run_case
+from llama_spec import tokenizer as spec_tok
 from parity.check import record_token_ids
 from reference import tokenizer as rt
+from reference import tokenizer_cache as tok_cache
 
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures and helpers
@@ -35,7 +37,7 @@ from reference import tokenizer as rt
 
 @pytest.fixture(scope="module")
 def meta_tok():
-    return rt.meta_tokenizer()
+    return spec_tok.meta_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def hf_tok():
 @pytest.fixture(scope="module")
 def ranks():
     """The packaged file's `{token bytes: rank}`, parsed once for the vocab-wide tests."""
-    return rt.read_tiktoken_ranks(rt.PACKAGED_TOKENIZER_PATH)
+    return spec_tok.read_tiktoken_ranks(spec_tok.PACKAGED_TOKENIZER_PATH)
 
 
 def _show(tokenizer_decode, ids, at):
@@ -447,7 +449,7 @@ def test_meta_chunking_is_the_only_difference(request, name, meta_tok, hf_tok):
     whole = hf_ids(text)
     assert (_runs(meta), _runs(whole)) == (meta_runs, hf_runs), (
         "the pinned Meta-vs-HF difference changed (a change to Meta's chunking or to the HF conversion): update "
-        "README.md, the 'Meta's chunking' notes in reference/tokenizer.py and this table")
+        "README.md, the 'Meta's chunking' notes in docs/tokenizer.md and this table")
     assert meta_tok.decode(meta) == rt.hf_decode(whole) == text
 
 
@@ -477,7 +479,7 @@ texts = st.one_of(
 @given(text=texts)
 def test_random_text_ids_match_and_round_trip(request, text):
     """One record per example (those of hypothesis' shrinking attempts dropped, conformance.strategies.run_case)."""
-    meta_tok = rt.meta_tokenizer()
+    meta_tok = spec_tok.meta_tokenizer()
     with run_case(request, text=text):
         meta = meta_ids(meta_tok, text)
         assert_same_ids(request, "random text", text, meta, hf_ids(text), meta_tok)
@@ -490,7 +492,7 @@ def test_random_text_ids_match_and_round_trip(request, text):
                     max_size=24))
 def test_random_ids_decode_alike(ids):
     """Arbitrary id sequences, including cut UTF-8 (streamed generation) and specials, decode the same."""
-    assert rt.hf_decode(ids) == rt.meta_tokenizer().decode(ids)
+    assert rt.hf_decode(ids) == spec_tok.meta_tokenizer().decode(ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -499,7 +501,7 @@ def test_random_ids_decode_alike(ids):
 
 def _first_lines(n, _lines=[]):
     if not _lines:
-        _lines.extend(rt.PACKAGED_TOKENIZER_PATH.read_text().splitlines()[:1000])
+        _lines.extend(spec_tok.PACKAGED_TOKENIZER_PATH.read_text().splitlines()[:1000])
     return _lines[:n]
 
 
@@ -523,25 +525,25 @@ def test_non_tiktoken_file_is_rejected_clearly(name, tmp_path):
     path = tmp_path / "tokenizer.model"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=reason) as info:
-        rt.load_meta_tokenizer(path)
+        spec_tok.load_meta_tokenizer(path)
     message = str(info.value)
     assert str(path) in message and "tiktoken BPE" in message, message
-    assert isinstance(info.value, rt.TokenizerFileError)
+    assert isinstance(info.value, spec_tok.TokenizerFileError)
 
 
 def test_small_valid_tiktoken_file_loads(tmp_path):
     path = tmp_path / "tokenizer.model"
     path.write_text("\n".join(_first_lines(1000)) + "\n")
-    tok = rt.load_meta_tokenizer(path, vocab_size=1256)
+    tok = spec_tok.load_meta_tokenizer(path, vocab_size=1256)
     assert tok.bos_id == 1000 and tok.n_words == 1256
     assert tok.decode(tok.encode("hello world", bos=False, eos=False)) == "hello world"
 
 
 def test_vocab_size_mismatch_is_reported():
     with pytest.raises(ValueError, match=r"128256 ids .* vocab_size=32000"):
-        rt.load_meta_tokenizer(rt.PACKAGED_TOKENIZER_PATH, vocab_size=32000)
+        spec_tok.load_meta_tokenizer(spec_tok.PACKAGED_TOKENIZER_PATH, vocab_size=32000)
     with pytest.raises(FileNotFoundError):
-        rt.load_meta_tokenizer("/nonexistent/tokenizer.model")
+        spec_tok.load_meta_tokenizer("/nonexistent/tokenizer.model")
 
 
 def _small_tiktoken_file(tmp_path, n_ranks=1000):
@@ -559,7 +561,7 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch):
     `from_pretrained` directory with a digest and read back from it; the next load reads it without converting; an
     edited entry is rebuilt; every one of them gives Meta's ids (specials land at 1000.. here, not 128000..)."""
     path = _small_tiktoken_file(tmp_path)
-    meta = rt.load_meta_tokenizer(path)
+    meta = spec_tok.load_meta_tokenizer(path)
     cache = tmp_path / "cache"
 
     def same_as_meta(tok):
@@ -573,7 +575,7 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch):
     entries = list((cache / "tokenizer").iterdir())
     assert len(entries) == 1, entries
     entry = entries[0]
-    assert {"tokenizer.json", "tokenizer_config.json", rt._DIGEST_FILE} <= {f.name for f in entry.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", tok_cache.DIGEST_FILE} <= {f.name for f in entry.iterdir()}
     assert cold.name_or_path == str(entry), "the cold conversion should be returned as read back from disk"
     same_as_meta(cold)
 
@@ -594,7 +596,7 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="rebuilding unreadable tokenizer cache.*digest"):
         rebuilt = rt._load_or_convert(path.resolve(), cache, False)
     same_as_meta(rebuilt)
-    assert rt._file_digest(tokenizer_json) == (entry / rt._DIGEST_FILE).read_text().strip()
+    assert tok_cache.file_digest(tokenizer_json) == (entry / tok_cache.DIGEST_FILE).read_text().strip()
 
 
 def test_cache_key_follows_the_conversion_code(tmp_path, monkeypatch):
@@ -622,17 +624,17 @@ def test_unwritable_cache_still_converts(tmp_path):
     with pytest.warns(UserWarning, match="could not cache"):
         tok = rt._load_or_convert(path.resolve(), blocker, False)
     assert rt.hf_encode("hello world", bos=True, eos=False, tokenizer=tok) == \
-        rt.load_meta_tokenizer(path).encode("hello world", bos=True, eos=False)
+        spec_tok.load_meta_tokenizer(path).encode("hello world", bos=True, eos=False)
 
 
 def test_session_tokenizer_is_the_verified_cache_entry(hf_tok):
     """The full-size tokenizer every test here uses is the one read back from its cache entry (cold run or warm),
     and that entry's tokenizer.json still matches its digest."""
-    entry = rt.tokenizer_cache_dir() / "tokenizer" / rt._cache_key(rt.PACKAGED_TOKENIZER_PATH.resolve())
+    entry = tok_cache.tokenizer_cache_dir() / "tokenizer" / rt._cache_key(spec_tok.PACKAGED_TOKENIZER_PATH.resolve())
     if not entry.is_dir():
         pytest.skip(f"the tokenizer cache is not writable here ({entry}); the session converts in memory")
     assert hf_tok.name_or_path == str(entry)
-    assert rt._file_digest(entry / "tokenizer.json") == (entry / rt._DIGEST_FILE).read_text().strip()
+    assert tok_cache.file_digest(entry / "tokenizer.json") == (entry / tok_cache.DIGEST_FILE).read_text().strip()
 
 
 def test_conversion_reads_the_file_not_tiktoken_cache(tmp_path, monkeypatch):
@@ -646,9 +648,9 @@ def test_conversion_reads_the_file_not_tiktoken_cache(tmp_path, monkeypatch):
     lines = _first_lines(300)  # swap the ranks of the last two tokens, in place
     swapped = lines[:298] + [lines[299].split()[0] + " 298", lines[298].split()[0] + " 299"]
     path.write_text("\n".join(swapped) + "\n")
-    now = rt.read_tiktoken_ranks(path)
+    now = spec_tok.read_tiktoken_ranks(path)
     assert now != before and load_tiktoken_bpe(str(path)) == before, "tiktoken's cache no longer keys by path"
-    backend = rt.convert_hf_backend(path, rt.load_meta_tokenizer(path).special_tokens)
+    backend = rt.convert_hf_backend(path, spec_tok.load_meta_tokenizer(path).special_tokens)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     table = bytes_to_unicode()

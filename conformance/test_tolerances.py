@@ -1,10 +1,10 @@
-"""The tolerance table is calibrated and its bounds bite (fixtures/tolerances.py, fixtures/calibrate.py).
+"""The tolerance table is calibrated and its bounds bite (parity/tolerances.py, parity/calibrate.py).
 
 - Tightness: every bound of every entry (TABLE rows and OVERRIDES) sits within [1, TIGHTNESS[profile]] x the worst
   value the committed baseline measured under it, unless TIGHTNESS_EXCEPTIONS covers it (with its reason, and a
   `limit` the bound may not pass). A bound with no measurement in the baseline fails too: a bound nothing measured
   is a bound nobody can judge. One test per entry, so a failure names it.
-- The `measured` fields of the table are that measurement, as `python -m fixtures.calibrate --write` wrote them.
+- The `measured` fields of the table are that measurement, as `python -m parity.calibrate --write` wrote them.
 - Both checks fail on a bound loosened 10x, shown on a synthetic table and on the real table and baseline.
 
 (No argument here may be named `mesh`, `dtype` or `reference`: the repo conftest parametrizes those.)
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import calibrate as cal
-from fixtures import tolerances as tol
+from parity import calibrate as cal
+from parity import tolerances as tol
 
-RECALIBRATE = "python -m fixtures.calibrate --write"
+RECALIBRATE = "python -m parity.calibrate --write"
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +46,7 @@ def test_every_bound_is_within_the_tightness_policy(label):
 
 def test_measured_fields_are_the_committed_baselines_measurement():
     problems = [p for entry in cal.entries() for p in cal.stale_measured(entry, committed())]
-    assert not problems, (f"the measured fields of fixtures/tolerances.py disagree with {cal.BASELINE.name}; "
+    assert not problems, (f"the measured fields of parity/tolerances.py disagree with {cal.BASELINE.name}; "
                           f"run `{RECALIBRATE}`:\n  " + "\n  ".join(problems))
 
 
@@ -257,7 +257,7 @@ def test_the_command_prints_every_bound_and_writes_the_table(tmp_path, capsys, m
 
 def test_the_command_writes_only_the_table_file_it_is_pointed_at(tmp_path, capsys, monkeypatch):
     """A stale copy is rewritten and the repository's table left alone (write_measured once bound the real path
-    at import, so this file's tests rewrote fixtures/tolerances.py whenever the baseline had moved)."""
+    at import, so this file's tests rewrote parity/tolerances.py whenever the baseline had moved)."""
     real = Path(tol.__file__).read_bytes()
     stale = {e.label: {m: 1.234567e-5 if tol.direction(m) == tol.UPPER else 1 - 3.21e-9 for m in e.metrics()}
              for e in cal.entries()}

@@ -2,7 +2,7 @@
 
 Why lazy: the real 8B model (16 GB in bfloat16) does not fit beside two references on one 24 GiB host, so
 `load_checkpoint` reads only metadata and validates it; every tensor is read when asked for, memory-mapped,
-in Meta's layout (HF's rotate-half q/k rows are permuted back by `reference.convert.hf_to_meta`), and its
+in Meta's layout (HF's rotate-half q/k rows are permuted back by `llama_spec.convert.hf_to_meta`), and its
 pages leave memory when the caller drops it.
 
 Formats (detected from the files):
@@ -371,19 +371,19 @@ class MetaWeights(LazyWeights):
 
 
 def _hf_name(meta_name: str) -> str:
-    from reference.convert import _META_TO_HF, _TOP_META_TO_HF
+    from llama_spec.convert import META_TO_HF, TOP_META_TO_HF
 
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", meta_name)
-    if m and m.group(2) in _META_TO_HF:
-        return f"model.layers.{m.group(1)}.{_META_TO_HF[m.group(2)]}"
-    return _TOP_META_TO_HF.get(meta_name, meta_name)  # a name of no known tensor: as the file spells it
+    if m and m.group(2) in META_TO_HF:
+        return f"model.layers.{m.group(1)}.{META_TO_HF[m.group(2)]}"
+    return TOP_META_TO_HF.get(meta_name, meta_name)  # a name of no known tensor: as the file spells it
 
 
 def _meta_name(hf_name: str) -> str:
-    from reference.convert import _META_TO_HF, _TOP_META_TO_HF
+    from llama_spec.convert import META_TO_HF, TOP_META_TO_HF
 
-    top = {v: k for k, v in _TOP_META_TO_HF.items()}
-    per_layer = {v: k for k, v in _META_TO_HF.items()}
+    top = {v: k for k, v in TOP_META_TO_HF.items()}
+    per_layer = {v: k for k, v in META_TO_HF.items()}
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
     if hf_name in top:
         return top[hf_name]
@@ -435,7 +435,7 @@ class HFWeights(LazyWeights):
         return _hf_name(name)
 
     def _read(self, name: str) -> np.ndarray:
-        from reference.convert import hf_to_meta
+        from llama_spec.convert import hf_to_meta
 
         hf_name = self.file_name(name)
         path = self.weight_map[hf_name]
@@ -547,7 +547,7 @@ def tokenizer_path(directory: str | Path) -> Path | None:
 def load_tokenizer(directory: str | Path, config: LlamaConfig):
     """Meta's tiktoken `Tokenizer` for the checkpoint, its id count checked against vocab_size; None when the
     checkpoint ships none (HF format). A Meta checkpoint without tokenizer.model is an error."""
-    from reference.tokenizer import load_meta_tokenizer
+    from llama_spec.tokenizer import load_meta_tokenizer
 
     path = tokenizer_path(directory)
     if path is None:
@@ -562,8 +562,8 @@ def load_tokenizer(directory: str | Path, config: LlamaConfig):
 
 def load_for_generation(directory: str | Path):
     """(config, lazy Meta-layout weights, tokenizer or None) for `tp_llama.generate`: place the weights with
-    `TPLlama.place(reference.convert.meta_to_jax(weights))`; with no tokenizer in the checkpoint (HF format),
-    fall back to `reference.tokenizer.meta_tokenizer()` if the vocab is Llama 3's."""
+    `TPLlama.place(tp_llama.convert.meta_to_jax(weights))`; with no tokenizer in the checkpoint (HF format),
+    fall back to `llama_spec.tokenizer.meta_tokenizer()` if the vocab is Llama 3's."""
     config, weights = load_checkpoint(directory)
     return config, weights, load_tokenizer(directory, config)
 

@@ -3,9 +3,9 @@
 A case is one parity record, keyed by (test node id, name or else component, layer, reference, dtype, mesh);
 a test that records the same key twice gets occurrence 2, 3, ... in call order. A run regresses when
 - a case that passed in the baseline fails now (crossing a table bound always counts), or
-- a metric that fixtures.tolerances.SLACK lists worsens past `slack_limit(metric, baseline value)`, or
+- a metric that parity.tolerances.SLACK lists worsens past `slack_limit(metric, baseline value)`, or
 - a bound is looser than (or gone from) the one the baseline recorded for the same case: a loosened bound in
-  fixtures/tolerances.py fails the gate until the baseline is rewritten in the same change, so review sees both
+  parity/tolerances.py fails the gate until the baseline is rewritten in the same change, so review sees both
   numbers; one regression per (component, dtype, metric, old bound, new bound), naming its first case; or
 - a test that passed in the baseline fails or errors now without any failing case to name (e.g. a setup error).
 Bounds are compared only when the run and the baseline use the same tolerance profile. Metric values (the slack
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from fixtures.tolerances import LOWER, SLACK, UPPER, direction, slack_limit
+from parity.tolerances import LOWER, SLACK, UPPER, direction, slack_limit
 
 FORMAT = "tp_llama-parity-baseline/2"  # /2: every case records its bounds; a /1 file cannot see a loosened bound
 KEY_FIELDS = ("test", "name", "layer", "reference", "dtype", "mesh", "occurrence")
@@ -171,7 +171,7 @@ def _directed(bounds: Mapping[str, Any]) -> dict[str, Any]:
 
 def table_bounds(record: Mapping[str, Any]) -> Mapping[str, Any]:
     """The tolerance table's bounds of a record, before any were widened by the reference's own noise
-    (fixtures.tolerances.noise_scaled): a loosened bound is a change of the table, not of the data."""
+    (parity.tolerances.noise_scaled): a loosened bound is a change of the table, not of the data."""
     return record.get("table_bounds") or record.get("bounds", {})
 
 

@@ -1,7 +1,7 @@
 """The assertion helpers every conformance test calls: compute metrics, look bounds up, record, judge.
 
 Tests never compute metrics or hold tolerances themselves (DESIGN.md section 2): they name a component and
-`fixtures.tolerances` decides. Every call leaves a record in the test's user_properties as
+`parity.tolerances` decides. Every call leaves a record in the test's user_properties as
 ("parity_record", record), which pytest-xdist carries to the controller with the test report.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fixtures.tolerances import LOWER, NOISE_SCALED, NOISE_SCALED_COMPONENTS, UPPER, bounds_for, direction, noise_scaled
 from parity import metrics as pm
+from parity.tolerances import LOWER, NOISE_SCALED, NOISE_SCALED_COMPONENTS, UPPER, bounds_for, direction, noise_scaled
 
 RECORD_KEY = "parity_record"
 NOT_CHECKED_KEY = "parity_not_checked"  # kept apart from records: neither passed nor failed
@@ -140,11 +140,11 @@ def _evaluate(nodeid: str, profile: str, *, component: str, actual: Any, expecte
     values.update({m: float(v) for m, v in (extra_metrics or {}).items()})
     record["metrics"] = values
     if oracle is not None and component in NOISE_SCALED_COMPONENTS:
-        # the reference's own distance from exact math sets the bounds that transfer (fixtures.tolerances)
+        # the reference's own distance from exact math sets the bounds that transfer (parity.tolerances)
         own = _own_noise([expected, *peers], oracle, logits, dtype, int(bounds.get("topk", pm.DEFAULT_TOPK)))
         spread = pm.bias_spread(b)
         judged = noise_scaled(bounds, own, spread)
-        # what widened them, so the calibration can tell the records the table's bounds judged (fixtures.calibrate)
+        # what widened them, so the calibration can tell the records the table's bounds judged (parity.calibrate)
         record["reference_noise"] = {m: float(own[m]) for m in NOISE_SCALED if m in own}
         record["bias_spread"] = float(spread)
         if judged != bounds:
@@ -207,7 +207,7 @@ def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, r
     `diagnose`: a callable giving {deviation name: parity.diagnosis.Prediction} for these inputs, called only
     when the record fails; the ranked result goes to record["diagnosis"] and its summary to the message.
     `peers`: the other references' outputs of the same tensor; with an oracle, bounds widen to the farthest
-    reference's own distance from exact math (fixtures.tolerances.noise_scaled), not only `expected`'s.
+    reference's own distance from exact math (parity.tolerances.noise_scaled), not only `expected`'s.
     Returns the record; raises AssertionError listing every failing metric and the worst index.
     """
     __tracebackhide__ = True

@@ -15,8 +15,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from fixtures.tolerances import DIAGNOSIS
 from parity.metrics import rel_l2
+from parity.tolerances import DIAGNOSIS
 
 
 class Prediction(NamedTuple):

@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from fixtures.tolerances import LOWER, UPPER, direction
 from parity import baseline as pb
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY, budget_used, format_value
+from parity.tolerances import LOWER, UPPER, direction
 
 VERSIONED = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models", "fairscale", "tiktoken", "numpy",
              "pytest", "pytest-xdist")

@@ -31,9 +31,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fixtures.tolerances import COMPONENTS, LOWER, UPPER, direction
 from parity.baseline import cpu_label
 from parity.check import budget_used, format_value
+from parity.tolerances import COMPONENTS, LOWER, UPPER, direction
 
 TEMPLATES = Path(__file__).with_name("templates")
 DEPTH_METRICS = ("rel_l2", "noise_ratio")

@@ -42,7 +42,7 @@ from reference.torch_utils import to_numpy
 def meta_stop_tokens() -> tuple[int, ...]:
     """The ids at which Meta's `Llama3.generate` ends a row (end of text, end of message, end of turn), for the
     tokenizer llama-models ships; a checkpoint with its own tokenizer passes that one's `stop_tokens`."""
-    from reference.tokenizer import meta_tokenizer
+    from llama_spec.tokenizer import meta_tokenizer
 
     return tuple(int(t) for t in meta_tokenizer().stop_tokens)
 

@@ -3,7 +3,7 @@
 The model is built from `transformers.LlamaConfig(**config.to_hf())` (rope_parameters with rope_type 'llama3'
 and the config's four scaling parameters when it scales RoPE; HF's llama3 inv_freq equals Meta's
 apply_scaling(freqs) bit for bit in float32; tie_word_embeddings as the config says)
-and loaded with `reference.convert.meta_to_hf(weights)`, whose wq/wk row permutation turns Meta's interleaved
+and loaded with `llama_spec.convert.meta_to_hf(weights)`, whose wq/wk row permutation turns Meta's interleaved
 RoPE pairs into HF's rotate-half layout. Inputs and outputs are NumPy in Meta's conventions: q and k after
 RoPE (captured, or from `hf_rope`) are converted back to the interleaved layout, so they compare directly
 with Meta's and the NumPy oracle's.
@@ -34,7 +34,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama
 
 from llama_spec.config import LlamaConfig
-from reference.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis, meta_to_hf
+from llama_spec.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis, meta_to_hf
 from reference.layers import ATTENTION_KEYS, captured, layer_state
 from reference.torch_utils import capture, load_module, to_numpy, to_torch, torch_dtype
 

@@ -18,7 +18,7 @@ class TPLlamaAdapter:
 
     @classmethod
     def build(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh, dtype: str) -> "TPLlamaAdapter":
-        from reference.convert import meta_to_jax
+        from tp_llama.convert import meta_to_jax
         from tp_llama.model import TPLlama
 
         model = TPLlama(config, mesh, dtype)
@@ -93,7 +93,7 @@ class TPLlamaAdapter:
     def parameters(self):
         """Meta names -> placed arrays (JAX kernels are (in, out); wk/wv hold replicated kv heads when the model
         axis exceeds n_kv_heads)."""
-        from reference.convert import meta_name_of
+        from tp_llama.convert import meta_name_of
         from tp_llama.shardings import tree_items
 
         return {meta_name_of(path): array for path, array in tree_items(self.params)}

@@ -120,7 +120,7 @@ def _model_and_tokenizer(args):
     """(config, weights loader, Meta tokenizer): the checkpoint's (its weights read lazily), or synthetic weights
     of the preset's shape with the vocabulary of the tokenizer llama-models ships, made only when loaded (after
     the request has been checked)."""
-    from reference.tokenizer import meta_tokenizer
+    from llama_spec.tokenizer import meta_tokenizer
 
     if args.checkpoint_dir is None:
         from fixtures.weights import make_weights
@@ -154,7 +154,7 @@ def _run(args, prompts, config, weights, stops, progress) -> Generation:
         from reference.hf import HFReference
 
         return hf_generate(HFReference(config, weights, args.dtype), prompts, args.max_new_tokens, **options)
-    from reference.convert import meta_to_jax
+    from tp_llama.convert import meta_to_jax
 
     model = TPLlama.on_mesh(config, args.mesh, args.dtype)
     params = model.place(meta_to_jax(weights))

@@ -74,9 +74,9 @@ def jax_embedding(model, table, tokens) -> np.ndarray:
 
 def jax_block(model, layer: Mapping[str, np.ndarray], index: int, x, start_pos: int) -> np.ndarray:
     """tp_llama.components.block with only layer `index`'s weights (short keys, Meta layout) on the mesh."""
-    from reference.convert import meta_to_jax
     from reference.layers import layer_state
     from tp_llama import components
+    from tp_llama.convert import meta_to_jax
 
     params = model.place(meta_to_jax(layer_state(layer, index)))
     return components.block(model, params, x, layer=index, start_pos=start_pos)

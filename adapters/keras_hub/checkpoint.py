@@ -21,7 +21,7 @@ keras-hub's Llama (keras_hub/src/models/llama/) keeps one variable per Meta tens
 | norm.weight | sequence_output_layernorm/scale | (dim,) |
 
 keras-hub rotates halves (`RotaryEmbedding._apply_rotary_pos_emb`: x1, x2 = split(x, 2)), as HF does, so wq and
-wk get HF's row permutation within each head (reference.convert.meta_to_hf) before the transpose.
+wk get HF's row permutation within each head (llama_spec.convert.meta_to_hf) before the transpose.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The README's "Public implementations, measured" table from parity JSON files (no keras needed):
 
-    python -m adapters.keras_hub.table out/kh_direct.json out/kh_hf.json out/kh_hf_hub.json [--diagnoses out/eco.json]
+    python -m parity.scoreboard out/kh_direct.json out/kh_hf.json out/kh_hf_hub.json [--diagnoses out/eco.json]
 
 One row per factory (environment.implementation.factory) and dtype. A *check* is one comparison the suite recorded
 (a parity record: one tensor of one test against one reference on one mesh); *not checked* counts the entries the
@@ -177,7 +177,7 @@ def markdown(documents: list[dict], diagnosed: list[dict], commands: dict[str, s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.keras_hub.table",
+    parser = argparse.ArgumentParser(prog="python -m parity.scoreboard",
                                      description="Print the README's \"Public implementations, measured\" table "
                                                  "(Markdown) from the parity JSON of whole-suite runs, one row per "
                                                  "factory and dtype; keras is not needed.")
