@@ -17,6 +17,7 @@ from typing import Collection, Sequence
 from adapters import protocol
 from llama_spec import generation as rules
 from llama_spec.generation import Generation, left_pad
+from llama_spec.host import host
 
 
 def _needs(prompts: Sequence[Sequence[int]], start_pos: int) -> dict[str, str]:
@@ -57,7 +58,7 @@ def greedy(adapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
 
     def step(fed, slot, cache):
         logits, cache = adapter.step(fed, slot, cache, **keywords)
-        return protocol.host(logits[:, -1]), cache
+        return host(logits[:, -1]), cache
 
     cache = adapter.init_cache(len(prompts), tokens.shape[1] + max_new_tokens)
     return rules.greedy(step, cache, tokens, max_new_tokens, stops=stop_tokens, teacher=teacher)

@@ -231,14 +231,6 @@ def step_accepts(adapter, keyword: str) -> bool:
     return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def host(x) -> np.ndarray:
-    """An adapter's output on this host as float32 (or its integer type), gathered across processes."""
-    from tp_llama.distributed import to_host
-
-    x = to_host(x)
-    return x.astype(np.float32) if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else x
-
-
 def dtype_of(x) -> str:
     """The element type an output came back in ('bfloat16', 'float32', ...)."""
     return np.dtype(getattr(x, "dtype", np.asarray(x).dtype)).name

@@ -14,6 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from benchmarks import bandwidth, compile_cache, report, suite, throughput
+from llama_spec.config import preset
+from llama_spec.synthetic import make_weights
+
 SECTIONS = ("bandwidth", "throughput", "compile", "suite")
 # The full run measures the `small` preset (about 0.6 GB of float32 weights, far above any CPU cache).
 FULL = dict(preset="small", dtypes=("float32", "bfloat16"), batches=(1, 8), prompt_len=128, new_tokens=17,
@@ -51,8 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _measure_bandwidth(settings: dict) -> dict:
-    from benchmarks import bandwidth
-
     _log(f"bandwidth: {settings['bandwidth_bytes'] / 2**30:.2f} GiB arrays")
     return bandwidth.measure_bandwidth(settings["bandwidth_bytes"], repeats=5)
 
@@ -75,8 +77,6 @@ def main(argv=None) -> int:
 
         jax.config.update("jax_num_cpu_devices", JAX_CPU_DEVICES)  # before any JAX backend starts
 
-    from benchmarks import bandwidth, compile_cache, report, suite, throughput
-    from llama_spec.config import preset
 
     config = preset(settings["preset"])
     result = {"machine": report.machine_info(),
@@ -85,7 +85,6 @@ def main(argv=None) -> int:
     if "throughput" in sections:
         import torch
 
-        from fixtures.weights import make_weights
 
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)

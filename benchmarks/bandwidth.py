@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from fixtures.weights import meta_weight_shapes
 from llama_spec.config import LlamaConfig
+from llama_spec.synthetic import meta_weight_shapes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 

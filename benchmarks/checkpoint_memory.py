@@ -21,6 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from conformance.layerwise import LayerwiseRun, peak_rss_bytes, reset_peak_rss, run_layerwise
+from llama_spec.checkpoint import CheckpointError, load_checkpoint
+from llama_spec.config import preset
+from llama_spec.layout import parse_mesh
+from llama_spec.synthetic import make_tokens, meta_weight_shapes
+from parity.metrics import compute_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 
@@ -37,8 +44,6 @@ def arithmetic(config, dtype_bytes: int = 2) -> list[str]:
     """Bytes of the real model's parts at `dtype_bytes` per parameter (the README's memory table)."""
     import numpy as np
 
-    from fixtures.weights import meta_weight_shapes
-    from llama_spec.config import preset
 
     real = preset("8b")
     shapes = meta_weight_shapes(real)
@@ -65,7 +70,6 @@ def main(argv=None) -> int:
     parser.add_argument("--references", nargs="+", default=["meta", "hf"], choices=("meta", "hf"))
     parser.add_argument("--seq", type=int, default=32, help="tokens per sequence (batch: the mesh's data axis)")
     args = parser.parse_args(argv)
-    from llama_spec.checkpoint import CheckpointError, load_checkpoint
 
     given = None
     if args.checkpoint_dir is not None:
@@ -78,10 +82,6 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
-    from fixtures.weights import make_tokens
-    from llama_spec.layout import parse_mesh
-    from parity.metrics import compute_metrics
-    from tp_llama.layerwise import LayerwiseRun, peak_rss_bytes, reset_peak_rss, run_layerwise
 
     with tempfile.TemporaryDirectory(prefix="ckpt8b-") as scratch:
         if given is None:

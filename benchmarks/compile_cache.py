@@ -17,6 +17,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from benchmarks.throughput import CompileCounter, JaxRunner
+from llama_spec.config import preset as get_preset
+from llama_spec.synthetic import make_weights
+from parity.compiles import CACHE_HIT_EVENT
+from tp_llama.compile_cache import enable_compilation_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("off", "cold", "warm")
 
@@ -31,19 +37,13 @@ def worker(preset: str, meshes: Sequence[str], dtype: str, batch: int, prompt_le
     if cache_dir is None:
         jax.config.update("jax_enable_compilation_cache", False)
     else:
-        from tp_llama.compile_cache import enable_compilation_cache
-
         enable_compilation_cache(cache_dir)
-    from parity.compiles import CACHE_HIT_EVENT
 
     hits = []
     jax.monitoring.register_event_listener(lambda event, **kw: hits.append(1) if event == CACHE_HIT_EVENT else None)
 
     import numpy as np
 
-    from benchmarks.throughput import CompileCounter, JaxRunner
-    from fixtures.weights import make_weights
-    from llama_spec.config import preset as get_preset
 
     config = get_preset(preset)
     weights = make_weights(config, seed=0)

@@ -28,7 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from conformance import strategies
 from llama_spec.files import InputFileError, read_json
+from parity import check, tolerances
+from parity.tolerances import LOWER, UPPER, bounds_for, direction
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("conformance/test_properties.py", "conformance/test_metamorphic.py")
@@ -38,9 +41,6 @@ CASES_ENV = "DRAWN_BOUNDS_CASES"
 # ---- the plugin side: no bound is judged, every example's case is noted -----------------------
 
 def _install() -> None:
-    from conformance import strategies
-    from parity import check, tolerances
-
     def no_bounds(component, dtype, profile, reference=None, mesh=None, **kwargs):
         bounds = tolerances.bounds_for(component, dtype, profile, reference=reference, mesh=mesh, **kwargs)
         return {m: b for m, b in bounds.items() if tolerances.direction(m) == tolerances.PARAM}
@@ -72,8 +72,6 @@ def pytest_configure(config) -> None:
 
 def worst_values(records: list[dict], profile: str = "default") -> dict[tuple, dict]:
     """(component, dtype, metric) -> the worst record for that metric, with the table's bounds for it."""
-    from parity.tolerances import LOWER, UPPER, bounds_for, direction
-
     worst: dict[tuple, dict] = {}
     for record in records:
         for metric, value in record.get("metrics", {}).items():
@@ -96,8 +94,6 @@ def worst_values(records: list[dict], profile: str = "default") -> dict[tuple, d
 
 def margin(metric: str, value: float, bound: float) -> float:
     """How many times the worst value fits under its bound (similarities: distances from 1)."""
-    from parity.tolerances import UPPER, direction
-
     used, allowed = (value, bound) if direction(metric) == UPPER else (1.0 - value, 1.0 - bound)
     return float("inf") if used <= 0 else allowed / used
 

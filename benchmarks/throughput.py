@@ -21,6 +21,11 @@ import numpy as np
 
 from benchmarks.bandwidth import decode_bytes_per_step, roofline_tokens_per_s
 from llama_spec.config import LlamaConfig
+from reference.hf import HFReference
+from reference.meta import MetaReference
+from tp_llama.convert import meta_to_jax
+from tp_llama.generate import greedy_generate
+from tp_llama.model import TPLlama
 
 IMPLEMENTATIONS = ("jax 1x1", "jax 1x4", "hf eager", "meta")
 # JAX reports every backend compilation (or persistent-cache load) under this monitoring event.
@@ -63,16 +68,11 @@ class CompileCounter:
 
 class JaxRunner:
     def __init__(self, config: LlamaConfig, weights, mesh: str, dtype: str):
-        from tp_llama.convert import meta_to_jax
-        from tp_llama.model import TPLlama
-
         self.name = f"jax {mesh}"
         self.model = TPLlama.on_mesh(config, mesh, dtype)
         self.params = self.model.place(meta_to_jax(weights))
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Timing:
-        from tp_llama.generate import greedy_generate
-
         prompts = prompt.tolist()
         # No stop tokens: every implementation times the same number of steps.
         return _timed(lambda mark: greedy_generate(self.model, self.params, prompts, new_tokens, stop_tokens=(),
@@ -83,8 +83,6 @@ class HFRunner:
     name = "hf eager"
 
     def __init__(self, config: LlamaConfig, weights, dtype: str):
-        from reference.hf import HFReference
-
         self.reference = HFReference(config, weights, dtype)
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> Timing:
@@ -107,8 +105,6 @@ class MetaRunner:
     name = "meta"
 
     def __init__(self, config: LlamaConfig, weights, dtype: str, max_batch_size: int, max_seq_len: int):
-        from reference.meta import MetaReference
-
         self.reference = MetaReference(config, weights, dtype, max_batch_size=max_batch_size,
                                        max_seq_len=max_seq_len)
 

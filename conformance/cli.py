@@ -26,6 +26,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from conformance import doctor
+
 PACKAGE = "conformance"
 PLUGIN = "conformance.plugin"
 DOCTOR = "doctor"  # the first argument that runs the doctor instead of the battery
@@ -91,8 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cwd not in sys.path:
         sys.path.append(cwd)
     if argv[:1] == [DOCTOR]:
-        from conformance import doctor
-
         return doctor.main(argv[1:])
     import pytest
 

@@ -31,6 +31,21 @@ import ml_dtypes
 import numpy as np
 
 from adapters import protocol
+from conformance.plugin import SIMULATED_CPU_DEVICES, _simulate_cpu_devices
+from conformance.test_sharding import STACKED, _candidates, _check_array, _contract_local_shapes, _covered, _rank_of
+from llama_spec.config import preset
+from llama_spec.convert import interleaved_to_halves_last_axis
+from llama_spec.host import host
+from llama_spec.layout import kv_replication, make_mesh
+from llama_spec.synthetic import canonical_weights, make_tokens
+from parity import communication
+from parity.metrics import noise_ratio, rel_l2
+from parity.tolerances import bounds_for
+from reference import oracle
+from reference.layers import LAYER_KEYS, intermediate_names, layer_weights
+from reference.meta import MetaReference
+from reference.oracle import oracle_forward
+from tp_llama.compile_cache import enable_compilation_cache
 
 BATCH, SEQ = 2, 8
 BUILDS = (("1x1", "float32"), ("1x4", "bfloat16"))
@@ -87,8 +102,6 @@ class Build:
     @functools.cached_property
     def inputs(self) -> dict[str, np.ndarray]:
         """Tokens, and hidden states, q and k holding values exact in the dtype (as the battery hands them)."""
-        from fixtures.weights import make_tokens
-
         c, rng = self.config, np.random.default_rng(7)
         normal = lambda *shape: _rounded(rng.standard_normal(shape), self.dtype)  # noqa: E731
         return {"tokens": make_tokens(c, BATCH, SEQ), "x": normal(BATCH, SEQ, c.dim),
@@ -169,9 +182,7 @@ def _dtype_problem(call: str, got: Mapping[str, str], dtype: str) -> Problem | N
 
 def _departs(name: str, actual, exact, capability: str, spec: str) -> Problem | None:
     """None when an output agrees with the float64 oracle to AGREE, else the battery module that shows how."""
-    from parity.metrics import rel_l2
-
-    error = rel_l2(protocol.host(actual), exact)
+    error = rel_l2(host(actual), exact)
     if error <= AGREE:
         return None
     return Problem(f"{name} departs from the float64 oracle (rel_l2 {error:.3g}; rounding stays below {AGREE})",
@@ -180,10 +191,7 @@ def _departs(name: str, actual, exact, capability: str, spec: str) -> Problem | 
 
 def _in_half_layout(actual, exact) -> bool:
     """q or k that agree with the oracle only once the oracle's are put in HF's rotate-half layout."""
-    from llama_spec.convert import interleaved_to_halves_last_axis
-    from parity.metrics import rel_l2
-
-    actual = protocol.host(actual)
+    actual = host(actual)
     return rel_l2(actual, exact) > AGREE and rel_l2(actual, interleaved_to_halves_last_axis(exact)) <= AGREE
 
 
@@ -193,8 +201,8 @@ def _carries(value, dtype: str) -> bool:
     got = protocol.dtype_of(value)
     if got == dtype or (got, dtype) != ("float32", "bfloat16"):
         return got == dtype
-    host = protocol.host(value)
-    return bool(np.array_equal(host, _rounded(host, dtype)))
+    values = host(value)
+    return bool(np.array_equal(values, _rounded(values, dtype)))
 
 
 def _count(n: int, noun: str) -> str:
@@ -211,10 +219,6 @@ def _names(items: Sequence[str]) -> str:
 def check_forward(build: Build, add, note) -> None:
     """Logits and intermediates: types, shapes, dtypes, names, RoPE layout, rough agreement with the oracle; at
     bfloat16 the noise floor of conformance/test_dtype.py."""
-    from llama_spec.layout import kv_replication
-    from reference.layers import intermediate_names
-    from reference.oracle import oracle_forward
-
     adapter, config, dtype, tokens = build.adapter, build.config, build.dtype, build.inputs["tokens"]
     exact_logits, exact = oracle_forward(config, build.weights, tokens, capture=True)
     try:
@@ -270,16 +274,10 @@ def check_forward(build: Build, add, note) -> None:
 
 def _noise_floor(config, tokens, logits, exact_logits) -> Problem | None:
     """conformance/test_dtype.py's floor: a bfloat16 run as exact as float32 computes in float32 behind its outputs."""
-    from fixtures.weights import canonical_weights
-    from parity.metrics import noise_ratio
-    from parity.tolerances import bounds_for
-    from reference.meta import MetaReference
-    from reference.oracle import oracle_forward
-
     weights = canonical_weights("tiny")
     meta_logits, _ = MetaReference(config, weights, "bfloat16", max_batch_size=BATCH, max_seq_len=SEQ).forward(
         tokens, 0, capture=True)
-    actual = protocol.host(logits)
+    actual = host(logits)
     floor = min(noise_ratio(actual, meta_logits, exact, dtype="bfloat16")
                 for exact in (exact_logits, oracle_forward(config, weights, tokens)))
     bound = bounds_for("dtype", "bfloat16", "default")["noise_floor_ratio"]
@@ -295,8 +293,6 @@ def _noise_floor(config, tokens, logits, exact_logits) -> Problem | None:
 
 def check_decode(build: Build, add, note) -> None:
     """One prefill step into a fresh cache, with pad and offset when step takes them (zeros: same numbers)."""
-    from reference.oracle import oracle_forward
-
     adapter, tokens = build.adapter, build.inputs["tokens"]
     keywords = {"pad": np.zeros(BATCH, np.int32), "offset": 0}
     taken = {k: v for k, v in keywords.items() if protocol.step_accepts(adapter, k)}
@@ -319,9 +315,6 @@ def check_decode(build: Build, add, note) -> None:
 
 def _component_call(capability: str, build: Build):
     """(call as text, the call on an adapter, the oracle's outputs, dtypes allowed besides the asked one)."""
-    from reference import oracle
-    from reference.layers import layer_weights
-
     config, w, inputs = build.config, build.weights, build.inputs
     x, q, k, lw, eps = inputs["x"], inputs["q"], inputs["k"], layer_weights(build.weights, 1), config.norm_eps
     chunks = [x[:, :5], x[:, 5:]]
@@ -375,7 +368,6 @@ def check_compiled(build: Build, add, note) -> None:
     """It compiles (a Compiled, a Lowered or HLO text) and communicates as conformance/test_communication.py wants."""
     import jax
 
-    from parity import communication
 
     try:
         program = build.adapter.compiled_forward(BATCH, SEQ)
@@ -412,9 +404,6 @@ def check_compiled(build: Build, add, note) -> None:
 
 def _meta_tensor_in(array, weights, config, m: int) -> str | None:
     """The Meta name (or 'layers.*.<name>' stack) whose tensor `array` holds in a layout the sharding check knows."""
-    from conformance.test_sharding import STACKED, _candidates, _covered
-    from reference.layers import LAYER_KEYS
-
     held = np.asarray(array)
     for key in [*weights, *(STACKED + suffix for suffix in LAYER_KEYS.values())]:
         for _, full, _ in _candidates(key, _covered(key, weights), weights, config, m):
@@ -428,9 +417,6 @@ def check_parameters(build: Build, add, note) -> None:
     holding its share and its slice (kv heads replicated when the model axis exceeds n_kv_heads)."""
     import jax
 
-    from conformance.test_sharding import _check_array, _contract_local_shapes, _covered, _rank_of
-    from fixtures.weights import canonical_weights
-    from llama_spec.layout import kv_replication
 
     config, dtype, mesh, weights = build.config, build.dtype, build.mesh, canonical_weights("tiny")
     try:
@@ -540,10 +526,6 @@ def _check(capability: str, build: Build, findings: Findings) -> None:
 
 def diagnose(spec: str) -> Report:
     """Every check on the adapter `spec` names (JAX must already see at least 4 devices)."""
-    from fixtures.weights import canonical_weights
-    from llama_spec.config import preset
-    from llama_spec.layout import make_mesh
-
     start = time.perf_counter()
     config, weights = preset("tiny"), canonical_weights("tiny")
     findings = {capability: Findings() for capability in protocol.CAPABILITIES}
@@ -588,9 +570,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     """A fresh process: simulate the CPU devices before JAX starts, as the suite's plugin does."""
-    from conformance.plugin import SIMULATED_CPU_DEVICES, _simulate_cpu_devices
-    from tp_llama.compile_cache import enable_compilation_cache
-
     options = _parser().parse_args(list(argv))
     _simulate_cpu_devices(SIMULATED_CPU_DEVICES)
     enable_compilation_cache()  # as the suite: $TP_LLAMA_COMPILATION_CACHE, or 'off'

@@ -27,7 +27,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from llama_spec import generation
 from llama_spec.layout import parse_mesh
+from parity.check import budget_used
+from parity.diagnosis import Prediction, residual
 from reference import oracle
 from tp_llama import layers, model
 
@@ -189,8 +192,6 @@ def _decode_writes_one_slot_late(cache, new, index):
 def _stop_rule_mutants():
     """Planted in the suite's own generation rules (llama_spec.generation), not in the model: each reference's rule
     is its library's, so only the comparison with those catches them (conformance/test_stop_tokens.py)."""
-    from llama_spec import generation
-
     return [
         Mutant("stop_without_eot", "the suite's stop set lacks <|eot_id|> 128009", generation, "stop_tokens",
                lambda: (128001, 128008)),
@@ -355,8 +356,6 @@ def predictions(config, dtype: str, mesh: str, compute: Callable, combinations=(
     exactly and once per predicted deviation (the cost of a diagnosis). A deviation whose prediction equals the
     exact output here (a dtype switch at float32, a reduce switch on one device) cannot be told from a correct
     result and is left out."""
-    from parity.diagnosis import Prediction, residual
-
     base = oracle.Variant(dtype=dtype, shards=parse_mesh(mesh)[1] if mesh else 1)
     exact = compute(config, base)
     out = {}
@@ -438,8 +437,6 @@ def first_killer_margin(document: dict, killer: str) -> tuple[str, float, float,
     records; margin = share of the bound used (value / bound, or distance from 1 for similarities). A record
     failed by an error (NaN, the implementation raised) has margin inf; so has a killer without a failing record,
     which failed an exact assertion (a token stream, a stop-token set: no bound to have a share of)."""
-    from parity.check import budget_used
-
     if not any(r.get("test") == killer and not r.get("passed") for r in document.get("records", [])):
         return ("exact", math.nan, math.nan, math.inf, "an exact assertion, no parity record")
     best = ("", math.nan, math.nan, -1.0, "")

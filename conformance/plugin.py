@@ -14,6 +14,17 @@ import re
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+from adapters import protocol
+from adapters.protocol import BUILTIN, AdapterError, load
+from conformance import mutants
+from llama_spec.checkpoint import CheckpointError, load_checkpoint
+from llama_spec.config import preset
+from llama_spec.layout import check_splittable, make_mesh, parse_mesh
+from llama_spec.synthetic import canonical_weights
+from parity.plugin import note_seed
+from tp_llama import distributed
+from tp_llama.compile_cache import enable_compilation_cache
+
 DEFAULT_MESHES = ("1x1", "1x4")
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DEFAULT_REFERENCES = ("meta", "hf")
@@ -101,9 +112,6 @@ def _join_multiprocess_run(config) -> bool:
     """One pytest per process, joined by jax.distributed before any backend starts. Every mesh must span the
     devices of all processes (each takes part in every computation and gather), and only process 0 writes the
     parity files, so records are written once. Says whether it joined."""
-    from llama_spec.layout import parse_mesh
-    from tp_llama import distributed
-
     try:
         chosen = distributed.settings(config.getoption("coordinator_address"), config.getoption("num_processes"),
                                       config.getoption("process_id"), auto=config.getoption("distributed"))
@@ -158,8 +166,6 @@ def _check_meshes(meshes, devices: int | None, configs: dict) -> None:
     test on it, blamed on the implementation: refuse it with one line before collection. `devices`: how many this
     run has (None: not known before JAX starts, on an accelerator); `configs`: where each config comes from ->
     the LlamaConfig."""
-    from llama_spec.layout import check_splittable, parse_mesh
-
     for mesh in meshes:
         if not re.fullmatch(r"\d+x\d+", mesh):
             raise pytest.UsageError(f"--mesh {mesh!r}: expected DxM, for example 1x4 (data x model)")
@@ -243,24 +249,18 @@ def pytest_configure(config):
     _check_option_conflicts(config.option)
     _distribute_by_module(config)
     _share_cores_among_workers(config)
-    from llama_spec.config import preset
-    from tp_llama.compile_cache import enable_compilation_cache
 
     simulated = _simulate_cpu_devices(config.getoption("cpu_devices"))
     enable_compilation_cache()  # $TP_LLAMA_COMPILATION_CACHE: the directory, or 'off'
     joined = _join_multiprocess_run(config)  # checks its meshes against all processes' devices itself
     mutant = config.getoption("mutant")
     if mutant:
-        from conformance import mutants
-
         try:
             config.add_cleanup(mutants.apply(mutant))
         except ValueError as err:
             raise pytest.UsageError(f"--mutant: {err}") from None
     configs = {"the suite's tiny config (llama_spec.config.PRESETS['tiny'])": preset("tiny")}
     if config.getoption("checkpoint_dir"):
-        from llama_spec.checkpoint import CheckpointError, load_checkpoint
-
         try:  # metadata only: a bad checkpoint stops the run with one line, before any test
             checkpoint, weights = load_checkpoint(config.getoption("checkpoint_dir"))
         except CheckpointError as err:
@@ -269,8 +269,6 @@ def pytest_configure(config):
     devices = config.getoption("cpu_devices") if simulated and not joined else None
     _check_meshes(config.getoption("mesh") or DEFAULT_MESHES, devices, configs)
     if config.getoption("impl"):
-        from adapters.protocol import BUILTIN, AdapterError, load
-
         try:  # a typo in --impl stops the run with one line, before any test
             factory = load(config.getoption("impl"))
         except AdapterError as err:
@@ -306,8 +304,6 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from llama_spec.config import preset
-
     return preset("tiny")
 
 
@@ -317,9 +313,6 @@ WEIGHT_SEED = 0
 @pytest.fixture(scope="session")
 def tiny_weights(request, tiny_config):
     """The canonical Meta-layout weight set every conformance test shares (its seed goes into the report)."""
-    from fixtures.weights import canonical_weights
-    from parity.plugin import note_seed
-
     note_seed(request.config, "weights", WEIGHT_SEED)
     return canonical_weights("tiny", seed=WEIGHT_SEED)
 
@@ -328,8 +321,6 @@ def tiny_weights(request, tiny_config):
 def builtin_only(request):
     """For tests of the built-in model's own code (its internals, CLI, benchmarks, planted bugs): under another
     --impl they are not checked, never run on the built-in model in the other's place."""
-    from adapters import protocol
-
     spec = request.config.getoption("impl")
     if spec and protocol.load(spec) is not protocol.load(protocol.BUILTIN):
         pytest.skip(f"not checked: tests the built-in tp_llama model's own code, not --impl {spec}")
@@ -354,8 +345,6 @@ MAX_SEQ_LEN = 16384
 @pytest.fixture(scope="session")
 def impl_factory(request):
     """The --impl factory (default: the built-in tp_llama), for checks that build it for their own configs."""
-    from adapters import protocol
-
     return protocol.load(request.config.getoption("impl") or protocol.BUILTIN)
 
 
@@ -363,9 +352,6 @@ def impl_factory(request):
 def impl(impl_factory, tiny_config, tiny_weights):
     """impl(mesh, dtype) -> the --impl implementation built through the adapter protocol for the tiny config on
     that mesh, once per session; a build that raised raises again."""
-    from adapters import protocol
-    from llama_spec.layout import make_mesh
-
     factory = impl_factory
     built = {}
 
@@ -389,7 +375,5 @@ def model_weights(request):
     synthetic tiny preset and its canonical weights."""
     directory = request.config.getoption("checkpoint_dir")
     if directory:
-        from llama_spec.checkpoint import load_checkpoint
-
         return load_checkpoint(directory)
     return request.getfixturevalue("tiny_config"), request.getfixturevalue("tiny_weights")

@@ -29,9 +29,11 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 
+from adapters import protocol
 from conformance.support import rounded
 from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, LlamaConfig
-from llama_spec.layout import parse_mesh
+from llama_spec.layout import make_mesh, parse_mesh
+from llama_spec.synthetic import make_weights
 
 MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_BATCH, MAX_SEQ = 128, 16, 2, 512, 4, 16
 ROPE_ORIGINAL_CONTEXT = LLAMA31_ROPE_SCALING.original_max_position_embeddings
@@ -136,16 +138,11 @@ class Case:
 # dtypes); each is a few hundred KB.
 @functools.lru_cache(maxsize=64)
 def _weights(config: LlamaConfig, seed: int, dtype: str) -> dict[str, np.ndarray]:
-    from fixtures.weights import make_weights
-
     return {k: rounded(v, dtype) for k, v in make_weights(config, seed).items()}
 
 
 @functools.lru_cache(maxsize=64)
 def _adapter(factory, config: LlamaConfig, seed: int, dtype: str, mesh: str):
-    from adapters import protocol
-    from llama_spec.layout import make_mesh
-
     return protocol.build(factory, config, _weights(config, seed, dtype), make_mesh(mesh), dtype,
                           max_batch_size=MAX_ROWS, max_seq_len=MAX_POSITION)
 

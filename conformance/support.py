@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from adapters import protocol
+from conformance.mutants import predictions
 from fixtures import extremes
-from fixtures.weights import canonical_weights
 from llama_spec.config import preset
+from llama_spec.layout import make_mesh, parse_mesh
+from llama_spec.synthetic import canonical_weights
 from parity.check import record_failure, record_not_checked
 from reference import hf, meta, oracle
 from reference.layers import layer_weights
@@ -64,8 +66,6 @@ def subject(request, impl, mesh: str, dtype: str, *, component: str, reference: 
 
 def data_split(mesh: str, batch: int) -> None:
     """Skip a case whose batch the mesh's data axis cannot split (a property of the case, not the subject)."""
-    from llama_spec.layout import parse_mesh
-
     if batch % parse_mesh(mesh)[0]:
         pytest.skip(f"batch {batch} does not split over the data axis of {mesh}")
 
@@ -131,7 +131,6 @@ def subject_with(request, factory, mesh: str, dtype: str, kind: str, *, componen
     """The --impl factory built on `mesh` at `dtype` with weight set `kind` (once per process); the canonical set
     is the `impl` fixture's own build. A build that raises is a failed record of `component`."""
     __tracebackhide__ = True
-    from llama_spec.layout import make_mesh
 
     return built_once(request, (factory, mesh, dtype, kind), lambda: protocol.build(
         factory, CONFIG, weight_set(kind), make_mesh(mesh), dtype, max_batch_size=4, max_seq_len=16384),
@@ -199,8 +198,6 @@ def diagnosis(dtype: str, mesh: str, compute, combinations=()):
     -> that output; evaluated only when the record fails. It uses only what the check already has, so it works on
     any --impl adapter."""
     def predict():
-        from conformance.mutants import predictions
-
         return predictions(CONFIG, dtype, mesh, compute, combinations)
     return predict
 

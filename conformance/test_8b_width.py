@@ -2,7 +2,7 @@
 
 A synthetic Meta checkpoint of the 8b preset cut to 2 layers (dim 4096, 32 query / 8 kv heads, SwiGLU 14336,
 vocab 128256; bfloat16, 3.1 GB) is written by a child process, then checked part by part on a 1x4 mesh in
-bfloat16 against Meta's and HF's models with tp_llama.layerwise, exactly as a real 32-layer checkpoint given
+bfloat16 against Meta's and HF's models with conformance.layerwise, exactly as a real 32-layer checkpoint given
 with --checkpoint-dir would be. The run's peak resident memory is held to a budget: the layer-by-layer path
 must never hold the model whole, so its peak does not grow with depth (benchmarks/checkpoint_memory.py prints
 the same numbers).
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from conformance.layerwise import peak_rss_bytes, reset_peak_rss, run_layerwise
 from conformance.test_checkpoints import LAYERWISE_START, check_layerwise
-from fixtures.weights import make_tokens
 from llama_spec.checkpoint import load_checkpoint
 from llama_spec.config import preset
-from tp_llama.layerwise import peak_rss_bytes, reset_peak_rss, run_layerwise
+from llama_spec.synthetic import make_tokens
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("builtin_only")]  # tp_llama/layerwise.py is the built-in's
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("builtin_only")]  # conformance/layerwise.py is the built-in's
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
@@ -49,7 +49,7 @@ def checkpoint_8b(tmp_path_factory):
     shutil.rmtree(directory, ignore_errors=True)  # 3.1 GB of disk
 
 
-@pytest.mark.usefixtures("builtin_only")  # tp_llama.layerwise runs the built-in model part by part
+@pytest.mark.usefixtures("builtin_only")  # conformance.layerwise runs the built-in model part by part
 def test_8b_width_layerwise_within_memory(request, checkpoint_8b):
     config, weights = load_checkpoint(checkpoint_8b)
     widths = ("dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "rope_theta", "rope_scaling")
@@ -64,4 +64,4 @@ def test_8b_width_layerwise_within_memory(request, checkpoint_8b):
     check_layerwise(request, run, ("meta", "hf"), "bfloat16", "1x4")
     assert peak <= PEAK_RSS_BUDGET, (f"layer-by-layer run peaked at {peak / GIB:.2f} GiB resident, over its "
                                      f"{PEAK_RSS_BUDGET / GIB:.1f} GiB budget: some part holds more than one "
-                                     "part's weights at a time (see tp_llama/layerwise.py)")
+                                     "part's weights at a time (see conformance/layerwise.py)")

@@ -12,9 +12,9 @@ oracle's q and k; fixtures/extremes.py).
 import numpy as np
 import pytest
 
-from adapters.protocol import host
 from conformance import support
 from fixtures import extremes
+from llama_spec.host import host
 from parity import assert_parity
 from reference import oracle
 

@@ -13,7 +13,7 @@ import pytest
 
 from conformance.inner_suite import INNER_CONFTEST
 from parity import baseline as pb
-from parity.plugin import json_safe
+from parity.environment import cpu_info, json_safe
 from parity.tolerances import SLACK, TABLE, bounds_for, slack_limit
 
 pytest_plugins = ["pytester"]
@@ -185,8 +185,6 @@ def test_metric_values_are_compared_only_on_the_baselines_cpu_and_packages():
 
 
 def test_cpu_info_keeps_the_numerically_relevant_flags(tmp_path):
-    from parity.plugin import cpu_info
-
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma avx512f amx_bf16 rdrand\n"
                        "processor\t: 1\nflags\t\t: fpu sse4_2 avx2 fma avx512f amx_bf16 rdrand\n")

@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import bandwidth, report, suite, throughput
+from benchmarks import bandwidth, flakes, report, suite, throughput
+from benchmarks import compile_cache as compile_benchmark
 from benchmarks.__main__ import chosen_sections, parse_args
+from parity import compiles
 from tp_llama import compile_cache
 
 # tiny preset: dim 128, 2 layers, 8 heads of 16, 2 kv heads, SwiGLU width 384, vocab 512.
@@ -93,8 +95,6 @@ def test_throughput_on_tiny_every_implementation_decodes_the_same_tokens(tiny_co
 @pytest.mark.e2e
 @pytest.mark.usefixtures("builtin_only")  # compiles the built-in model
 def test_compile_benchmark_warm_cache_serves_every_compilation():
-    from benchmarks import compile_cache as compile_benchmark
-
     rows = {r["scenario"]: r for r in compile_benchmark.measure("tiny", ["1x1"], "float32", batch=1, prompt_len=4,
                                                                  new_tokens=2, repeats=1, log=lambda message: None)}
     assert set(rows) == {"off", "cold", "warm"}
@@ -197,8 +197,6 @@ def test_report_renders_every_section_as_markdown():
 # ---- the flakes stress script and the compile count ----------------------------------------------------
 
 def test_flakes_counts_failures_per_test_over_runs(tmp_path):
-    from benchmarks import flakes
-
     log = "..F\nFAILED conformance/test_a.py::test_x[1x4] - AssertionError: rel_l2 = 3e-4 > 2e-4\nERROR b.py::t\n"
     assert flakes.failures_from_log(log) == {
         "conformance/test_a.py::test_x[1x4]": {"outcome": "failed", "message": "AssertionError: rel_l2 = 3e-4 > 2e-4"},
@@ -229,8 +227,6 @@ def test_flakes_counts_failures_per_test_over_runs(tmp_path):
 
 
 def test_flakes_load_processes_start_and_stop():
-    from benchmarks import flakes
-
     load = flakes.start_load(2)
     try:
         assert all(proc.poll() is None for proc in load)
@@ -246,7 +242,6 @@ def test_compile_counter_hears_a_compilation_and_the_summary_sums_workers():
     import jax
     import jax.numpy as jnp
 
-    from parity import compiles
 
     x = jnp.arange(7.0)
     counter = compiles.CompileCounter()

@@ -2,9 +2,9 @@
 position 0 and past 8192; (extremes) with outlier channels 10^3 times the rest in the residual stream."""
 import pytest
 
-from adapters.protocol import host
 from conformance import support
 from fixtures import extremes
+from llama_spec.host import host
 from parity import assert_parity
 from reference import oracle
 

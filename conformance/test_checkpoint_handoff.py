@@ -25,6 +25,7 @@ from adapters import protocol
 from conformance.test_impl import EXAMPLE
 from conformance.test_logits import CASES, check_intermediates, check_logits
 from fixtures.checkpoints import write_hf_checkpoint, write_meta_checkpoint
+from llama_spec.checkpoint import load_checkpoint
 from llama_spec.layout import make_mesh, parse_mesh
 from parity.check import record_not_checked
 from reference.layers import intermediate_names
@@ -127,8 +128,6 @@ class _KnowsOneStyle:
 
     @classmethod
     def build_from_checkpoint(cls, path, mesh, dtype, fmt):
-        from llama_spec.checkpoint import load_checkpoint
-
         config, weights = load_checkpoint(path)
         if "rope_parameters" not in json.loads((Path(path) / "config.json").read_text()):
             config = config.replace(rope_scaling=None)

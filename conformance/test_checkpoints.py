@@ -1,6 +1,6 @@
 """Checkpoint loading: both real formats round-trip (the --impl implementation gives the same logits from
 either), Meta shards merge along fairscale's axes, every bad input stops with one line naming the file and the
-field, and the built-in model's layer-by-layer runner (tp_llama/layerwise.py; not checked under another --impl)
+field, and the built-in model's layer-by-layer runner (conformance/layerwise.py; not checked under another --impl)
 agrees with the references on whatever `model_weights` holds (the synthetic tiny set, or --checkpoint-dir).
 The implementation's own checkpoint loader is test_checkpoint_handoff.py's.
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from adapters import protocol
+from conformance.layerwise import run_layerwise
 from fixtures.checkpoints import synthetic_tensor, write_hf_checkpoint, write_meta_checkpoint, write_tokenizer
-from fixtures.weights import make_tokens
 from llama_spec import config as config_fields
 from llama_spec.checkpoint import (
     HF_INDEX,
@@ -34,9 +34,13 @@ from llama_spec.checkpoint import (
     split_axis,
 )
 from llama_spec.config import LLAMA32_ROPE_SCALING, LlamaConfig
+from llama_spec.host import host
 from llama_spec.layout import make_mesh
+from llama_spec.synthetic import make_tokens
 from parity import assert_parity, assert_parity_many
-from tp_llama.layerwise import run_layerwise
+from reference.hf import HFReference
+from reference.layers import layer_weights
+from reference.meta import MetaReference, ensure_model_parallel, model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # Far past Llama 3.1's original 8192-token context, so every RoPE frequency, scaled or not, has turned.
@@ -133,7 +137,6 @@ def test_split_axes_match_metas_parallel_layers(tiny_config, monkeypatch):
     model-parallel size of 2, and the axis its weight lost half of is the axis shards are merged along."""
     import fairscale.nn.model_parallel.layers as fairscale_layers
 
-    from reference.meta import ensure_model_parallel, model_args
 
     ensure_model_parallel()
     from llama_models.llama3.model import Transformer
@@ -168,7 +171,7 @@ def round_trip_logits(request, written, tiny_config):
     def run(layout, mesh, dtype):
         config, weights = load_checkpoint(written[layout])
         adapter = protocol.build(factory, config, weights, make_mesh(mesh), dtype, max_batch_size=2, max_seq_len=24)
-        return config, weights, protocol.host(adapter.forward(tokens)), tokens
+        return config, weights, host(adapter.forward(tokens)), tokens
 
     return run
 
@@ -176,9 +179,6 @@ def round_trip_logits(request, written, tiny_config):
 def test_meta_to_hf_round_trip_gives_the_same_logits(request, round_trip_logits, reference, dtype, mesh):
     """Meta (2 shards) -> HF -> loaded: the implementation's logits are identical to the Meta checkpoint's, and
     both agree with the reference run on the loaded weights."""
-    from reference.hf import HFReference
-    from reference.meta import MetaReference
-
     if reference == "oracle":
         pytest.skip("the full-model references are meta and hf")
     _, _, from_meta, tokens = round_trip_logits("meta2", mesh, dtype)
@@ -212,8 +212,6 @@ def test_hf_without_index_is_one_file(tmp_path, tiny_config, tiny_weights):
 @pytest.mark.parametrize("layout", ["meta2", "hf"])
 def test_a_layer_is_read_alone(written, layout, monkeypatch):
     """Reading one layer's weights touches that layer's tensors once each and nothing else."""
-    from reference.layers import layer_weights
-
     _, weights = load_checkpoint(written[layout])
     reads = []
     original = type(weights)._read
@@ -622,7 +620,7 @@ def check_layerwise(request, run, references, dtype, mesh) -> None:
 
 def test_layerwise_conformance(request, builtin_only, model_weights, reference, dtype, mesh):
     """The built-in JAX model part by part (only that part's weights on the mesh) against a reference, on the
-    synthetic tiny weights or on --checkpoint-dir at any size (tp_llama/layerwise.py: the built-in's own code)."""
+    synthetic tiny weights or on --checkpoint-dir at any size (conformance/layerwise.py: the built-in's own code)."""
     if reference == "oracle":
         pytest.skip("layer by layer compares against meta and hf; the oracle is consulted for noise_ratio")
     config, weights = model_weights

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance import cli
+from conformance import cli, doctor, plugin
 
 pytest_plugins = ["pytester"]
 
@@ -66,8 +66,6 @@ def test_main_runs_pytest_with_the_current_directory_importable(tmp_path, monkey
 
 def test_doctor_runs_the_doctor_not_pytest(tmp_path, monkeypatch):
     """`llama-conformance doctor ARGS` hands ARGS to conformance/doctor.py, the current directory importable."""
-    from conformance import doctor
-
     seen = {}
 
     def fake_doctor(args):
@@ -83,8 +81,6 @@ def test_doctor_runs_the_doctor_not_pytest(tmp_path, monkeypatch):
 
 
 def test_doctor_past_the_first_argument_goes_to_pytest(tmp_path, monkeypatch):
-    from conformance import doctor
-
     ran = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(doctor, "main", lambda args: pytest.fail(f"the doctor ran: {args}"))
@@ -118,7 +114,6 @@ def test_the_installed_default_selection_and_markers_are_the_repository_ini():
     """Run from another directory there is no pytest.ini: the command's -m and the plugin's markers stand in for it."""
     import configparser
 
-    from conformance import plugin
 
     ini = configparser.ConfigParser()
     ini.read(REPO / "pytest.ini")
@@ -136,7 +131,6 @@ def test_the_installed_default_selection_and_markers_are_the_repository_ini():
 def test_workers_take_whole_modules_unless_the_user_chose_a_mode(monkeypatch, args, env, expected):
     from types import SimpleNamespace
 
-    from conformance import plugin
 
     monkeypatch.setenv("PYTEST_ADDOPTS", env)
     config = SimpleNamespace(option=SimpleNamespace(dist="load"), invocation_params=SimpleNamespace(args=args))
@@ -156,7 +150,6 @@ def test_workers_take_whole_modules_unless_the_user_chose_a_mode(monkeypatch, ar
 def test_workers_share_the_cores_of_their_openmp_and_blas_pools(monkeypatch, workers, cores, preset, expected):
     from types import SimpleNamespace
 
-    from conformance import plugin
 
     if preset is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -170,8 +163,6 @@ def test_workers_share_the_cores_of_their_openmp_and_blas_pools(monkeypatch, wor
 @pytest.mark.e2e
 def test_a_worker_starts_with_its_share_of_the_cores(pytester, monkeypatch):
     """The variable reaches the workers (set before xdist starts them), and their torch reads it."""
-    from conformance import plugin
-
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     share = max(1, plugin._usable_cores() // 2)
@@ -209,15 +200,11 @@ def _option(**given):
     (dict(parity_json="b.json", parity_baseline="b.json"), "--parity-json and --parity-baseline both name b.json"),
 ])
 def test_conflicting_options_are_a_usage_error(given, complaint):
-    from conformance import plugin
-
     with pytest.raises(pytest.UsageError, match="^" + re.escape(complaint)):
         plugin._check_option_conflicts(_option(**given))
 
 
 def test_options_that_go_together_pass():
-    from conformance import plugin
-
     plugin._check_option_conflicts(_option(mutant="rope_unscaled", parity_json="p.json", parity_report="r.html",
                                            parity_baseline="b.json"))
     plugin._check_option_conflicts(_option(parity_update_baseline=True, parity_baseline="b.json", cpu_devices=1))
@@ -233,15 +220,11 @@ def test_options_that_go_together_pass():
     (["0x4"], 8, {}, "--mesh: mesh '0x4' is not of the form DxM with positive integers"),
 ])
 def test_a_mesh_the_run_cannot_use_is_a_usage_error(tiny_config, meshes, devices, changes, complaint):
-    from conformance import plugin
-
     with pytest.raises(pytest.UsageError, match=re.escape(complaint)):
         plugin._check_meshes(meshes, devices, {"tiny": tiny_config.replace(**changes)})
 
 
 def test_meshes_the_run_can_use_pass(tiny_config):
-    from conformance import plugin
-
     plugin._check_meshes(["1x1", "1x4", "2x4", "1x8"], 8, {"tiny": tiny_config})
     plugin._check_meshes(["4x4"], None, {"tiny": tiny_config})  # an accelerator's count is not known yet
 
@@ -266,8 +249,9 @@ def _command(name):
 
     module, _, flag = name.partition(" ")
     main = importlib.import_module(module).main
-    if module in ("llama_spec.checkpoint", "tp_llama.generate", "benchmarks.checkpoint_memory"):
+    if module in ("llama_spec.checkpoint", "tp_llama.generate", "reference.generation", "benchmarks.checkpoint_memory"):
         extra = {"llama_spec.checkpoint": ["--no-scan"], "tp_llama.generate": ["--prompt", "Hello", "--mesh", "1x1"],
+                 "reference.generation": ["--prompt", "Hello", "--reference", "hf"],
                  "benchmarks.checkpoint_memory": []}[module]
         return main, lambda file: ([str(file.parent)] if module == "llama_spec.checkpoint"
                                    else ["--checkpoint-dir", str(file.parent)]) + extra
@@ -277,7 +261,7 @@ def _command(name):
 
 COMMANDS_READING_FILES = ["parity.calibrate", "parity.scoreboard", "parity.scoreboard --diagnoses",
                           "benchmarks.drawn_bounds --records", "parity.report", "llama_spec.checkpoint",
-                          "tp_llama.generate", "benchmarks.checkpoint_memory"]
+                          "tp_llama.generate", "reference.generation", "benchmarks.checkpoint_memory"]
 
 
 @pytest.mark.parametrize("problem", ["missing", "not_json", "not_an_object", "wrong_object"])
@@ -286,7 +270,7 @@ def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys
     """Checkpoint directories get the bad file as their params.json (beside an empty consolidated.00.pth)."""
     main, argv = _command(command)
     directory = tmp_path / ("missing" if problem == "missing" else "given")
-    checkpoint = not command.partition(" ")[0].endswith(("calibrate", "table", "drawn_bounds", "report"))
+    checkpoint = not command.partition(" ")[0].endswith(("calibrate", "scoreboard", "drawn_bounds", "report"))
     file = directory / ("params.json" if checkpoint else "records.json")
     if problem != "missing":
         directory.mkdir()

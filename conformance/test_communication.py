@@ -18,8 +18,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from adapters import protocol
-from fixtures.weights import make_tokens
 from llama_spec.layout import make_mesh
+from llama_spec.synthetic import make_tokens
 from parity import communication
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY, record_not_checked
 

@@ -18,16 +18,19 @@ import pytest
 from conformance.test_impl import _probe
 from fixtures import published
 from fixtures.checkpoints import write_hf_checkpoint, write_meta_checkpoint
-from fixtures.weights import make_tokens, make_weights
 from llama_spec import config as spec_config
 from llama_spec.checkpoint import load_checkpoint, read_config
 from llama_spec.config import LLAMA32_ROPE_SCALING
+from llama_spec.host import host
+from llama_spec.synthetic import make_tokens, make_weights
 from parity import assert_parity
 from parity.check import assert_config_agrees
 from reference.config_check import cross_check
 from reference.hf import HFReference
 from reference.meta import MetaReference
+from reference.oracle import oracle_forward
 from tp_llama.convert import meta_to_jax
+from tp_llama.model import TPLlama
 
 # Past the original 8192-token context, where factor 8, factor 32 and no scaling all give different phases.
 START = 9000
@@ -82,16 +85,13 @@ def test_the_implementation_computes_llama32_like_checkpoints_as_hf_does(request
     """Factor 32 and tied embeddings through the whole path: the checkpoint loaded by the suite, the model under
     test built from it, against HF's from_pretrained on the same directory. Logits at position 0 (where the tied
     output shows), q/k after RoPE at 9000 (where factor 32 shows; the rope bounds are those of position 9000)."""
-    from reference.oracle import oracle_forward
-    from tp_llama.model import TPLlama, to_numpy
-
     directory = directories["hf32-hub"]
     config, weights = load_checkpoint(directory)
     tokens = make_tokens(config, batch=2, seq_len=12, seed=5)
     model = TPLlama.on_mesh(config, mesh, dtype)
     params = model.place(meta_to_jax(weights))
     reference = HFReference.from_checkpoint(directory, dtype)
-    logits = to_numpy(model.forward(params, tokens))
+    logits = host(model.forward(params, tokens))
     assert_parity(request, component="logits", name="logits.llama32_like", actual=logits,
                   expected=reference.forward(tokens), oracle=oracle_forward(config, weights, tokens), logits=True,
                   reference="hf", dtype=dtype, mesh=mesh)
@@ -99,7 +99,7 @@ def test_the_implementation_computes_llama32_like_checkpoints_as_hf_does(request
     _, expected = reference.forward(tokens, start_pos=START, capture=True)
     _, exact = oracle_forward(config, weights, tokens, START, capture=True)
     for name in ("layers.0.q_rope", "layers.0.k_rope"):
-        assert_parity(request, component="rope", name=f"{name}@{START}.llama32_like", actual=to_numpy(taps[name]),
+        assert_parity(request, component="rope", name=f"{name}@{START}.llama32_like", actual=host(taps[name]),
                       expected=expected[name], oracle=exact[name], reference="hf", dtype=dtype, mesh=mesh)
 
 

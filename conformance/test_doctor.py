@@ -11,7 +11,8 @@ import pytest
 
 import examples.broken
 from adapters import protocol
-from conformance import doctor
+from conformance import doctor, plugin
+from tp_llama.adapter import TPLlamaAdapter
 
 # examples/broken adapter -> {each capability the doctor must find wrong: a phrase of the fix it must name}
 BROKEN = {
@@ -40,8 +41,6 @@ def _wrong(report: doctor.Report) -> set[str]:
 
 def test_the_builtin_adapter_is_clean(monkeypatch, capsys):
     """Through the command's main: every capability ok, exit status 0."""
-    from conformance import plugin
-
     monkeypatch.setattr(plugin, "_simulate_cpu_devices", lambda count: None)  # this session's JAX has started
     assert doctor.main(["--impl", protocol.BUILTIN]) == 0
     out = capsys.readouterr().out
@@ -80,8 +79,6 @@ class ForwardOnly:
 
     @classmethod
     def build(cls, config, weights, mesh, dtype):
-        from tp_llama.adapter import TPLlamaAdapter
-
         return cls(TPLlamaAdapter.build(config, weights, mesh, dtype))
 
     def forward(self, tokens, start_pos=0, capture=False):

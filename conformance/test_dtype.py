@@ -11,9 +11,13 @@ import pytest
 
 from adapters import protocol
 from conformance import support
+from conformance.test_impl import _probe
+from llama_spec.host import host
+from llama_spec.layout import make_mesh
 from parity import assert_parity
 from parity.check import record_failure
 from parity.metrics import compute_metrics
+from tp_llama.adapter import TPLlamaAdapter
 
 BATCH, SEQ = 2, 48
 FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -43,7 +47,7 @@ def check_dtype(request, adapter, dtype, mesh):
         raise AssertionError(f"component 'dtype': {error}\n  reference=meta dtype={dtype} mesh={mesh}")
     if dtype != "bfloat16":
         return
-    actual = protocol.host(logits)
+    actual = host(logits)
     (meta_logits, _), (exact_rounded, _) = support.full_forward("meta", dtype, BATCH, SEQ)
     floor = min(compute_metrics(actual, meta_logits, oracle=exact, dtype=dtype)["noise_ratio"]
                 for exact in (exact_rounded, support.exact_on_float32_weights(BATCH, SEQ)))
@@ -63,9 +67,6 @@ class _Float32Inside:
     """Asked for bf16, runs the built-in model in float32 (on `weights`) and casts what it returns to bf16."""
 
     def __init__(self, weights, cast_outputs: bool):
-        from llama_spec.layout import make_mesh
-        from tp_llama.adapter import TPLlamaAdapter
-
         self.inner = TPLlamaAdapter.build(support.CONFIG, weights, make_mesh("1x1"), "float32")
         self.cast = (lambda x: jnp.asarray(x).astype(jnp.bfloat16)) if cast_outputs else (lambda x: x)
 
@@ -75,8 +76,6 @@ class _Float32Inside:
 
 
 def test_float32_outputs_when_bfloat16_was_asked_fail(request):
-    from conformance.test_impl import _probe
-
     with pytest.raises(AssertionError, match=r"asked for bfloat16, 16 outputs .* embedding \(float32\)"):
         check_dtype(_probe(request), _Float32Inside(support.weights("float32"), cast_outputs=False), "bfloat16",
                     "1x1")
@@ -86,18 +85,12 @@ def test_float32_outputs_when_bfloat16_was_asked_fail(request):
 def test_float32_arithmetic_behind_bfloat16_outputs_fails(request, weights):
     """Outputs cast to bf16, so only the noise floor can tell: float32 weights, or bf16-rounded weights with
     float32 arithmetic."""
-    from conformance.test_impl import _probe
-
     with pytest.raises(AssertionError, match=r"component 'dtype'.*\n.*\n  noise_floor_ratio = "):
         check_dtype(_probe(request), _Float32Inside(support.weights(weights), cast_outputs=True), "bfloat16", "1x1")
 
 
 def test_the_broken_float32_adapter_fails(request, tiny_weights):
     """examples/broken's Float32ComputeAdapter (float32 inside, bf16-rounded outputs) fails this check."""
-    from adapters import protocol
-    from conformance.test_impl import _probe
-    from llama_spec.layout import make_mesh
-
     factory = protocol.load("examples.broken.float32_compute:Float32ComputeAdapter")
     broken = protocol.build(factory, support.CONFIG, tiny_weights, make_mesh("1x1"), "bfloat16")
     with pytest.raises(AssertionError, match=r"component 'dtype'.*asked for bfloat16.*\(float32\)"):

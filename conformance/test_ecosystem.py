@@ -22,8 +22,12 @@ import numpy as np
 import pytest
 
 from conformance import support
+from llama_spec.host import host
+from llama_spec.layout import DATA, MODEL, make_mesh
 from parity import assert_parity, assert_parity_many
+from parity import scoreboard as table
 from reference.layers import intermediate_names
+from reference.oracle import oracle_forward, oracle_rms_norm
 
 pytestmark = pytest.mark.ecosystem
 
@@ -50,8 +54,6 @@ def kh():
 
 
 def _mesh(text):
-    from llama_spec.layout import make_mesh
-
     return make_mesh(text)
 
 
@@ -84,7 +86,6 @@ def test_direct_build_matches_hf_at_float32(request, kh, tiny_config, tiny_weigh
     (ref_logits, ref_taps), (exact_logits, exact_taps) = support.full_forward("hf", "float32", batch, seq)
     names = [n for n in intermediate_names(tiny_config.n_layers) if n != "logits"]
     assert sorted(taps) == sorted(names), f"captured {sorted(taps)}"
-    from adapters.protocol import host
 
     scope = dict(reference="hf", dtype="float32", mesh=mesh)
     assert_parity_many(request, component="intermediate", actual={n: host(taps[n]) for n in names},
@@ -135,7 +136,6 @@ def test_variables_carry_keras_hubs_layout_on_each_mesh(kh, tiny_config, tiny_we
     import jax
     from jax.sharding import Mesh
 
-    from llama_spec.layout import DATA, MODEL
 
     devices = jax.devices()
     first = Mesh(np.array(devices[:4]).reshape(1, 4), (DATA, MODEL))
@@ -243,8 +243,6 @@ def check_converter_loaded(request, kh, directory, config, case: str, dtype: str
     """keras-hub's own loader on the directory vs HF transformers on the same weights: every intermediate and the
     logits at `dtype`, default bounds, one record per tensor, each failure diagnosed against the converter's
     catalogued deviations (parity.diagnosis)."""
-    from adapters.protocol import host
-
     batch, seq = CASES[case]
     tokens = support.tokens(batch, seq, seed=16)
     adapter = _from_preset(kh, directory, dtype)
@@ -287,9 +285,6 @@ def test_converter_loaded_model_matches_hf_at_bfloat16_rope_parameters(request, 
 def test_converter_loaded_rms_norm_matches_hf(request, kh, hf_dirs, style, dtype):
     """The converter-loaded model's attention_norm of layer 0 alone, on the suite's RMSNorm inputs (rows spread
     over [1e-3, 10] in scale, where eps shows), vs HF at each --dtype, diagnosed (eps 1e-6 predicted exactly)."""
-    from adapters.protocol import host
-    from reference.oracle import oracle_rms_norm
-
     x = support.activations(dtype, 16, seed=11, spread=True)
     weight = support.layer(dtype, 0)["attention_norm"]
     expected, exact = support.rms_norm("hf", dtype, 0, "attention_norm")
@@ -349,8 +344,6 @@ def test_converter_with_tied_embeddings_matches_hf(request, kh, tmp_path, tiny_c
     model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
     with torch.inference_mode():
         expected = model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
-    from adapters.protocol import host
-    from reference.oracle import oracle_forward
 
     exact = oracle_forward(config, weights, tokens, 0)
     assert_parity(request, component="logits", name="logits.tied", actual=host(adapter.forward(tokens)),
@@ -391,8 +384,6 @@ def test_converter_with_another_head_dim_fails_loudly(kh, tmp_path):
 def test_table_names_the_earliest_failing_tensor_and_its_diagnosis():
     """parity.scoreboard on a small parity document: counts per dtype, the first failing tensor in forward
     order (a later layer's failure and a component's come after layer 0's attention_norm), a borrowed diagnosis."""
-    from parity import scoreboard as table
-
     def record(name, passed, dtype="float32", component="intermediate", test="t::test_intermediates[hf-float32-1x4]",
                **extra):
         return {"test": test, "component": component, "name": name, "layer": None, "reference": "hf", "dtype": dtype,

@@ -19,7 +19,9 @@ from fixtures.checkpoints import write_meta_checkpoint
 from fixtures.stop_chains import stop_chains
 from llama_spec.config import preset
 from llama_spec.generation import STOP_TOKENS
-from tp_llama.generate import main
+from llama_spec.tokenizer import load_meta_tokenizer, meta_tokenizer
+from reference import generation as reference_generation
+from tp_llama.generate import greedy_generate, main
 
 # The built-in model's own command line: not checked under another --impl.
 pytestmark = pytest.mark.usefixtures("builtin_only")
@@ -29,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m tp_llama.generate"
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """main() in this process: (exit code, stdout, stderr); argparse's own exits included."""
+def run(capsys, *argv: str, command=main) -> tuple[int, str, str]:
+    """A command's main() in this process: (exit code, stdout, stderr); argparse's own exits included."""
     try:
-        code = main(list(argv))
+        code = command(list(argv))
     except SystemExit as exit_:
         code = exit_.code
     out, err = capsys.readouterr()
@@ -48,8 +50,6 @@ def parse(out: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def meta_tok():
-    from llama_spec.tokenizer import meta_tokenizer
-
     return meta_tokenizer()
 
 
@@ -65,10 +65,14 @@ def test_prints_prompt_ids_new_ids_and_their_text(capsys, meta_tok):
 
 @pytest.mark.parametrize("engine, header", [(None, "tp_llama 1x1 float32"), ("meta", "meta float32"),
                                             ("hf", "hf float32")])
-def test_reference_option_selects_the_engine_and_progress_reports_every_token(capsys, engine, header):
-    """Each engine announces itself on the progress line and reports every token; all decode alike."""
-    args = ["--mesh", "1x1", "--prompt", PROMPT, "--max-new-tokens", "4", "--progress"]
-    code, out, err = run(capsys, *args, *(["--reference", engine] if engine else []))
+def test_each_engine_announces_itself_and_progress_reports_every_token(capsys, engine, header):
+    """The built-in's command and the references' (`python -m reference.generation --reference X`) take the same
+    options; each engine announces itself on the progress line and reports every token; all decode alike."""
+    args = ["--prompt", PROMPT, "--max-new-tokens", "4", "--progress"]
+    if engine is None:
+        code, out, err = run(capsys, "--mesh", "1x1", *args)
+    else:
+        code, out, err = run(capsys, *args, "--reference", engine, command=reference_generation.main)
     assert code == 0, f"exit code {code}; stderr:\n{err}"
     assert err.startswith(header), f"progress header should name the engine ({header!r}); stderr:\n{err}"
     assert "token 4/4" in err, f"progress line never reached token 4/4; stderr:\n{err}"
@@ -78,9 +82,6 @@ def test_reference_option_selects_the_engine_and_progress_reports_every_token(ca
 def test_checkpoint_dir_runs_its_weights_and_its_tokenizer(capsys, tmp_path, tiny_config, tiny_weights, tp_model):
     """A Meta checkpoint of the canonical tiny weights, with its own 512-id tokenizer: the command prints that
     tokenizer's ids and exactly the tokens greedy_generate gives on the same weights and mesh."""
-    from llama_spec.tokenizer import load_meta_tokenizer
-    from tp_llama.generate import greedy_generate
-
     write_meta_checkpoint(tmp_path, tiny_config, tiny_weights, dtype="float32")
     code, out, err = run(capsys, "--checkpoint-dir", str(tmp_path), "--mesh", "1x4", "--prompt", "Hello world",
                          "--max-new-tokens", "12", "--no-progress")

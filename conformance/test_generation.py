@@ -42,14 +42,21 @@ import pytest
 from adapters import decoding, protocol
 from conformance import real_slice
 from fixtures import real_model
-from fixtures.weights import make_tokens, make_weights
 from llama_spec.config import preset
 from llama_spec.generation import Generation
 from llama_spec.layout import make_mesh, parse_mesh
+from llama_spec.synthetic import make_tokens, make_weights
+from llama_spec.tokenizer import meta_tokenizer
+from parity import assert_parity
 from parity import metrics as pm
 from parity.check import record_not_checked
+from parity.tolerances import bounds_for
 from reference import oracle
 from reference.generation import hf_generate, meta_generate, meta_stop_tokens
+from reference.hf import HFReference
+from reference.meta import MetaReference
+from reference.tokenizer import hf_encode
+from tp_llama.generate import greedy_generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +116,6 @@ class Engines:
 
     @functools.cached_property
     def text_config(self):
-        from llama_spec.tokenizer import meta_tokenizer
-
         return preset("tiny").replace(vocab_size=meta_tokenizer().n_words)
 
     def config(self, case: Case):
@@ -149,9 +154,6 @@ class Engines:
         return self._once((engine, case, dtype, key), lambda: self._run(engine, case, dtype, teacher.tokens))
 
     def _run(self, engine: str, case: Case, dtype: str, teacher):
-        from reference.hf import HFReference
-        from reference.meta import MetaReference
-
         prompts, config = self.prompts(case), self.config(case)
         options = dict(start_pos=case.start_pos, teacher=teacher)
         if engine == "meta":
@@ -173,8 +175,6 @@ def _encode(case: Case) -> list[list[int]]:
         return [real_slice.chat_ids(real_slice.prompt_texts()[name]) for name in case.chat]
     if not case.texts:
         return [make_tokens(preset("tiny"), 1, n, seed=1000 + n + case.start_pos)[0].tolist() for n in case.lengths]
-    from llama_spec.tokenizer import meta_tokenizer
-    from reference.tokenizer import hf_encode
 
     meta_ids = [meta_tokenizer().encode(t, bos=True, eos=False) for t in case.texts]
     hf_ids = [hf_encode(t, bos=True, eos=False) for t in case.texts]
@@ -213,8 +213,6 @@ def assert_generation_parity(request, engines: Engines, case_name: str, *, actua
     """Record and judge one pair of engines on one case, every prompt in one record: the teacher-forced logits
     (`actual` fed `expected`'s tokens) and the free-running streams."""
     __tracebackhide__ = True
-    from parity import assert_parity
-    from parity.tolerances import bounds_for
 
     case = CASES[case_name]
     prompts = engines.prompts(case)
@@ -297,7 +295,6 @@ def _decoder(case: Case):
         return real_model.tokenizer().decode
     if not case.texts:
         return None
-    from llama_spec.tokenizer import meta_tokenizer
 
     return meta_tokenizer().decode
 
@@ -356,8 +353,6 @@ def test_builtin_greedy_generate_is_the_suites_decoding_loop(builtin_only, tp_mo
     """tp_llama.generate.greedy_generate (the CLI's entry point, wiring the model's step into the suite's loop
     llama_spec.generation.greedy) gives the tokens and logits of the suite's loop over the built-in adapter bit
     for bit, free and teacher-forced, so generation parity covers it too."""
-    from tp_llama.generate import greedy_generate
-
     case, model_and_params = CASES[case_name], tp_model("1x4", "float32")
     prompts = engines.prompts(case)
     free = engines.generate("1x4", case, "float32")

@@ -14,6 +14,7 @@ from conformance import support
 from conformance.test_attention import check_attention
 from conformance.test_logits import check_intermediates, check_logits
 from conformance.test_rmsnorm import check_rmsnorm
+from llama_spec.host import host
 from llama_spec.layout import make_mesh
 from parity import assert_parity
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY
@@ -26,13 +27,13 @@ def check_impl_decode(request, adapter, dtype, mesh, prefill=16, total=24):
     if not isinstance(adapter, protocol.Decode):
         pytest.skip(f"not checked: {type(adapter).__name__} has no decode path (init_cache and step)")
     tokens = support.tokens(2, total, seed=3)
-    full = protocol.host(adapter.forward(tokens))
+    full = host(adapter.forward(tokens))
     cache = adapter.init_cache(2, total)
     logits, cache = adapter.step(tokens[:, :prefill], 0, cache)
-    stepped = [protocol.host(logits)]
+    stepped = [host(logits)]
     for pos in range(prefill, total):
         logits, cache = adapter.step(tokens[:, pos:pos + 1], pos, cache)
-        stepped.append(protocol.host(logits))
+        stepped.append(host(logits))
     assert_parity(request, component="kv_cache", name="logits", actual=np.concatenate(stepped, axis=1),
                   expected=full, reference="self", dtype=dtype, mesh=mesh, logits=True)
 

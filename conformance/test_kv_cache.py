@@ -10,9 +10,10 @@ A step that takes no `offset` or `pad` is not checked on the cases that need it,
 import numpy as np
 import pytest
 
-from adapters import decoding, protocol
-from fixtures.weights import make_tokens
+from adapters import decoding
 from llama_spec.config import preset
+from llama_spec.host import host
+from llama_spec.synthetic import make_tokens
 from parity import assert_parity
 from parity.check import record_not_checked
 
@@ -28,14 +29,14 @@ def check_kv_cache(request, adapter, dtype, mesh, start_pos=0, prefill_len=16):
     of them at positions start_pos.."""
     __tracebackhide__ = True
     tokens, total = TOKENS, TOKENS.shape[1]
-    full = protocol.host(adapter.forward(tokens, start_pos=start_pos))
+    full = host(adapter.forward(tokens, start_pos=start_pos))
     keywords = {"offset": start_pos} if start_pos else {}
     cache = adapter.init_cache(2, total)
     logits, cache = adapter.step(tokens[:, :prefill_len], 0, cache, **keywords)
-    stepped = [protocol.host(logits)]
+    stepped = [host(logits)]
     for slot in range(prefill_len, total):
         logits, cache = adapter.step(tokens[:, slot:slot + 1], slot, cache, **keywords)
-        stepped.append(protocol.host(logits))
+        stepped.append(host(logits))
     assert_parity(request, component="kv_cache", name=f"logits, prefill {prefill_len} then steps from position "
                   f"{start_pos}", actual=np.concatenate(stepped, axis=1), expected=full, reference="self",
                   dtype=dtype, mesh=mesh, logits=True)

@@ -22,9 +22,11 @@ import pytest
 from adapters import protocol
 from conformance import support
 from fixtures import extremes
+from llama_spec.host import host
+from llama_spec.layout import make_mesh
 from parity import assert_parity, assert_parity_many
 from parity.check import record_not_checked
-from reference import oracle
+from reference import hf, meta, oracle
 from reference.layers import intermediate_names
 
 # case -> (batch, seq, start_pos, weight set)
@@ -52,7 +54,7 @@ def check_logits(request, adapter, reference, dtype, mesh, case):
     (ref_logits, _), (exact_logits, _) = support.full_forward(reference, dtype, batch, seq, start_pos, kind)
     diagnose = support.diagnosis(dtype, mesh, lambda config, variant: support.oracle_forward(
         config, variant, dtype, batch, seq, start_pos, kind)[0])
-    assert_parity(request, name=f"logits.{case}", actual=protocol.host(logits), expected=ref_logits,
+    assert_parity(request, name=f"logits.{case}", actual=host(logits), expected=ref_logits,
                   oracle=exact_logits, logits=True, **scope, diagnose=diagnose)
 
 
@@ -72,7 +74,7 @@ def check_intermediates(request, adapter, reference, dtype, mesh, case):
     if provided:
         diagnose = lambda name: support.diagnosis(dtype, mesh, lambda config, variant: support.oracle_forward(  # noqa: E731
             config, variant, dtype, batch, seq, start_pos, kind)[1][name])
-        assert_parity_many(request, actual={n: protocol.host(taps[n]) for n in provided},
+        assert_parity_many(request, actual={n: host(taps[n]) for n in provided},
                            expected={n: ref_taps[n] for n in provided}, oracle=exact_taps, **scope,
                            diagnose=diagnose)
     missing = [n for n in known if n not in taps]
@@ -93,7 +95,7 @@ def check_head(request, adapter, reference, dtype, mesh, extreme=None):
     w = support.weights(dtype)
     diagnose = support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_head(
         x, w["norm.weight"], w["output.weight"], config.norm_eps, variant))
-    assert_parity(request, name=name, actual=protocol.host(actual), expected=expected, oracle=exact,
+    assert_parity(request, name=name, actual=host(actual), expected=expected, oracle=exact,
                   logits=True, **scope, diagnose=diagnose)
 
 
@@ -139,8 +141,6 @@ def _extreme_case():
 @functools.lru_cache(maxsize=None)
 def _extreme_expected(reference: str, dtype: str):
     """(reference logits, oracle logits and intermediates) on the crafted weights."""
-    from reference import hf, meta, oracle
-
     tokens, weights = _extreme_case()
     if reference == "meta":
         ref = meta.MetaReference(support.CONFIG, weights, dtype, max_batch_size=EXTREME_BATCH,
@@ -158,8 +158,6 @@ _extreme_builds: dict = {}
 
 def test_logits_extremes(request, impl_factory, reference, dtype, mesh):
     """The full model on crafted weights reaching all three extremes at once; logits against the reference."""
-    from llama_spec.layout import make_mesh
-
     support.data_split(mesh, EXTREME_BATCH)
     if reference == "oracle":
         pytest.skip("the float64 oracle is consulted for noise_ratio; logits are compared with meta and hf")
@@ -179,5 +177,5 @@ def test_logits_extremes(request, impl_factory, reference, dtype, mesh):
                                            make_mesh(mesh), dtype, max_batch_size=EXTREME_BATCH,
                                            max_seq_len=EXTREME_SEQ, **scope, what=f"building --impl on {mesh}")
     logits = support.run(request, _extreme_builds[key].forward, tokens, start_pos=0, **scope, name="logits.extreme")
-    assert_parity(request, name="logits.extreme", actual=protocol.host(logits), expected=ref_logits,
+    assert_parity(request, name="logits.extreme", actual=host(logits), expected=ref_logits,
                   oracle=exact_logits, logits=True, **scope)

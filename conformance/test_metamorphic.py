@@ -16,9 +16,10 @@
 import numpy as np
 from hypothesis import given
 
-from adapters.protocol import forward, host, step_accepts
+from adapters.protocol import forward, step_accepts
 from conformance import support
 from conformance.strategies import cases, chunk_cuts, fixed_cuts, model_settings, run_case, start_positions
+from llama_spec.host import host
 from llama_spec.layout import parse_mesh
 from parity import assert_parity, assert_parity_many
 

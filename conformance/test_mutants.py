@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from adapters import protocol
 from conformance import mutants, support
 from conformance.test_attention import check_attention
 from conformance.test_kv_cache import check_kv_cache
@@ -19,6 +20,7 @@ from conformance.test_mlp import check_mlp
 from conformance.test_rmsnorm import check_rmsnorm
 from conformance.test_rope import check_rope
 from llama_spec.layout import make_mesh
+from llama_spec.synthetic import make_tokens
 from tp_llama.adapter import TPLlamaAdapter
 from tp_llama.model import TPLlama, program_config
 
@@ -142,8 +144,6 @@ def test_a_planted_mutant_is_never_served_a_program_traced_without_it(tiny_confi
     must change which program runs, or every kill after the first clean trace would be a clean run."""
     import numpy as np
 
-    from adapters import protocol
-    from fixtures.weights import make_tokens
 
     tokens = make_tokens(tiny_config, 2, 12, seed=0)
 

@@ -21,6 +21,7 @@ from parity import assert_parity, assert_parity_many, compute_metrics
 from parity import metrics as pm
 from parity.check import RECORD_KEY, budget_used, format_value, layer_of, mesh_name, record_token_ids
 from parity.schema import load_schema, validate
+from parity.summary import cause_lines
 
 pytest_plugins = ["pytester"]
 
@@ -502,10 +503,8 @@ def test_schema_agrees_with_jsonschema_when_installed():
 
 
 def test_terminal_summary_lists_the_probable_causes_of_failing_records():
-    """parity.plugin.cause_lines: failing records grouped by diagnosis, as the report's causes summary; nothing
+    """parity.summary.cause_lines: failing records grouped by diagnosis, as the report's causes summary; nothing
     when no failing record was diagnosed."""
-    from parity.plugin import cause_lines
-
     def failed(test, cause=None, diagnosed=True):
         diagnosis = {"cause": cause, "summary": "", "hypotheses": [
             {"name": cause or "x", "description": "RoPE scaling not applied", "residual": 1e-7,

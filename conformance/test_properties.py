@@ -17,9 +17,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.protocol import forward, host
+from adapters.protocol import forward
+from conformance import strategies as s
 from conformance import support
 from conformance.strategies import cases, model_settings, run_case
+from conformance.test_metamorphic import TP_MESHES
+from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING
+from llama_spec.host import host
+from llama_spec.layout import check_splittable, parse_mesh
 from parity import assert_parity, assert_parity_many
 from reference import meta, oracle
 from reference.layers import layer_weights
@@ -126,7 +131,6 @@ def test_fixed_chunkings_come_with_the_mesh_and_cover_every_chunking():
     compiles no mesh/chunking pair the fixed set does not hold; every chunking is still run, on some mesh."""
     from hypothesis import find, settings
 
-    from conformance import strategies as s
 
     meshes = s.fixed_meshes(s.MESHES)
     chunkings = [tuple(s.fixed_cuts(mesh)) for mesh in meshes]
@@ -147,7 +151,6 @@ def test_model_level_draws_repeat_under_dev_and_vary_under_thorough():
     cold run did not compile and no draw an earlier run did not pass; `thorough` keeps drawing anew."""
     from hypothesis import given, settings
 
-    from conformance import strategies as s
 
     def draws(profile: str) -> list[list[tuple]]:
         runs: list[list[tuple]] = []
@@ -177,11 +180,6 @@ def test_model_level_draws_repeat_under_dev_and_vary_under_thorough():
 def test_fixed_models_fit_their_meshes_and_hold_what_the_drawn_configs_vary():
     """Without compiling: every fixed model splits over the mesh of its role, in every list a test draws from,
     and between them they cover the fields that decide which code runs."""
-    from conformance import strategies as s
-    from conformance.test_metamorphic import TP_MESHES
-    from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING
-    from llama_spec.layout import check_splittable, parse_mesh
-
     kv_layouts = set()
     for names in (s.MESHES, TP_MESHES):
         meshes = s.fixed_meshes(names)

@@ -22,6 +22,7 @@ import pytest
 from adapters import protocol
 from conformance import real_slice, support
 from fixtures import extremes, real_model
+from llama_spec.host import host
 from llama_spec.layout import check_splittable, make_mesh
 from parity import assert_parity, assert_parity_many
 from parity import metrics as pm
@@ -57,8 +58,8 @@ def _forward(adapter, case: str):
     """The subject's (logits, intermediates) on a case, padding dropped; shared by every check of the module (the
     adapter is the process's one build, so it keys the cache)."""
     logits, taps = protocol.forward(adapter, real_slice.tokens(case))
-    return (real_slice.valid(case, protocol.host(logits)),
-            {k: real_slice.valid(case, protocol.host(v)) for k, v in taps.items()})
+    return (real_slice.valid(case, host(logits)),
+            {k: real_slice.valid(case, host(v)) for k, v in taps.items()})
 
 
 def subject_forward(request, impl_factory, mesh, dtype, case, scope):
@@ -155,7 +156,7 @@ def test_real_components_at_the_largest_outliers(request, impl_factory, referenc
             actual = support.run(request, adapter.feed_forward, x, layer, **scope, layer=layer)
         expected, exact = _component_expected(reference, dtype, layer, component)
         peer, _ = _component_expected(real_slice.peer(reference), dtype, layer, component)
-        assert_parity(request, name=f"real.layers.{layer}.{component}", layer=layer, actual=protocol.host(actual),
+        assert_parity(request, name=f"real.layers.{layer}.{component}", layer=layer, actual=host(actual),
                       expected=expected, oracle=exact, peers=[peer], **scope)
 
 
@@ -169,13 +170,13 @@ def test_real_decode_equals_full_forward(request, impl_factory, dtype, real_mesh
                            reference=scope["reference"])
     tokens = np.asarray([real_slice.prompts("chat")[0]], np.int32)
     support.require(request, adapter, "decode", **scope, names=["real.decode"])
-    full_logits = protocol.host(support.run(request, adapter.forward, tokens, **scope))
+    full_logits = host(support.run(request, adapter.forward, tokens, **scope))
     cache = support.run(request, adapter.init_cache, 1, tokens.shape[1], **scope)
     logits, cache = support.run(request, adapter.step, tokens[:, :DECODE_PREFILL], 0, cache, **scope)
-    stepped = [protocol.host(logits)]
+    stepped = [host(logits)]
     for slot in range(DECODE_PREFILL, tokens.shape[1]):
         logits, cache = support.run(request, adapter.step, tokens[:, slot:slot + 1], slot, cache, **scope)
-        stepped.append(protocol.host(logits))
+        stepped.append(host(logits))
     exact_logits = real_slice.exact(dtype, "chat")[0][None, :tokens.shape[1]]  # the first prompt's positions
     assert_parity(request, name=f"real.decode: prefill {DECODE_PREFILL} then steps", logits=True,
                   actual=np.concatenate(stepped, axis=1), expected=full_logits, oracle=exact_logits, **scope)

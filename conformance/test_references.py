@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.weights import make_tokens, make_weights
 from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING, preset
 from llama_spec.convert import hf_to_meta, meta_to_hf
+from llama_spec.synthetic import make_tokens, make_weights
 from reference import hf, meta, oracle
 from reference.layers import intermediate_names, layer_weights
 

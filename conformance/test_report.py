@@ -22,7 +22,10 @@ import pytest
 from conformance.inner_suite import INNER_CONFTEST
 from parity import assert_parity
 from parity import report as pr
+from parity.baseline import GateResult, Regression
 from parity.check import RECORD_KEY, record_token_ids
+from parity.environment import json_safe
+from parity.schema import validate
 from parity.tolerances import bounds_for
 
 pytest_plugins = ["pytester"]
@@ -205,7 +208,6 @@ def sample_document() -> dict:
         "tolerance_profile": "default", "seeds": {"weights": 0}, "xdist_workers": 2,
         "started_at": "2026-11-28T12:00:00+00:00", "wall_time_s": 123.4,
     }
-    from parity.plugin import json_safe
 
     return json.loads(json.dumps(json_safe({"environment": environment, "exitstatus": 1, "records": records,
                                             "not_checked": not_checked, "tests": tests})))
@@ -640,8 +642,6 @@ def test_long_streams_show_a_window_around_the_divergence():
 
 def test_sample_document_follows_the_json_schema(document):
     """The sample is what --parity-json writes, generation records included, so the report reads real shapes."""
-    from parity.schema import validate
-
     assert validate(document) == []
 
 
@@ -675,8 +675,6 @@ def test_empty_run_still_renders_and_says_what_is_missing():
 
 
 def test_baseline_regressions_turn_the_verdict_red():
-    from parity.baseline import GateResult, Regression
-
     gate = GateResult(path="fixtures/parity_baseline.json", compared=3,
                       regressions=[Regression("worsened", "t.py::x [mlp] reference=meta", "rel_l2 = 2e-06 > limit")])
     dom = parse(pr.render({"environment": {}, "records": [],
@@ -690,8 +688,6 @@ def test_tokenizer_records_get_a_matrix_row_and_fail_on_one_differing_id(documen
     """Tokenizer records, as conformance/test_tokenizer.py makes them (parity.check.record_token_ids), follow the
     JSON schema and get a matrix of their own with a tokenizer row; a planted differing id fails its cell and its
     row in the records table, which shows the id counts and where the ids part."""
-    from parity.schema import validate
-
     records = []
     for case, meta_ids, hf_ids in (("english", [791, 4062, 14198], [791, 4062, 14198]),
                                    ("emoji", [15571, 2683, 9], [15571, 2683, 0])):  # planted: one id differs

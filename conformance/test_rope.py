@@ -6,9 +6,9 @@ a peaked query whose scores against the keys reach >= 100.
 """
 import pytest
 
-from adapters.protocol import host
 from conformance import support
 from fixtures import extremes
+from llama_spec.host import host
 from parity import assert_parity
 from reference import oracle
 

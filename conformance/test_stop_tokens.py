@@ -25,13 +25,17 @@ import numpy as np
 import pytest
 
 from adapters import decoding, protocol
+from conformance import mutants
 from fixtures.checkpoints import write_hf_checkpoint
 from fixtures.stop_chains import stop_chains
 from llama_spec import generation as rules
 from llama_spec.config import preset
 from llama_spec.layout import make_mesh
+from llama_spec.tokenizer import meta_tokenizer
 from parity.check import record_not_checked
 from reference.generation import hf_generate, hf_stop_tokens, meta_generate, meta_stop_tokens
+from reference.hf import HFReference
+from reference.meta import MetaReference
 
 STEPS = (2, 4, 6)              # the step at which each stop id (ascending) ends its row
 NEW_TOKENS = max(STEPS) + 3    # room for a row that runs past its stop
@@ -39,8 +43,6 @@ PROMPT_LEN = 6
 
 
 def _config():
-    from llama_spec.tokenizer import meta_tokenizer
-
     return preset("tiny").replace(vocab_size=meta_tokenizer().n_words)
 
 
@@ -66,9 +68,6 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(hf_checkpoint, impl_factory):
     """engine(name, dtype) -> Generation of the crafted prompts, once per module."""
-    from reference.hf import HFReference
-    from reference.meta import MetaReference
-
     config, weights, prompts, _ = crafted()
     runs: dict = {}
 
@@ -110,8 +109,6 @@ def _compare_rules(theirs: tuple[int, ...], who: str) -> None:
 
 def test_suite_stop_tokens_are_meta_tokenizers():
     """llama-models' Tokenizer.stop_tokens (its tokenizer.model, its special-token names) is the suite's set."""
-    from llama_spec.tokenizer import meta_tokenizer
-
     tokenizer = meta_tokenizer()
     _compare_rules(meta_stop_tokens(), "llama-models' Tokenizer.stop_tokens")
     names = {name: tokenizer.special_tokens[name] for name in rules.STOP_TOKENS}
@@ -162,8 +159,6 @@ def test_model_stops_like_reference(request, engines, reference, dtype, mesh):
 def test_planted_stop_rule_fault_is_caught(engines, name):
     """The planted faults of the suite's stop rule (conformance/mutants.py) make the implementation's rows differ
     from Meta's (the decoding loop runs in Python: the built model is reused), and a missing id is named."""
-    from conformance import mutants
-
     _, _, prompts, expected = crafted()
     adapter = engines.adapter("1x1", "float32")
     if isinstance(engines("1x1", "float32"), str):

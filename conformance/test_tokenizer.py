@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from conformance.strategies import run_case
 from llama_spec import tokenizer as spec_tok
+from llama_spec.files import cache_root
 from parity.check import record_token_ids
 from reference import tokenizer as rt
 from reference import tokenizer_cache as tok_cache
@@ -630,7 +631,7 @@ def test_unwritable_cache_still_converts(tmp_path):
 def test_session_tokenizer_is_the_verified_cache_entry(hf_tok):
     """The full-size tokenizer every test here uses is the one read back from its cache entry (cold run or warm),
     and that entry's tokenizer.json still matches its digest."""
-    entry = tok_cache.tokenizer_cache_dir() / "tokenizer" / rt._cache_key(spec_tok.PACKAGED_TOKENIZER_PATH.resolve())
+    entry = cache_root() / "tokenizer" / rt._cache_key(spec_tok.PACKAGED_TOKENIZER_PATH.resolve())
     if not entry.is_dir():
         pytest.skip(f"the tokenizer cache is not writable here ({entry}); the session converts in memory")
     assert hf_tok.name_or_path == str(entry)

@@ -12,7 +12,8 @@ import pytest
 
 from adapters import protocol
 from conformance import support
-from fixtures.weights import make_tokens
+from llama_spec.host import host
+from llama_spec.synthetic import make_tokens
 from parity import assert_parity, assert_parity_many
 
 MESHES = ("1x2", "1x4", "1x8", "2x4")
@@ -24,7 +25,7 @@ def _tokens(config):
 
 def run(adapter, config):
     logits, taps = protocol.forward(adapter, _tokens(config))
-    return protocol.host(logits), {k: protocol.host(v) for k, v in taps.items()}
+    return host(logits), {k: host(v) for k, v in taps.items()}
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,9 @@ import ml_dtypes
 import numpy as np
 
 from llama_spec.config import LlamaConfig
+from llama_spec.convert import META_TO_HF, TOP_META_TO_HF, hf_to_meta
 from llama_spec.layout import check_splittable, meta_weight_shapes, parse_mesh
+from llama_spec.tokenizer import load_meta_tokenizer
 
 META, HF = "meta", "hf"
 PARAMS_JSON = "params.json"
@@ -219,7 +221,7 @@ def check_mesh(config: LlamaConfig, model_parallel: int, source: str | Path) -> 
 
 class LazyWeights(Mapping, abc.ABC):
     """Meta-layout tensors of a checkpoint, read from disk when indexed (validated at open, NaN/Inf-checked on
-    every read). Keys and shapes follow `fixtures.weights.meta_weight_shapes(config)`."""
+    every read). Keys and shapes follow `llama_spec.synthetic.meta_weight_shapes(config)`."""
 
     format: str
 
@@ -371,8 +373,6 @@ class MetaWeights(LazyWeights):
 
 
 def _hf_name(meta_name: str) -> str:
-    from llama_spec.convert import META_TO_HF, TOP_META_TO_HF
-
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", meta_name)
     if m and m.group(2) in META_TO_HF:
         return f"model.layers.{m.group(1)}.{META_TO_HF[m.group(2)]}"
@@ -380,8 +380,6 @@ def _hf_name(meta_name: str) -> str:
 
 
 def _meta_name(hf_name: str) -> str:
-    from llama_spec.convert import META_TO_HF, TOP_META_TO_HF
-
     top = {v: k for k, v in TOP_META_TO_HF.items()}
     per_layer = {v: k for k, v in META_TO_HF.items()}
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
@@ -435,8 +433,6 @@ class HFWeights(LazyWeights):
         return _hf_name(name)
 
     def _read(self, name: str) -> np.ndarray:
-        from llama_spec.convert import hf_to_meta
-
         hf_name = self.file_name(name)
         path = self.weight_map[hf_name]
         array = _read_safetensors(path, hf_name)
@@ -547,8 +543,6 @@ def tokenizer_path(directory: str | Path) -> Path | None:
 def load_tokenizer(directory: str | Path, config: LlamaConfig):
     """Meta's tiktoken `Tokenizer` for the checkpoint, its id count checked against vocab_size; None when the
     checkpoint ships none (HF format). A Meta checkpoint without tokenizer.model is an error."""
-    from llama_spec.tokenizer import load_meta_tokenizer
-
     path = tokenizer_path(directory)
     if path is None:
         if detect_format(directory) == META:

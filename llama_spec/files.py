@@ -1,8 +1,9 @@
-"""Reading a command's input JSON file, so that every command refuses a bad one alike: one line naming the file and
-what is wrong with it, which the command prints as `error: ...` before exiting with status 2."""
+"""Files the suite reads and keeps: a command's input JSON file, refused alike by every command (one line naming the
+file and what is wrong with it, printed as `error: ...` before exit status 2), and the root of the on-disk cache."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,12 @@ def read_json(path: str | Path, what: str, keys: tuple[str, ...] = ()) -> Any:
     if missing:
         raise InputFileError(f"{path}: no {missing[0]!r} field, so not {what}")
     return content
+
+
+def cache_root() -> Path:
+    """Root of the suite's on-disk cache (converted tokenizer, real model): `$TP_LLAMA_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/tp_llama`, else ~/.cache/tp_llama."""
+    if os.environ.get("TP_LLAMA_CACHE_DIR"):
+        return Path(os.environ["TP_LLAMA_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "tp_llama"

@@ -9,7 +9,7 @@ a test that records the same key twice gets occurrence 2, 3, ... in call order. 
   numbers; one regression per (component, dtype, metric, old bound, new bound), naming its first case; or
 - a test that passed in the baseline fails or errors now without any failing case to name (e.g. a setup error).
 Bounds are compared only when the run and the baseline use the same tolerance profile. Metric values (the slack
-check) are compared only when the run and the baseline ran on the same numerics: CPU flags (parity.plugin.cpu_info)
+check) are compared only when the run and the baseline ran on the same numerics: CPU flags (parity.environment.cpu_info)
 and NUMERIC_PACKAGES' versions. Another CPU picks other kernels (AVX-512, AMX) and moves bfloat16 metrics by more
 than any slack that still sees a regression; there the gate judges verdicts and bounds only, and says so.
 Cases in only one of the two runs are counted, never judged: a narrower selection (`--mesh 2x4`) or a new test
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from parity.environment import cpu_label, json_safe
 from parity.tolerances import LOWER, SLACK, UPPER, direction, slack_limit
 
 FORMAT = "tp_llama-parity-baseline/2"  # /2: every case records its bounds; a /1 file cannot see a loosened bound
@@ -116,8 +117,6 @@ def make_baseline(document: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_baseline(path: str | Path, document: Mapping[str, Any]) -> dict[str, Any]:
     """Rewrite the baseline at `path` from this run (one case per line pair, so diffs stay reviewable)."""
-    from parity.plugin import json_safe
-
     content = json_safe(make_baseline(document))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(content, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
@@ -202,14 +201,6 @@ def _loosened_regressions(groups: Mapping[tuple, list[str]]) -> list[Regression]
                               f"bound {metric} {change} (component {component}, dtype {dtype}{more}); if intended, "
                               f"rewrite the baseline in the same change (--parity-update-baseline)"))
     return out
-
-
-def cpu_label(cpu: Mapping[str, Any] | None) -> str:
-    """A run's recorded CPU (parity.plugin.cpu_info) as one line: machine [flags]."""
-    if not cpu:
-        return "an unrecorded CPU"
-    flags = cpu.get("flags")
-    return f"{cpu.get('machine')} [{' '.join(flags) if flags is not None else 'flags unknown'}]"
 
 
 def numerics_differences(baseline: Mapping[str, Any], environment: Mapping[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from parity import diagnosis
 from parity import metrics as pm
 from parity.tolerances import LOWER, NOISE_SCALED, NOISE_SCALED_COMPONENTS, UPPER, bounds_for, direction, noise_scaled
 
@@ -229,8 +230,6 @@ def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, r
 
 def _diagnosis(actual: Any, expected: Any, oracle: Any, predict: Any) -> dict[str, Any]:
     """parity.diagnosis on a failing record; the rounding noise is the reference's own error against the oracle."""
-    from parity import diagnosis
-
     a, b = pm.as_float64(actual), pm.as_float64(expected)
     noise = diagnosis.residual(b, pm.as_float64(oracle)) if oracle is not None else 0.0
     return diagnosis.diagnose(a, b, predict(), noise)

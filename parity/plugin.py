@@ -17,23 +17,21 @@ exit status.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
-import math
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from adapters.protocol import BUILTIN, describe
 from parity import baseline as pb
-from parity.check import NOT_CHECKED_KEY, RECORD_KEY, budget_used, format_value
-from parity.tolerances import LOWER, UPPER, direction
+from parity.check import NOT_CHECKED_KEY, RECORD_KEY
+from parity.environment import cpu_info, device_info, json_safe, package_versions
+from parity.report import write_report
+from parity.summary import not_checked_lines, summary_lines
 
-VERSIONED = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models", "fairscale", "tiktoken", "numpy",
-             "pytest", "pytest-xdist")
 _WORKER_KEY = "parity_devices"
 _SEEDS_KEY = "parity_seeds"
 _SEEDS = pytest.StashKey[dict]()
@@ -42,63 +40,6 @@ _SEEDS = pytest.StashKey[dict]()
 def note_seed(config: pytest.Config, name: str, value: Any) -> None:
     """Declare a seed the run used (e.g. of the canonical weights) so the JSON and the report show it."""
     config.stash.setdefault(_SEEDS, {})[name] = value
-
-
-def package_versions(names=VERSIONED) -> dict[str, str | None]:
-    """Installed distribution versions, None for those not installed."""
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-# The CPU features that change which kernels XLA and torch pick, and so the last bits of a result: a baseline's
-# metric values hold only on a CPU with the same ones (parity/baseline.py).
-NUMERIC_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
-                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
-                     "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm")  # the last six: aarch64's "Features" line
-
-
-def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
-    """The machine type and its numerically relevant CPU flags (None where /proc/cpuinfo cannot be read)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return {"machine": platform.machine(), "flags": None}
-    line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
-    have = set(line.partition(":")[2].split())
-    return {"machine": platform.machine(), "flags": [f for f in NUMERIC_CPU_FLAGS if f in have]}
-
-
-def device_info() -> dict[str, Any] | None:
-    """Backend, device kind and count, only if this process has already initialised a JAX backend."""
-    jax = sys.modules.get("jax")
-    if jax is None:
-        return None
-    try:
-        from jax._src import xla_bridge  # private, but the only way to ask without initialising
-
-        if not xla_bridge.backends_are_initialized():
-            return None
-        devices = jax.devices()
-        return {"platform": jax.default_backend(), "kind": devices[0].device_kind, "count": len(devices),
-                "process_count": jax.process_count()}
-    except Exception:  # noqa: BLE001 - environment reporting must never break a run
-        return None
-
-
-def json_safe(value: Any) -> Any:
-    """Strict JSON: non-finite floats become the strings 'NaN', 'Infinity', '-Infinity'."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _message(report: pytest.TestReport) -> str | None:
@@ -214,8 +155,6 @@ class ParityCollector:
 
     def implementation(self) -> dict[str, Any]:
         """The implementation under test (--impl): its factory, package and version."""
-        from adapters.protocol import BUILTIN, describe
-
         spec = self.config.getoption("impl", default=None) or BUILTIN
         try:
             return describe(spec)
@@ -259,8 +198,6 @@ class ParityCollector:
             self.baseline_written = len(pb.write_baseline(self.baseline_path, document)["cases"])
 
     def _write_report(self, session: pytest.Session, document: dict[str, Any]) -> None:
-        from parity.report import write_report
-
         try:
             write_report(self.report_path, document, self.gate)
         except Exception as exc:  # noqa: BLE001 - said in the summary and the exit status, not an INTERNALERROR
@@ -288,82 +225,6 @@ class ParityCollector:
             lines.append(f"parity baseline NOT rewritten: the run was interrupted, {self.baseline_path} is unchanged")
         for line in lines:
             terminalreporter.write_line(line)
-
-
-def not_checked_lines(entries: list[dict[str, Any]]) -> list[str]:
-    """How many checks did not run on the implementation, and the commonest reasons."""
-    tests: dict[str, str] = {}
-    for entry in entries:
-        tests.setdefault(entry["test"], entry["reason"])
-    reasons: dict[str, int] = {}
-    for reason in tests.values():
-        reasons[reason] = reasons.get(reason, 0) + 1
-    lines = [f"not checked: {len(tests)} tests ({len(entries)} entries); the implementation lacks what they need:"]
-    for reason, count in sorted(reasons.items(), key=lambda item: -item[1])[:5]:
-        lines.append(f"  {count:4d} x {reason[:150]}")
-    return lines
-
-
-def worst_per_component(records: list[dict[str, Any]]) -> dict[str, tuple[float, str, dict]]:
-    """For each component, the (budget used, metric, record) closest to or furthest past its bound."""
-    worst: dict[str, tuple[float, str, dict]] = {}
-    for record in records:
-        for metric, bound in record["bounds"].items():
-            value = record["metrics"].get(metric)
-            if value is None or direction(metric) not in (UPPER, LOWER):
-                continue
-            used = budget_used(metric, value, bound)
-            current = worst.get(record["component"])
-            if current is None or used > current[0]:
-                worst[record["component"]] = (used, metric, record)
-    return worst
-
-
-def summary_lines(records: list[dict], tests: list[dict], json_path: str | None,
-                  gate: pb.GateResult | None = None) -> list[str]:
-    """The terminal summary: verdict, record counts, worst case per component, baseline gate, JSON path."""
-    failed_records = [r for r in records if not r["passed"]]
-    bad_tests = [t for t in tests if t["outcome"] in ("failed", "error")]
-    regressions = f"; {len(gate.regressions)} baseline regressions" if gate and not gate.passed else ""
-    verdict = "PASS" if not bad_tests and not regressions else "FAIL"
-    lines = ["", "=" * 20 + " parity summary " + "=" * 20,
-             f"verdict: {verdict} ({len(bad_tests)} failed/error of {len(tests)} tests{regressions})",
-             f"records: {len(records) - len(failed_records)} passed, {len(failed_records)} failed"]
-    outcomes = {t["nodeid"]: t["outcome"] for t in tests}
-    caught = [r for r in failed_records if outcomes.get(r["test"]) in ("passed", "xfailed")]
-    if caught:
-        lines.append(f"  ({len(caught)} failed records belong to tests that passed or xfailed, "
-                     f"e.g. planted-bug checks)")
-    judged = [r for r in records if r["passed"] or outcomes.get(r["test"]) not in ("passed", "xfailed")]
-    worst = worst_per_component(judged)  # planted bugs a test caught are not the run's worst case
-    if worst:
-        lines.append("worst per component (share of bound used; > 1 fails):")
-    for component, (used, metric, record) in sorted(worst.items()):
-        label = record["test"] + (f" [{record['name']}]" if record.get("name") else "")
-        value, bound = format_value(metric, record["metrics"][metric]), format_value(metric, record["bounds"][metric])
-        lines.append(f"  {component:<14} {metric} = {value} (bound {bound}, {used:.3g}x)  {label}")
-    for record in [r for r in failed_records if r.get("error")][:5]:
-        lines.append(f"  error in {record['test']} [{record.get('name')}]: {record['error'].splitlines()[0]}")
-    lines += cause_lines(failed_records, outcomes)
-    if gate is not None:
-        lines += pb.summary_lines(gate)
-    if json_path:
-        lines.append(f"parity JSON: {json_path}")
-    return lines
-
-
-def cause_lines(failed_records: list[dict], outcomes: dict[str, str]) -> list[str]:
-    """The probable causes of the failing records (parity.diagnosis, grouped as the report's summary does), when
-    any failing record was diagnosed."""
-    from parity.report import probable_causes
-
-    if not any(r.get("diagnosis") for r in failed_records):
-        return []
-    lines = ["probable causes (failing records / tests):"]
-    for group in probable_causes(failed_records, outcomes)[:8]:
-        about = f" — {group['description']}" if group["description"] else ""
-        lines.append(f"  {group['records']:4d} / {group['tests']:<4d} {group['cause']}{about}")
-    return lines
 
 
 @pytest.hookimpl

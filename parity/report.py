@@ -31,8 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from parity.baseline import cpu_label
 from parity.check import budget_used, format_value
+from parity.environment import cpu_label
 from parity.tolerances import COMPONENTS, LOWER, UPPER, direction
 
 TEMPLATES = Path(__file__).with_name("templates")

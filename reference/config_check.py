@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_spec.config import LLAMA31_ROPE_SCALING, LlamaConfig, RopeScaling
+from reference.meta import _apply_scaling, _meta
 
 PARAMS_JSON, CONFIG_JSON = "params.json", "config.json"
 SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -131,7 +132,6 @@ def _meta_hidden_dim(args) -> int:
     the Linear it would build, without allocating weights."""
     import torch
 
-    from reference.meta import _meta
 
     m, widths = _meta(), []
 
@@ -152,7 +152,6 @@ def meta_applied_scaling() -> RopeScaling:
     them, so they are checked here, bit for bit against the formula at Llama 3.1's numbers, rather than assumed."""
     import torch
 
-    from reference.meta import _apply_scaling, _meta
 
     shipped = _meta().apply_scaling
     for head_dim in (64, 128):

@@ -28,22 +28,23 @@ is `precompute_freqs_cis` over the longer range, sliced), HF's rotary embedding 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
 
+from llama_spec import generation_cli
 from llama_spec.generation import Generation, check_prompts, left_pad
+from llama_spec.tokenizer import meta_tokenizer
 from reference.hf import HFReference
-from reference.meta import MetaReference
+from reference.meta import MetaReference, freqs_cis
 from reference.torch_utils import to_numpy
 
 
 def meta_stop_tokens() -> tuple[int, ...]:
     """The ids at which Meta's `Llama3.generate` ends a row (end of text, end of message, end of turn), for the
     tokenizer llama-models ships; a checkpoint with its own tokenizer passes that one's `stop_tokens`."""
-    from llama_spec.tokenizer import meta_tokenizer
-
     return tuple(int(t) for t in meta_tokenizer().stop_tokens)
 
 
@@ -84,8 +85,6 @@ def _check_teacher(teacher, prompts) -> None:
 @contextlib.contextmanager
 def _meta_rope_from(reference: MetaReference, start_pos: int):
     """Meta's model with cache slot s at RoPE position start_pos + s (its own table, sliced); restored on exit."""
-    from reference.meta import freqs_cis
-
     model, config = reference.model, reference.config
     original = model.freqs_cis
     if start_pos:
@@ -220,3 +219,30 @@ def hf_generate(reference: HFReference, prompts: Sequence[Sequence[int]], max_ne
             output_logits=True, return_dict_in_generate=True)
     rows = [_truncate(row, stops, max_new_tokens) for row in out.sequences[:, tokens.shape[1]:].tolist()]
     return Generation(tokens=rows, step_logits=[to_numpy(step) for step in out.logits])
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+PROG = "python -m reference.generation"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The references' side of `python -m tp_llama.generate`: the same options and output, Meta's or HF's model."""
+    p = generation_cli.parser(PROG, "Greedy generation with a reference (Meta's model over its own KV cache, or "
+                                    "Hugging Face generate); prints the new text and the token ids.")
+    p.add_argument("--reference", choices=("hf", "meta"), required=True, help="which reference runs")
+    args = p.parse_args(argv)
+
+    def engine(prompts, config, weights, stops, progress) -> Generation:
+        options = dict(on_token=progress, stop_tokens=stops)
+        if args.reference == "meta":
+            meta = MetaReference(config, weights, args.dtype, max_batch_size=len(prompts),
+                                 max_seq_len=max(map(len, prompts)) + args.max_new_tokens)
+            return meta_generate(meta, prompts, args.max_new_tokens, **options)
+        return hf_generate(HFReference(config, weights, args.dtype), prompts, args.max_new_tokens, **options)
+
+    return generation_cli.main(PROG, args, engine, args.reference)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,8 +18,9 @@ from typing import AbstractSet, Collection, Literal, Sequence, Union
 
 from llama_models.llama3 import tokenizer as meta
 
+from llama_spec.files import cache_root
 from llama_spec.tokenizer import PACKAGED_TOKENIZER_PATH, meta_tokenizer
-from reference.tokenizer_cache import load_or_build, source_of, tokenizer_cache_dir
+from reference.tokenizer_cache import load_or_build, source_of
 
 
 def meta_encode_chunks(text: str) -> list[str]:
@@ -107,11 +108,11 @@ def hf_tokenizer(path: Union[str, os.PathLike, None] = None, *, cache_dir: Union
                  rebuild: bool = False):
     """An HF `PreTrainedTokenizerFast` converted offline from the tiktoken file `path` (default: the packaged one).
 
-    `cache_dir=None` uses `tokenizer_cache_dir()`, `False` disables the disk cache; `rebuild=True` converts
+    `cache_dir=None` uses `cache_root()`, `False` disables the disk cache; `rebuild=True` converts
     again and overwrites the cache entry. The same object is returned for the same arguments within a process.
     """
     path = Path(path) if path is not None else PACKAGED_TOKENIZER_PATH
-    root = None if cache_dir is False else Path(cache_dir) if cache_dir is not None else tokenizer_cache_dir()
+    root = None if cache_dir is False else Path(cache_dir) if cache_dir is not None else cache_root()
     return _hf_tokenizer_for(path.resolve(), root, rebuild)
 
 

@@ -21,14 +21,6 @@ DIGEST_FILE = "tokenizer.json.sha256"
 _STALE_AFTER_S = 7 * 24 * 3600
 
 
-def tokenizer_cache_dir() -> Path:
-    """Root of the on-disk cache (`$TP_LLAMA_CACHE_DIR`, else `$XDG_CACHE_HOME/tp_llama`, else ~/.cache/tp_llama)."""
-    if os.environ.get("TP_LLAMA_CACHE_DIR"):
-        return Path(os.environ["TP_LLAMA_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "tp_llama"
-
-
 def source_of(obj) -> str:
     """Source of a function, or of every function a class holds now (so a method patched in at run time counts)."""
     if inspect.isclass(obj):

@@ -7,7 +7,12 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from llama_spec.checkpoint import load_checkpoint
 from llama_spec.config import LlamaConfig
+from tp_llama import components
+from tp_llama.convert import meta_name_of, meta_to_jax
+from tp_llama.model import TPLlama
+from tp_llama.shardings import tree_items
 
 
 class TPLlamaAdapter:
@@ -18,17 +23,12 @@ class TPLlamaAdapter:
 
     @classmethod
     def build(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh, dtype: str) -> "TPLlamaAdapter":
-        from tp_llama.convert import meta_to_jax
-        from tp_llama.model import TPLlama
-
         model = TPLlama(config, mesh, dtype)
         return cls(model, model.place(meta_to_jax(weights)))
 
     @classmethod
     def build_from_checkpoint(cls, path, mesh, dtype: str, fmt: str) -> "TPLlamaAdapter":
         """Through the suite's own loader (llama_spec.checkpoint), which detects the format itself."""
-        from llama_spec.checkpoint import load_checkpoint
-
         config, weights = load_checkpoint(path)
         return cls.build(config, weights, mesh, dtype)
 
@@ -53,33 +53,21 @@ class TPLlamaAdapter:
     # ---- components --------------------------------------------------------------------------
 
     def rms_norm(self, x, layer: int, which: str):
-        from tp_llama import components
-
         return components.rms_norm(self.model, self.params, x, layer=layer, which=which)
 
     def rope(self, q, k, start_pos: int):
-        from tp_llama import components
-
         return components.rope(self.model, q, k, start_pos=start_pos)
 
     def attention(self, chunks, layer: int, start_pos: int):
-        from tp_llama import components
-
         return components.attention(self.model, self.params, chunks, layer=layer, start_pos=start_pos)
 
     def feed_forward(self, x, layer: int):
-        from tp_llama import components
-
         return components.feed_forward(self.model, self.params, x, layer=layer)
 
     def block(self, x, layer: int, start_pos: int):
-        from tp_llama import components
-
         return components.block(self.model, self.params, x, layer=layer, start_pos=start_pos)
 
     def head(self, h):
-        from tp_llama import components
-
         return components.head(self.model, self.params, h)
 
     # ---- what the communication and sharding checks read -------------------------------------
@@ -93,7 +81,4 @@ class TPLlamaAdapter:
     def parameters(self):
         """Meta names -> placed arrays (JAX kernels are (in, out); wk/wv hold replicated kv heads when the model
         axis exceeds n_kv_heads)."""
-        from tp_llama.convert import meta_name_of
-        from tp_llama.shardings import tree_items
-
         return {meta_name_of(path): array for path, array in tree_items(self.params)}

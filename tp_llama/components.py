@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_spec.host import host
 from tp_llama import layers
-from tp_llama.model import Attention, Block, FeedForward, RMSNorm, TPLlama, shared_program, to_numpy
-from tp_llama.shardings import ACTIVATION_AXES, param_specs, spec
+from tp_llama.model import Attention, Block, FeedForward, RMSNorm, TPLlama, shared_program
+from tp_llama.shardings import ACTIVATION_AXES, kv_replication, param_specs, replicate_kv_heads, spec
 
 HIDDEN = spec(ACTIVATION_AXES["hidden"])
 TOKENS = spec(ACTIVATION_AXES["tokens"])
@@ -49,13 +50,11 @@ def rms_norm(model: TPLlama, params, x, layer: int = 0, which: str = "attention_
     module = RMSNorm(model.config.dim, model.config.norm_eps)
     out = _run(model, ("rms_norm",), lambda w, h: module.apply({"params": w}, h),
                (param_specs(model.config)["norm"], HIDDEN), HIDDEN, weights, jnp.asarray(x, model.dtype))
-    return to_numpy(out)
+    return host(out)
 
 
 def rope(model: TPLlama, q, k, start_pos: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """RoPE on q (B,S,H,hd) and k (B,S,KV,hd), heads sharded over the model axis as in attention."""
-    from tp_llama.shardings import kv_replication, replicate_kv_heads
-
     copies = kv_replication(model.config, model.model_parallel)
     b, s, kv, hd = np.shape(k)
     k_wide = replicate_kv_heads(np.asarray(k).reshape(b * s, kv * hd), hd, copies).reshape(b, s, kv * copies, hd)
@@ -67,7 +66,7 @@ def rope(model: TPLlama, q, k, start_pos: int = 0) -> tuple[np.ndarray, np.ndarr
     heads = spec(ACTIVATION_AXES["q_heads"])
     q_out, k_out = _run(model, ("rope",), local, (heads, heads, TOKENS), (heads, heads),
                         jnp.asarray(q, model.dtype), jnp.asarray(k_wide, model.dtype), _positions(b, s, start_pos))
-    return to_numpy(q_out), to_numpy(k_out)[:, :, ::copies]
+    return host(q_out), host(k_out)[:, :, ::copies]
 
 
 def attention(model: TPLlama, params, x_chunks: Sequence, layer: int = 0, start_pos: int = 0) -> list[np.ndarray]:
@@ -95,7 +94,7 @@ def attention(model: TPLlama, params, x_chunks: Sequence, layer: int = 0, start_
                           (HIDDEN, (cache_spec, cache_spec)),
                           _layer(params, layer)["attention"], jnp.asarray(x, model.dtype),
                           _positions(b, s, start_pos + slot), valid, _positions(b, s, slot), cache, np.int32(slot))
-        outputs.append(to_numpy(out))
+        outputs.append(host(out))
         slot += s
     return outputs
 
@@ -105,7 +104,7 @@ def feed_forward(model: TPLlama, params, x, layer: int = 0) -> np.ndarray:
     out = _run(model, ("feed_forward", layer), lambda w, h: module.apply({"params": w}, h),
                (param_specs(model.config)[f"layers_{layer}"]["feed_forward"], HIDDEN), HIDDEN,
                _layer(params, layer)["feed_forward"], jnp.asarray(x, model.dtype))
-    return to_numpy(out)
+    return host(out)
 
 
 def block(model: TPLlama, params, x, layer: int = 0, start_pos: int = 0) -> np.ndarray:
@@ -120,7 +119,7 @@ def block(model: TPLlama, params, x, layer: int = 0, start_pos: int = 0) -> np.n
 
     out = _run(model, ("block", layer), local, (param_specs(model.config)[f"layers_{layer}"], HIDDEN, TOKENS),
                HIDDEN, _layer(params, layer), jnp.asarray(x, model.dtype), _positions(b, s, start_pos))
-    return to_numpy(out)
+    return host(out)
 
 
 def head(model: TPLlama, params, h) -> np.ndarray:
@@ -134,4 +133,4 @@ def head(model: TPLlama, params, h) -> np.ndarray:
     specs = param_specs(config)
     out = _run(model, ("head",), local, (specs["norm"], specs["output"], HIDDEN),
                spec(ACTIVATION_AXES["logits"]), params["norm"], params["output"], jnp.asarray(h, model.dtype))
-    return to_numpy(out)
+    return host(out)

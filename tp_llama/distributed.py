@@ -1,4 +1,4 @@
-"""JAX's multi-controller runtime: join a run that spans processes (hosts), and bring results to the host.
+"""JAX's multi-controller runtime: join a run that spans processes (hosts), and launch such runs on one machine.
 
 On a TPU pod slice or a multi-node GPU cluster every host runs the same program; `jax.distributed.initialize`
 connects them and `jax.devices()` then lists every device of every process, so a mesh can span hosts. Three
@@ -8,8 +8,8 @@ rules follow for the suite:
   function is taken as one process-local copy of the same global value (JAX's multi-controller convention for
   uncommitted inputs), so seeded inputs need no further conversion;
 - every process takes part in every computation and every gather, in the same order (no pytest-xdist);
-- a result sharded over devices of other processes is gathered with a collective (`to_host`) before anyone
-  compares it; only process 0 writes files.
+- a result sharded over devices of other processes is gathered with a collective (`llama_spec.host`) before anyone
+  compares it (`llama_spec.host`); only process 0 writes files.
 `python -m tp_llama.distributed -- PYTEST ARGS` runs such a run on one machine: N processes, each simulating CPU
 devices, talking gloo over loopback (`launch` kills them all when one fails or time runs out).
 """
@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Mapping
-
-import numpy as np
 
 # The suite's environment variables (JAX itself reads only the first).
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -79,18 +77,6 @@ def initialize(chosen: Settings, timeout_s: int = 300) -> None:
     jax.distributed.initialize(coordinator_address=chosen.coordinator_address,
                                num_processes=chosen.num_processes, process_id=chosen.process_id,
                                initialization_timeout=timeout_s)
-
-
-def to_host(x) -> np.ndarray:
-    """The full value of `x` on this host. An array sharded over devices of other processes is gathered with a
-    collective, so every process must call this for the same array at the same point."""
-    import jax
-
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 # ---- running N processes on one machine -----------------------------------------------------

@@ -26,6 +26,7 @@ from tp_llama.shardings import (
     MODEL,
     check_splittable,
     kv_replication,
+    make_mesh,
     param_specs,
     parse_mesh,
     place_params,
@@ -272,8 +273,6 @@ class TPLlama:
 
     @classmethod
     def on_mesh(cls, config: LlamaConfig, mesh_text: str, dtype="float32"):
-        from tp_llama.shardings import make_mesh
-
         parse_mesh(mesh_text)
         return cls(config, make_mesh(mesh_text), dtype)
 
@@ -371,11 +370,3 @@ class TPLlama:
         if copies == 1:
             return taps
         return {k: (v[:, :, ::copies] if k.endswith("k_rope") else v) for k, v in taps.items()}
-
-
-def to_numpy(x) -> np.ndarray:
-    """Gather a (possibly sharded, possibly multi-process) array to the host as float32 or its integer type."""
-    from tp_llama.distributed import to_host
-
-    x = to_host(x)
-    return x.astype(np.float32) if x.dtype.kind == "f" or x.dtype == jnp.bfloat16 else x

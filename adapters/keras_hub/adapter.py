@@ -61,6 +61,9 @@ if keras.config.backend() != "jax":
 
 from keras_hub.src.layers.modeling.transformer_layer_utils import compute_causal_mask  # noqa: E402
 
+from llama_spec import config as spec
+from llama_spec.layout import meta_weight_shapes
+
 DATA, MODEL = "data", "model"
 
 # ---- capturing sublayer outputs ---------------------------------------------------------------------------
@@ -261,8 +264,6 @@ class KerasHubLlamaAdapter:
         """Meta names -> keras-hub's placed variables, in keras-hub's shapes (see adapters/keras_hub/checkpoint.py:
         q/k/v kernels (dim, heads, head_dim) with q/k rows in the half layout, wo (heads, head_dim, dim), the
         other kernels (in, out), output (dim, vocab))."""
-        from llama_spec.layout import meta_weight_shapes
-
         by_path = {v.path: v.value for v in self._variables}
         out = {}
         for name in meta_weight_shapes(self.config):
@@ -395,8 +396,6 @@ class KerasHubLlamaAdapter:
 
 def _config_of(backbone) -> LlamaConfig:
     """The suite config keras-hub's backbone computes (what it was told, whatever the source)."""
-    from llama_spec import config as spec
-
     hidden = backbone.intermediate_dim
     scaled = backbone.rope_low_freq_factor is not None
     base = spec.LlamaConfig(dim=backbone.hidden_dim, n_layers=backbone.num_layers, n_heads=backbone.num_query_heads,

@@ -32,6 +32,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fixtures.checkpoints import write_hf_checkpoint
+from llama_spec import config as spec
 from llama_spec.config import LlamaConfig
 
 CONFIG_STYLES = ("rope_parameters", "rope_scaling")
@@ -43,8 +45,6 @@ def rope_scaling_of(config: LlamaConfig) -> dict[str, float] | None:
     """The Llama 3 RoPE scaling parameters of a suite config under HF's names, None when RoPE is unscaled.
     (Reads both LlamaConfig generations: `use_scaled_rope` with Llama 3.1's constants, or a `rope_scaling`
     object carrying the four parameters.)"""
-    from llama_spec import config as spec
-
     if not config.use_scaled_rope:
         return None
     scaling = getattr(config, "rope_scaling", None)
@@ -159,8 +159,6 @@ def restyle_config_json(data: Mapping[str, Any], style: str) -> dict[str, Any]:
 def write_hf(directory: str | Path, config: LlamaConfig, weights: Mapping[str, np.ndarray], style: str) -> Path:
     """The suite's own HF checkpoint writer (fixtures.checkpoints, float32 safetensors, HF's q/k permutation),
     then config.json in `style`."""
-    from fixtures.checkpoints import write_hf_checkpoint
-
     directory = write_hf_checkpoint(directory, config, weights, dtype="float32")
     path = Path(directory) / "config.json"
     path.write_text(json.dumps(restyle_config_json(json.loads(path.read_text()), style), indent=2) + "\n")

@@ -13,6 +13,11 @@ import re
 import sys
 from collections import Counter
 
+from adapters import protocol
+from llama_spec.config import preset
+from llama_spec.layout import make_mesh
+from llama_spec.synthetic import canonical_weights
+
 _KIND = r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
 _LINE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+" + _KIND + r"(?:-start)?\((.*)$")
 _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
@@ -80,10 +85,6 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from adapters import protocol
-    from fixtures.weights import canonical_weights
-    from llama_spec.config import preset
-    from llama_spec.layout import make_mesh
 
     config, weights = preset("tiny"), canonical_weights("tiny")
     tokens = args.batch * args.seq

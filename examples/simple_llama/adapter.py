@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from examples.simple_llama import model
 from examples.simple_llama.model import CACHE, HEADS, HIDDEN, LOGITS, TOKENS, Layout
+from llama_spec.checkpoint import load_checkpoint
 
 
 class SimpleLlamaAdapter:
@@ -54,8 +55,6 @@ class SimpleLlamaAdapter:
     def build_from_checkpoint(cls, path, mesh, dtype, format):
         """A checkpoint directory (format 'meta' or 'hf', either config.json style) through the suite's loader,
         llama_spec.checkpoint, which detects the format itself and hands over Meta-layout weights."""
-        from llama_spec.checkpoint import load_checkpoint
-
         config, weights = load_checkpoint(path)
         return cls.build(config, weights, mesh, dtype)
 

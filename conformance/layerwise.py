@@ -22,8 +22,17 @@ from typing import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from llama_spec.checkpoint import check_mesh, numpy_to_torch
 from llama_spec.config import LlamaConfig
+from llama_spec.host import host
 from llama_spec.layout import meta_weight_shapes
+from reference import hf, meta, oracle
+from reference.layers import layer_state, layer_weights
+from reference.torch_utils import to_numpy, to_torch, torch_dtype
+from tp_llama import components
+from tp_llama.convert import meta_to_jax
+from tp_llama.model import Linear, RMSNorm, TPLlama, VocabParallelEmbed
+from tp_llama.shardings import ACTIVATION_AXES, make_mesh, param_specs, parse_mesh, place_params, spec
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Vocab rows per float64 block of the oracle's logits (8192 x 4096 x 8 bytes = 256 MiB at 8B widths).
@@ -61,23 +70,17 @@ def jax_embedding(model, table, tokens) -> np.ndarray:
     """The vocab-parallel embedding (model.VocabParallelEmbed) with only its table placed on the mesh."""
     import jax.numpy as jnp
 
-    from tp_llama.model import VocabParallelEmbed, to_numpy
-    from tp_llama.shardings import ACTIVATION_AXES, param_specs, place_params, spec
 
     params = place_params({"tok_embeddings": {"embedding": table}}, model.config, model.mesh, model.dtype)
     module = VocabParallelEmbed(model.dims)
     out = _shard_run(model, lambda w, t: module.apply({"params": w}, t, model.dtype),
                      (param_specs(model.config)["tok_embeddings"], spec(ACTIVATION_AXES["tokens"])),
                      spec(ACTIVATION_AXES["hidden"]), params["tok_embeddings"], jnp.asarray(tokens, jnp.int32))
-    return to_numpy(out)
+    return host(out)
 
 
 def jax_block(model, layer: Mapping[str, np.ndarray], index: int, x, start_pos: int) -> np.ndarray:
     """tp_llama.components.block with only layer `index`'s weights (short keys, Meta layout) on the mesh."""
-    from reference.layers import layer_state
-    from tp_llama import components
-    from tp_llama.convert import meta_to_jax
-
     params = model.place(meta_to_jax(layer_state(layer, index)))
     return components.block(model, params, x, layer=index, start_pos=start_pos)
 
@@ -86,8 +89,6 @@ def jax_head(model, norm_weight, output_weight, x) -> np.ndarray:
     """Final RMSNorm and vocab-parallel logits, as the last lines of model.Transformer, on the mesh."""
     import jax.numpy as jnp
 
-    from tp_llama.model import Linear, RMSNorm, to_numpy
-    from tp_llama.shardings import ACTIVATION_AXES, param_specs, place_params, spec
 
     config = model.config
     params = place_params({"norm": {"weight": norm_weight}, "output": {"kernel": np.asarray(output_weight).T}},
@@ -102,7 +103,7 @@ def jax_head(model, norm_weight, output_weight, x) -> np.ndarray:
     out = _shard_run(model, local, ({"norm": specs["norm"], "output": specs["output"]},
                                     spec(ACTIVATION_AXES["hidden"])),
                      spec(ACTIVATION_AXES["logits"]), params, jnp.asarray(x, model.dtype))
-    return to_numpy(out)
+    return host(out)
 
 
 # ---- the references and the oracle, one part at a time ----------------------------------------------------
@@ -113,8 +114,6 @@ def reference_embedding(table, tokens, dtype: str) -> np.ndarray:
     nn.Embedding are both F.embedding over the table at the run dtype), without copying the table to float32."""
     import torch
 
-    from llama_spec.checkpoint import numpy_to_torch
-    from reference.torch_utils import to_numpy
 
     with torch.inference_mode():
         return to_numpy(torch.nn.functional.embedding(torch.from_numpy(np.asarray(tokens, np.int64)),
@@ -124,8 +123,6 @@ def reference_embedding(table, tokens, dtype: str) -> np.ndarray:
 def reference_block(name: str, x, layer: Mapping[str, np.ndarray], config: LlamaConfig, dtype: str,
                     start_pos: int) -> np.ndarray:
     """The reference's own transformer block (Meta's TransformerBlock, HF's LlamaDecoderLayer) for one layer."""
-    from reference import hf, meta
-
     block = {"meta": meta.meta_block, "hf": hf.hf_block}[name]
     return block(x, layer, config, dtype, start_pos)
 
@@ -136,9 +133,6 @@ def reference_head(name: str, x, norm_weight, output_weight, config: LlamaConfig
     stored rather than building a float32 module around it."""
     import torch
 
-    from llama_spec.checkpoint import numpy_to_torch
-    from reference import hf, meta
-    from reference.torch_utils import to_numpy, to_torch, torch_dtype
 
     rms_norm = {"meta": meta.meta_rms_norm, "hf": hf.hf_rms_norm}[name]
     normed = rms_norm(x, norm_weight, config.norm_eps, dtype)
@@ -149,8 +143,6 @@ def reference_head(name: str, x, norm_weight, output_weight, config: LlamaConfig
 
 def oracle_head(x, norm_weight, output_weight, config: LlamaConfig) -> np.ndarray:
     """float64 logits, the output weight converted a block of vocab rows at a time."""
-    from reference import oracle
-
     normed = oracle.rms_norm(x, norm_weight, config.norm_eps)
     logits = np.empty((*normed.shape[:-1], output_weight.shape[0]))
     for start in range(0, output_weight.shape[0], _ORACLE_VOCAB_BLOCK):
@@ -201,15 +193,8 @@ def run_layerwise(config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh: 
     `meta_block` reads `start_pos`. A checkpoint the mesh cannot split fails before any weight is read, naming
     its config file.
     """
-    from reference import oracle
-    from reference.layers import layer_weights
-    from tp_llama.model import TPLlama
-    from tp_llama.shardings import make_mesh, parse_mesh
-
     source = getattr(weights, "config_path", None)
     if source is not None:
-        from llama_spec.checkpoint import check_mesh
-
         check_mesh(config, parse_mesh(mesh)[1], source)
     model = TPLlama(config, make_mesh(mesh), dtype)
     tokens = np.asarray(tokens, np.int32)
