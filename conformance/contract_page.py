@@ -29,7 +29,6 @@ from conformance import (
     test_sharding,
     test_tp_invariance,
 )
-from fixtures import real_model
 from llama_spec import convert
 from llama_spec.config import LLAMA32_ROPE_SCALING, PRESETS, LlamaConfig
 from llama_spec.layout import kv_replication
@@ -76,7 +75,7 @@ def configs_section() -> str:
                     "config cross-check, checkpoints"),
         *(_config_row(f"fixed drawn model {i + 1}", config, "properties under the `dev` profile")
           for i, (config, _, _) in enumerate(strategies.FIXED_MODELS)),
-        _config_row("real model (SmolLM2-135M)", real_model.metadata_config(real_model.gguf_path()),
+        _config_row("real model (SmolLM2-135M)", real_slice.config(),
                     "conformance/test_real_model.py"),
         _config_row("`8b` widths, 2 layers", PRESETS["8b"].replace(n_layers=2), "marker `slow` (test_8b_width)"),
     ]
