@@ -7,7 +7,7 @@ Without --checkpoint-dir a synthetic Meta checkpoint of the 8b preset at --layer
 directory by a child process (its time and peak memory are reported apart: writing holds the whole model, the
 check never does). The check then runs here, the same path as conformance/test_8b_width.py, and the peak
 resident memory printed is this process's VmHWM over the check alone (reset just before it), memory-mapped
-checkpoint pages included. The arithmetic printed last is the README's: why the same path fits the real
+checkpoint pages included. The arithmetic printed last is docs/real-checkpoints.md's: why the same path fits the real
 32-layer 8B on a 24 GiB host.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def generate(directory: Path, layers: int) -> tuple[float, int]:
 
 
 def arithmetic(config, dtype_bytes: int = 2) -> list[str]:
-    """Bytes of the real model's parts at `dtype_bytes` per parameter (the README's memory table)."""
+    """Bytes of the real model's parts at `dtype_bytes` per parameter (docs/real-checkpoints.md's memory arithmetic)."""
     import numpy as np
 
 

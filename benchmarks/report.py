@@ -1,4 +1,4 @@
-"""The machine a run measured, and the Markdown tables `python -m benchmarks` prints (README pastes them)."""
+"""The machine a run measured, and the Markdown tables `python -m benchmarks` prints (docs/results.md pastes them)."""
 from __future__ import annotations
 
 import datetime

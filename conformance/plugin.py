@@ -210,14 +210,11 @@ def _register_ini_defaults(config) -> None:
 
 def _distribute_by_module(config) -> None:
     """Under `-n N` without a --dist of the user's, send each test module to one worker (xdist's loadfile) instead of
-    test by test: a module's references, checkpoints and decoding runs are computed once, not once per worker. On the
-    default run (2 workers) the tests' own time fell from 517 s to 427 s.
+    test by test: a module's references, checkpoints and decoding runs are computed once, not once per worker.
 
-    The modules go out in collection order, not requeued by test count (xdist's loadscope-reorder). By count, the
+    The modules go out in collection order, not requeued by test count (xdist's loadscope-reorder): by count, the
     costly modules with few tests came last and modules that run the same programs and references ended up on
-    different workers (test_checkpoint_handoff and test_logits: 28 s for test_logits instead of 9 to 13). Warm
-    `pytest -n 2` on 2 idle cores: 208 s by count, 158 to 170 s in collection order, 196 s longest module first
-    (by the previous run's times: balanced to the second, but with more work in all)."""
+    different workers. The measured effect of both: docs/results.md#scheduling-and-garbage-collection."""
     if getattr(config.option, "dist", "no") != "load":
         return
     given = list(config.invocation_params.args) + os.environ.get("PYTEST_ADDOPTS", "").split()
@@ -282,9 +279,7 @@ def pytest_configure(config):
 def pytest_collection_finish(session):
     """What imports and collection made (about a million objects: torch, transformers, JAX, the test modules) lives
     until the process ends, so take it out of the garbage collector's reach (gc.freeze): every full collection
-    walked all of it. Measured on 2 idle cores: full collections took 8.7 and 10.6 s of the two workers of a warm
-    run, 6.2 and 6.4 s frozen; pytest's own gc.collect calls at unconfigure and the interpreter's at exit come
-    after the last test, and `pytest -n 2` on two small modules took 19.7 s frozen against 23.3 s."""
+    walked all of it. Its measured effect: docs/results.md#scheduling-and-garbage-collection."""
     gc.freeze()
 
 

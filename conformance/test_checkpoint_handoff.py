@@ -124,7 +124,7 @@ def test_built_from_checkpoint(request, from_checkpoint, tiny_config, form, comp
 
 class _KnowsOneStyle:
     """examples.simple_llama behind a loader that knows only transformers 5's config.json style: the hub's
-    `rope_scaling` is silently dropped and RoPE runs unscaled, the bug DESIGN.md's pitfalls name."""
+    `rope_scaling` is silently dropped and RoPE runs unscaled, the bug docs/architecture.md#pitfalls names."""
 
     @classmethod
     def build_from_checkpoint(cls, path, mesh, dtype, fmt):

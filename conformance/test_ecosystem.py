@@ -379,7 +379,7 @@ def test_converter_with_another_head_dim_fails_loudly(kh, tmp_path):
     assert "shape" in str(info.value).lower() or "reshape" in str(info.value).lower(), str(info.value)
 
 
-# ---- the README table ---------------------------------------------------------------------------------------
+# ---- the scoreboard table (docs/public-implementations.md) --------------------------------------------------
 
 def test_table_names_the_earliest_failing_tensor_and_its_diagnosis():
     """parity.scoreboard on a small parity document: counts per dtype, the first failing tensor in forward

@@ -67,7 +67,7 @@ def test_pcc_and_cosine_by_hand():
 
 
 def test_scale_error_passes_pcc_but_fails_rel_l2():
-    """DESIGN.md section 8: PCC is blind to scale. A doubled output must still fail."""
+    """docs/architecture.md#prior-art: PCC is blind to scale. A doubled output must still fail."""
     b = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     values = compute_metrics(2 * b, b)
     assert values["pcc"] == pytest.approx(1.0)

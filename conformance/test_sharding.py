@@ -1,5 +1,6 @@
-"""The sharding contract of DESIGN.md section 3, checked on the placed parameters of the implementation under test
-(`parameters()`, adapters/protocol.py), and on the built-in model's 8B layout table and mesh rules.
+"""The sharding contract (docs/architecture.md#sharding-contract), checked on the placed parameters of the
+implementation under test (`parameters()`, adapters/protocol.py), and on the built-in model's 8B layout table and
+mesh rules.
 
 For every placed array the check asks, whatever the implementation's orientation:
 - it is a jax.Array living on exactly the devices of the mesh the implementation was given;

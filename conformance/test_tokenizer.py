@@ -450,7 +450,7 @@ def test_meta_chunking_is_the_only_difference(request, name, meta_tok, hf_tok):
     whole = hf_ids(text)
     assert (_runs(meta), _runs(whole)) == (meta_runs, hf_runs), (
         "the pinned Meta-vs-HF difference changed (a change to Meta's chunking or to the HF conversion): update "
-        "README.md, the 'Meta's chunking' notes in docs/tokenizer.md and this table")
+        "docs/what-is-checked.md, the 'Meta's chunking' notes in docs/tokenizer.md and this table")
     assert meta_tok.decode(meta) == rt.hf_decode(whole) == text
 
 

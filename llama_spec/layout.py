@@ -1,5 +1,6 @@
 """What the sharding contract and Meta's checkpoint fix independently of any implementation: the tensors of a
-Meta checkpoint, the ('data', 'model') mesh, and whether a model axis can split a config (DESIGN.md section 3).
+Meta checkpoint, the ('data', 'model') mesh, and whether a model axis can split a config
+(docs/architecture.md#sharding-contract).
 
 The built-in model, the references, the fixtures and the checks all read these, so none of them has to import
 another's code.

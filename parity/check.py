@@ -1,6 +1,6 @@
 """The assertion helpers every conformance test calls: compute metrics, look bounds up, record, judge.
 
-Tests never compute metrics or hold tolerances themselves (DESIGN.md section 2): they name a component and
+Tests never compute metrics or hold tolerances themselves (docs/architecture.md#layering): they name a component and
 `parity.tolerances` decides. Every call leaves a record in the test's user_properties as
 ("parity_record", record), which pytest-xdist carries to the controller with the test report.
 """

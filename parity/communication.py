@@ -11,8 +11,9 @@ an all-reduce, the gathered result of an all-gather, the operand of a reduce-sca
 is the measure of Megatron's "2 all-reduces of batch x seq x dim per layer"; what goes over the wire depends on
 the algorithm (a ring all-reduce sends 2(M-1)/M of it) and is not compared.
 
-`megatron_problems` holds the list against DESIGN.md section 3 on a mesh with model axis M > 1: one sum for the
-vocab-parallel embedding and two per layer (after wo and after w2), each of (batch/D) x seq x dim elements in the
+`megatron_problems` holds the list against the sharding contract (docs/architecture.md#sharding-contract) on a
+mesh with model axis M > 1: one sum for the vocab-parallel embedding and two per layer (after wo and after w2),
+each of (batch/D) x seq x dim elements in the
 activation dtype or float32, over the M devices of the model axis; no all-gather, reduce-scatter, all-to-all or
 permute. With M = 1 nothing may be communicated. One exception, by decision: an all-gather over the model axis whose
 result is the program's output and holds exactly the vocab-sharded logits is reported as the caller's gather, not

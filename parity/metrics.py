@@ -2,7 +2,7 @@
 
 Both sides are cast to float64 first, so a metric measures the inputs and not the arithmetic that compares
 them. Shapes must match exactly: broadcasting would hide a missing head or a transposed axis.
-See DESIGN.md section 5 for what each metric means and why several are reported together.
+See docs/architecture.md#metrics for what each metric means and why several are reported together.
 """
 from __future__ import annotations
 

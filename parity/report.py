@@ -10,9 +10,9 @@ column group per implementation). Implementations are told apart by the environm
 {"factory": "module:ATTR", "package": ..., "version": ...}, or the older `impl` string (the factory alone).
 
 The page comes from the Jinja2 template in parity/templates; the error-against-depth chart is drawn by
-matplotlib's SVG backend and inlined. Beyond DESIGN.md's record shape it reads the optional `generation` field
-(token streams) and `diagnosis` field (probable cause) of records, and the document's `not_checked` list, all
-declared in record.schema.json. Any other extra field is ignored.
+matplotlib's SVG backend and inlined. Beyond the record shape (docs/report-and-gate.md) it reads the optional
+`generation` field (token streams) and `diagnosis` field (probable cause) of records, and the document's
+`not_checked` list, all declared in record.schema.json. Any other extra field is ignored.
 
 Meshes a test drew for itself (property and metamorphic tests) fold into one "drawn" column per dtype. Which
 meshes those are is read from the data: a mesh is chosen, and keeps its own column, when a record's test id

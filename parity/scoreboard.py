@@ -1,4 +1,4 @@
-"""The README's "Public implementations, measured" table from parity JSON files (no keras needed):
+"""The scoreboard of docs/public-implementations.md from parity JSON files (no keras needed):
 
     python -m parity.scoreboard out/kh_direct.json out/kh_hf.json out/kh_hf_hub.json [--diagnoses out/eco.json]
 
@@ -178,7 +178,7 @@ def markdown(documents: list[dict], diagnosed: list[dict], commands: dict[str, s
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity.scoreboard",
-                                     description="Print the README's \"Public implementations, measured\" table "
+                                     description="Print the scoreboard of docs/public-implementations.md "
                                                  "(Markdown) from the parity JSON of whole-suite runs, one row per "
                                                  "factory and dtype; keras is not needed.")
     parser.add_argument("json", nargs="+", type=Path, help="parity JSON of whole-suite runs, one per factory")

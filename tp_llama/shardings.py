@@ -1,4 +1,4 @@
-"""The sharding contract as data (DESIGN.md section 3), mesh construction and weight placement.
+"""The sharding contract as data (docs/architecture.md#sharding-contract), mesh construction and weight placement.
 
 Every parameter names its logical axes; one table maps logical axes to mesh axes. Run
 `python -m tp_llama.shardings --preset 8b --mesh 1x4` to print the per-device layout without allocating.

@@ -7,7 +7,7 @@ Sharding: a `keras.distribution.DeviceMesh` over exactly the suite's mesh device
 build gets its own distribution, so several meshes live in one process). That layout, keras-hub's "Gemma team
 training config", is not Megatron's:
 
-| variable | keras-hub layout | Megatron (DESIGN.md section 3) |
+| variable | keras-hub layout | Megatron (docs/architecture.md#sharding-contract) |
 | --- | --- | --- |
 | token_embedding/embeddings (vocab, dim) | ('model', 'data'): vocab on model, dim on data | vocab on model |
 | query/key/value (dim, heads, head_dim) | ('model', 'data', None): input dim on model, heads on data | heads on model |
