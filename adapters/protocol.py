@@ -69,6 +69,13 @@ class Decode(Protocol):
 # model, with its own loaded weights of layer `layer`, on the mesh, on the given (replicated) inputs.
 
 @runtime_checkable
+class EmbeddingComponent(Protocol):
+    def embed(self, tokens: np.ndarray) -> Any:
+        """The token embedding lookup: int32 tokens (batch, seq) -> hidden (batch, seq, dim), the vocabulary split
+        over the model axis as the implementation splits it (each shard looks up its own rows)."""
+
+
+@runtime_checkable
 class RMSNormComponent(Protocol):
     def rms_norm(self, x: np.ndarray, layer: int, which: str) -> Any:
         """which: 'attention_norm' or 'ffn_norm' of `layer`, or 'norm' (the final norm; layer ignored)."""
@@ -123,6 +130,7 @@ class Parameters(Protocol):
 CAPABILITIES: dict[str, type] = {
     "forward": Forward,
     "decode": Decode,
+    "embed": EmbeddingComponent,
     "rms_norm": RMSNormComponent,
     "rope": RoPEComponent,
     "attention": AttentionComponent,

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from adapters import protocol
 from adapters.protocol import BUILTIN, AdapterError, load
-from conformance import mutants
+from conformance import components, mutants
 from llama_spec.checkpoint import CheckpointError, load_checkpoint
 from llama_spec.config import preset
 from llama_spec.layout import check_splittable, make_mesh, parse_mesh
@@ -310,6 +310,12 @@ def tiny_weights(request, tiny_config):
     """The canonical Meta-layout weight set every conformance test shares (its seed goes into the report)."""
     note_seed(request.config, "weights", WEIGHT_SEED)
     return canonical_weights("tiny", seed=WEIGHT_SEED)
+
+
+@pytest.fixture
+def judge(request, impl, reference, dtype, mesh):
+    """The test's subject and scope in one (conformance.components.Judge): `judge.check(components.RMSNORM, ...)`."""
+    return components.Judge(request, impl, reference, dtype, mesh)
 
 
 @pytest.fixture(scope="session")

@@ -178,20 +178,6 @@ def tokens(batch: int, seq: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, size=(batch, seq), dtype=np.int32)
 
 
-_COMPONENTS = {
-    "meta": (meta.meta_rms_norm, meta.meta_rope, meta.meta_attention, meta.meta_feed_forward, meta.meta_block,
-             meta.meta_head),
-    "hf": (hf.hf_rms_norm, hf.hf_rope, hf.hf_attention, hf.hf_feed_forward, hf.hf_block, hf.hf_head),
-}
-
-
-def _reference(name: str):
-    if name not in _COMPONENTS:
-        raise ValueError(f"--reference {name}: component references are {sorted(_COMPONENTS)} (the oracle is "
-                         "always consulted for noise_ratio)")
-    return _COMPONENTS[name]
-
-
 def diagnosis(dtype: str, mesh: str, compute, combinations=()):
     """`diagnose=` for parity.assert_parity: the catalogued deviations (conformance/mutants.py), and any
     `combinations` of them, predicted by the float64 oracle on the check's own inputs, compute(config, variant)
@@ -214,20 +200,6 @@ def oracle_forward(config, variant, dtype: str, batch: int, seq: int, start_pos:
 # ---- cached (reference result, oracle result) per case --------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def rms_norm(reference: str, dtype: str, layer_index: int, which: str, extreme: str | None = None):
-    x = activations(dtype, 16, seed=11, spread=True, extreme=extreme)
-    w = layer(dtype, layer_index)[which]
-    return (_reference(reference)[0](x, w, CONFIG.norm_eps, dtype), oracle.oracle_rms_norm(x, w, CONFIG.norm_eps))
-
-
-@functools.lru_cache(maxsize=None)
-def rope(reference: str, dtype: str, start_pos: int, extreme: str | None = None):
-    q, k = heads(dtype, 16, seed=12, extreme=extreme)
-    return (_reference(reference)[1](q, k, CONFIG, dtype, start_pos=start_pos),
-            oracle.oracle_rope(q, k, CONFIG, start_pos=start_pos))
-
-
-@functools.lru_cache(maxsize=None)
 def attention_input(dtype: str, sizes: tuple[int, ...], extreme: str | None = None, layer_index: int = 0,
                     start_pos: int = 0) -> np.ndarray:
     """(BATCH, sum(sizes), dim) attention inputs; `extreme='scores'`: a long run of one repeated position, scaled
@@ -248,40 +220,6 @@ def attention_chunks(dtype: str, sizes: tuple[int, ...], extreme: str | None = N
     x = attention_input(dtype, sizes, extreme, layer_index, start_pos)
     edges = np.cumsum(sizes)[:-1]
     return np.split(x, edges, axis=1)
-
-
-@functools.lru_cache(maxsize=None)
-def attention(reference: str, dtype: str, layer_index: int, sizes: tuple[int, ...], start_pos: int,
-              extreme: str | None = None):
-    chunks = attention_chunks(dtype, sizes, extreme, layer_index, start_pos)
-    lw = layer(dtype, layer_index)
-    return (_reference(reference)[2](chunks, lw, CONFIG, dtype, start_pos=start_pos),
-            oracle.oracle_attention(chunks, lw, CONFIG, start_pos=start_pos))
-
-
-@functools.lru_cache(maxsize=None)
-def feed_forward(reference: str, dtype: str, layer_index: int, extreme: str | None = None):
-    x = activations(dtype, 16, seed=14, extreme=extreme)
-    lw = layer(dtype, layer_index)
-    return (_reference(reference)[3](x, lw["w1"], lw["w2"], lw["w3"], dtype),
-            oracle.oracle_feed_forward(x, lw["w1"], lw["w2"], lw["w3"]))
-
-
-@functools.lru_cache(maxsize=None)
-def block(reference: str, dtype: str, layer_index: int, start_pos: int, extreme: str | None = None):
-    x = activations(dtype, 16, seed=15, extreme=extreme)
-    lw = layer(dtype, layer_index)
-    return (_reference(reference)[4](x, lw, CONFIG, dtype, start_pos=start_pos),
-            oracle.oracle_block(x, lw, CONFIG, start_pos=start_pos))
-
-
-@functools.lru_cache(maxsize=None)
-def head(reference: str, dtype: str, extreme: str | None = None):
-    """Final norm and output projection on hidden states spread over [1e-3, 10] in scale."""
-    x = activations(dtype, 16, seed=17, spread=True, extreme=extreme)
-    w = weights(dtype)
-    return (_reference(reference)[5](x, w["norm.weight"], w["output.weight"], CONFIG.norm_eps, dtype),
-            oracle.oracle_head(x, w["norm.weight"], w["output.weight"], CONFIG.norm_eps))
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,23 +10,27 @@ check may pass or fail, but a failure must say "no known cause" (BELOW_NOISE). D
 """
 import pytest
 
-from conformance import mutants
-from conformance.test_attention import check_attention
+from conformance import components, mutants
 from conformance.test_logits import check_intermediates
-from conformance.test_mlp import check_mlp
 from conformance.test_mutants import scratch_request
-from conformance.test_rmsnorm import check_rmsnorm
-from conformance.test_rope import check_rope
 from tp_llama import layers
 from tp_llama.adapter import TPLlamaAdapter
 from tp_llama.model import TPLlama
 
 pytestmark = pytest.mark.usefixtures("builtin_only")
 
-ROPE = ("1x1", check_rope, (9000,))
-NORM = ("1x1", check_rmsnorm, (0, "attention_norm"))
-ATTENTION = ("1x1", check_attention, ("prefill", 0))
-MLP = ("1x1", check_mlp, (0,))
+
+
+def _component(record, **case):
+    """A component check (conformance.components) on one case, called as the check functions are."""
+    return lambda request, adapter, reference, dtype, mesh: components.check(request, record, adapter, reference,
+                                                                             dtype, mesh, **case)
+
+
+ROPE = ("1x1", _component(components.ROPE, start_pos=9000), ())
+NORM = ("1x1", _component(components.RMSNORM, layer_index=0, which="attention_norm"), ())
+ATTENTION = ("1x1", _component(components.ATTENTION, case="prefill", layer_index=0), ())
+MLP = ("1x1", _component(components.MLP, layer_index=0), ())
 INTERMEDIATES = ("1x4", check_intermediates, ("batch",))
 
 # deviation -> (mesh, check, its arguments after (request, adapter, reference, run_dtype, mesh)).
@@ -37,10 +41,10 @@ WHERE = {
     **{name: NORM for name in ("rmsnorm_no_upcast", "rmsnorm_eps", "rmsnorm_no_weight", "rmsnorm_all_axes")},
     **{name: ATTENTION for name in ("kv_group_order", "scores_bf16", "softmax_bf16", "attention_scale",
                                     "causal_off_by_one")},
-    "double_psum_wo": ("1x4", check_attention, ("prefill", 0)),
+    "double_psum_wo": ("1x4", ATTENTION[1], ()),
     "gate_up_swapped": MLP, "silu_bf16": MLP,
-    "double_psum_w2": ("1x4", check_mlp, (0,)),
-    "vocab_shards_reversed": INTERMEDIATES,
+    "double_psum_w2": ("1x4", MLP[1], ()),
+    "vocab_shards_reversed": ("1x4", _component(components.EMBEDDING, seq=64), ()),
 }
 # Config-level deviations again through the whole forward: named at the earliest failing tensor.
 WHOLE_MODEL = {"rmsnorm_eps": "layers.0.attention_norm", "rope_unscaled": "layers.0.q_rope"}

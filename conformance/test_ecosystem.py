@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import support
+from conformance import components, support
 from llama_spec.host import host
 from llama_spec.layout import DATA, MODEL, make_mesh
 from parity import assert_parity, assert_parity_many
 from parity import scoreboard as table
 from reference.layers import intermediate_names
-from reference.oracle import oracle_forward, oracle_rms_norm
+from reference.oracle import oracle_forward
 
 pytestmark = pytest.mark.ecosystem
 
@@ -285,14 +285,8 @@ def test_converter_loaded_model_matches_hf_at_bfloat16_rope_parameters(request, 
 def test_converter_loaded_rms_norm_matches_hf(request, kh, hf_dirs, style, dtype):
     """The converter-loaded model's attention_norm of layer 0 alone, on the suite's RMSNorm inputs (rows spread
     over [1e-3, 10] in scale, where eps shows), vs HF at each --dtype, diagnosed (eps 1e-6 predicted exactly)."""
-    x = support.activations(dtype, 16, seed=11, spread=True)
-    weight = support.layer(dtype, 0)["attention_norm"]
-    expected, exact = support.rms_norm("hf", dtype, 0, "attention_norm")
-    actual = _from_preset(kh, hf_dirs[style], dtype).rms_norm(x, 0, "attention_norm")
-    predict = support.diagnosis(dtype, "1x1", lambda config, variant: oracle_rms_norm(x, weight, config.norm_eps,
-                                                                                    variant))
-    assert_parity(request, component="rmsnorm", name="attention_norm", layer=0, actual=host(actual),
-                  expected=expected, oracle=exact, reference="hf", dtype=dtype, mesh="1x1", diagnose=predict)
+    adapter = _from_preset(kh, hf_dirs[style], dtype)
+    components.check(request, components.RMSNORM, adapter, "hf", dtype, "1x1", layer_index=0, which="attention_norm")
 
 
 PUBLISHED = sorted((Path(__file__).resolve().parent.parent / "fixtures" / "published_configs").glob("*/config.*.json"))

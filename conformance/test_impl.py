@@ -11,9 +11,8 @@ import pytest
 
 from adapters import protocol
 from conformance import support
-from conformance.test_attention import check_attention
+from conformance.components import ATTENTION, RMSNORM, check
 from conformance.test_logits import check_intermediates, check_logits
-from conformance.test_rmsnorm import check_rmsnorm
 from llama_spec.host import host
 from llama_spec.layout import make_mesh
 from parity import assert_parity
@@ -151,7 +150,7 @@ def test_an_adapter_that_raises_is_a_failed_record(request):
                                              "mismatch in my_attention"):
         check_logits(probe, Crashing(), "meta", "float32", "1x1", "batch")
     with pytest.raises(AssertionError, match=r"component 'rmsnorm', layer 1: .*ValueError: no such norm"):
-        check_rmsnorm(probe, Crashing(), "meta", "float32", "1x1", 1, "ffn_norm")
+        check(probe, RMSNORM, Crashing(), "meta", "float32", "1x1", layer_index=1, which="ffn_norm")
     records = [v for k, v in probe.node.user_properties if k == RECORD_KEY]
     assert [(r["component"], r["layer"], r["passed"]) for r in records] == [("logits", None, False),
                                                                            ("rmsnorm", 1, False)]
@@ -163,9 +162,9 @@ def test_a_missing_component_is_not_checked(request, tiny_config, tiny_weights):
     partial = _Without(_example(tiny_config, tiny_weights), keep=lambda name: True)
     probe = _probe(request)
     with pytest.raises(pytest.skip.Exception, match=r"not checked: _Without has no rms_norm capability \(rms_norm\)"):
-        check_rmsnorm(probe, partial, "meta", "float32", "1x1", 0, "attention_norm")
+        check(probe, RMSNORM, partial, "meta", "float32", "1x1", layer_index=0, which="attention_norm")
     with pytest.raises(pytest.skip.Exception, match=r"has no attention capability"):
-        check_attention(probe, partial, "meta", "float32", "1x1", "cached", 0)
+        check(probe, ATTENTION, partial, "meta", "float32", "1x1", case="cached", layer_index=0)
     entries = [v for k, v in probe.node.user_properties if k == NOT_CHECKED_KEY]
     assert [e["component"] for e in entries] == ["rmsnorm"] + ["attention"] * 4
     assert not [v for k, v in probe.node.user_properties if k == RECORD_KEY], "nothing may pass unchecked"

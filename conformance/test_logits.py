@@ -21,6 +21,7 @@ import pytest
 
 from adapters import protocol
 from conformance import support
+from conformance.components import HEAD
 from fixtures import extremes
 from llama_spec.host import host
 from llama_spec.layout import make_mesh
@@ -85,20 +86,6 @@ def check_intermediates(request, adapter, reference, dtype, mesh, case):
         pytest.skip(reason)
 
 
-def check_head(request, adapter, reference, dtype, mesh, extreme=None):
-    scope = dict(component="logits", reference=reference, dtype=dtype, mesh=mesh)
-    name = "head" if extreme is None else f"head.{extreme}"
-    support.require(request, adapter, "head", **scope, names=[name])
-    x = support.activations(dtype, 16, seed=17, spread=True, extreme=extreme)
-    actual = support.run(request, adapter.head, x, **scope, name=name)
-    expected, exact = support.head(reference, dtype, extreme)
-    w = support.weights(dtype)
-    diagnose = support.diagnosis(dtype, mesh, lambda config, variant: oracle.oracle_head(
-        x, w["norm.weight"], w["output.weight"], config.norm_eps, variant))
-    assert_parity(request, name=name, actual=host(actual), expected=expected, oracle=exact,
-                  logits=True, **scope, diagnose=diagnose)
-
-
 @pytest.mark.parametrize("case", ORDER)
 def test_logits(request, impl, impl_factory, reference, dtype, mesh, case):
     support.data_split(mesh, CASES[case][0])
@@ -113,19 +100,16 @@ def test_intermediates(request, impl, impl_factory, reference, dtype, mesh, case
     check_intermediates(request, adapter, reference, dtype, mesh, case)
 
 
-def test_head(request, impl, reference, dtype, mesh):
-    support.data_split(mesh, support.BATCH)
-    adapter = support.subject(request, impl, mesh, dtype, component="logits", reference=reference)
-    check_head(request, adapter, reference, dtype, mesh)
+def test_head(judge):
+    support.data_split(judge.mesh, support.BATCH)
+    judge.check(HEAD)
 
 
-def test_head_extremes(request, impl, reference, dtype, mesh):
-    """A dominant token at every position: the softmax the KL is taken over is nearly one-hot."""
-    support.data_split(mesh, support.BATCH)
-    _, exact = support.head(reference, dtype, "dominant")
-    assert extremes.top_probability(exact).min() > extremes.MIN_TOP_PROBABILITY
-    adapter = support.subject(request, impl, mesh, dtype, component="logits", reference=reference)
-    check_head(request, adapter, reference, dtype, mesh, extreme="dominant")
+def test_head_extremes(judge):
+    """A dominant token at every position: the softmax the KL is taken over is nearly one-hot (the record's
+    precondition asserts it on the oracle's)."""
+    support.data_split(judge.mesh, support.BATCH)
+    judge.check(HEAD, extreme="dominant")
 
 
 EXTREME_BATCH, EXTREME_SEQ = 2, 48

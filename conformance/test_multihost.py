@@ -16,12 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conformance.test_attention import check_attention
-from conformance.test_block import check_block
+from conformance import components
 from conformance.test_logits import check_intermediates, check_logits
-from conformance.test_mlp import check_mlp
-from conformance.test_rmsnorm import check_rmsnorm
-from conformance.test_rope import check_rope
 from parity import baseline
 from parity.check import RECORD_KEY
 from tp_llama import distributed
@@ -33,19 +29,22 @@ TIMEOUT_S = 240  # a run takes 30-55 s on a loaded 2-core machine
 # The node ids each process runs, and the same check for this process's single-process run.
 CASES = {
     "conformance/test_rmsnorm.py::test_rmsnorm[meta-float32-1x4-0-attention_norm]":
-        lambda r, impl: check_rmsnorm(r, impl, REFERENCE, DTYPE, MESH, 0, "attention_norm"),
+        lambda r, impl: components.check(r, components.RMSNORM, impl, REFERENCE, DTYPE, MESH, layer_index=0,
+                                         which="attention_norm"),
     "conformance/test_attention.py::test_attention[meta-float32-1x4-layer1-cached]":
-        lambda r, impl: check_attention(r, impl, REFERENCE, DTYPE, MESH, "cached", 1),
+        lambda r, impl: components.check(r, components.ATTENTION, impl, REFERENCE, DTYPE, MESH, case="cached",
+                                         layer_index=1),
     "conformance/test_rope.py::test_rope[meta-float32-1x4-pos9000]":
-        lambda r, impl: check_rope(r, impl, REFERENCE, DTYPE, MESH, 9000),
+        lambda r, impl: components.check(r, components.ROPE, impl, REFERENCE, DTYPE, MESH, start_pos=9000),
     "conformance/test_logits.py::test_logits[meta-float32-1x4-batch]":
         lambda r, impl: check_logits(r, impl, REFERENCE, DTYPE, MESH, "batch"),
     "conformance/test_logits.py::test_intermediates[meta-float32-1x4-batch]":
         lambda r, impl: check_intermediates(r, impl, REFERENCE, DTYPE, MESH, "batch"),
     "conformance/test_mlp.py::test_mlp[meta-float32-1x4-layer1]":
-        lambda r, impl: check_mlp(r, impl, REFERENCE, DTYPE, MESH, 1),
+        lambda r, impl: components.check(r, components.MLP, impl, REFERENCE, DTYPE, MESH, layer_index=1),
     "conformance/test_block.py::test_block[meta-float32-1x4-layer1-pos9000]":
-        lambda r, impl: check_block(r, impl, REFERENCE, DTYPE, MESH, 1, 9000),
+        lambda r, impl: components.check(r, components.BLOCK, impl, REFERENCE, DTYPE, MESH, layer_index=1,
+                                         start_pos=9000),
 }
 
 

@@ -11,14 +11,11 @@ import types
 import pytest
 
 from adapters import protocol
-from conformance import mutants, support
-from conformance.test_attention import check_attention
+from conformance import components, mutants, support
+from conformance.components import ATTENTION, EMBEDDING, MLP, RMSNORM, ROPE
 from conformance.test_kv_cache import check_kv_cache
 from conformance.test_logits import CASES as FULL_CASES
 from conformance.test_logits import check_intermediates
-from conformance.test_mlp import check_mlp
-from conformance.test_rmsnorm import check_rmsnorm
-from conformance.test_rope import check_rope
 from llama_spec.layout import make_mesh
 from llama_spec.synthetic import make_tokens
 from tp_llama.adapter import TPLlamaAdapter
@@ -29,23 +26,27 @@ pytestmark = pytest.mark.usefixtures("builtin_only")
 
 PARITY = AssertionError
 
-# mutant -> (mesh, dtype, check, its arguments after (request, adapter, reference, dtype, mesh),
-#            expected failure, text it must contain). kv grouping needs 1x1: on 1x4 each device holds one kv head.
+# mutant -> (mesh, dtype, component check (conformance.components), its case, expected failure, text it must
+#            contain). kv grouping needs 1x1: on 1x4 each device holds one kv head.
+NORM0 = dict(layer_index=0, which="attention_norm")
 FAST = {
-    "rope_unscaled": ("1x4", "float32", check_rope, (9000,), PARITY, "component 'rope'"),
-    "rmsnorm_eps": ("1x4", "float32", check_rmsnorm, (0, "attention_norm"), PARITY, "component 'rmsnorm'"),
-    "rmsnorm_no_upcast": ("1x4", "bfloat16", check_rmsnorm, (0, "attention_norm"), PARITY, "component 'rmsnorm'"),
-    "kv_group_order": ("1x1", "float32", check_attention, ("prefill", 0), PARITY, "component 'attention'"),
-    "softmax_bf16": ("1x1", "bfloat16", check_attention, ("prefill128", 0), PARITY, "component 'attention'"),
-    "gate_up_swapped": ("1x4", "float32", check_mlp, (0,), PARITY, "component 'mlp'"),
+    "rope_unscaled": ("1x4", "float32", ROPE, dict(start_pos=9000), PARITY, "component 'rope'"),
+    "rmsnorm_eps": ("1x4", "float32", RMSNORM, NORM0, PARITY, "component 'rmsnorm'"),
+    "rmsnorm_no_upcast": ("1x4", "bfloat16", RMSNORM, NORM0, PARITY, "component 'rmsnorm'"),
+    "kv_group_order": ("1x1", "float32", ATTENTION, dict(case="prefill", layer_index=0), PARITY,
+                       "component 'attention'"),
+    "softmax_bf16": ("1x1", "bfloat16", ATTENTION, dict(case="prefill128", layer_index=0), PARITY,
+                     "component 'attention'"),
+    "gate_up_swapped": ("1x4", "float32", MLP, dict(layer_index=0), PARITY, "component 'mlp'"),
+    "vocab_shards_reversed": ("1x4", "float32", EMBEDDING, dict(seq=64), PARITY, "component 'embedding'"),
     # Fragile formulations: killed by the extremes cases (fixtures/extremes.py); the max-free softmax survives
     # every tame attention case (test_fragile_softmax_survives_tame_inputs).
-    "softmax_no_max_subtraction": ("1x1", "float32", check_attention, ("extreme", 1), PARITY,
+    "softmax_no_max_subtraction": ("1x1", "float32", ATTENTION, dict(case="extreme", layer_index=1), PARITY,
                                    "component 'attention'"),
-    "rmsnorm_square_in_activation_dtype": ("1x1", "bfloat16", check_rmsnorm, (0, "attention_norm", "outliers"),
-                                           PARITY, "component 'rmsnorm'"),
+    "rmsnorm_square_in_activation_dtype": ("1x1", "bfloat16", RMSNORM, dict(NORM0, extreme="outliers"), PARITY,
+                                           "component 'rmsnorm'"),
     # jax.shard_map's replication check raises inside the implementation: a failed record of the component.
-    "missing_psum_wo": ("1x4", "float32", check_attention, ("prefill", 1), PARITY,
+    "missing_psum_wo": ("1x4", "float32", ATTENTION, dict(case="prefill", layer_index=1), PARITY,
                         r"component 'attention', layer 1: .*raised ValueError(?s:.)*replicat"),
 }
 
@@ -72,11 +73,11 @@ def scratch_request(config):
 
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_planted_bug_is_killed(request, tp_model, name):
-    mesh_text, run_dtype, check, args, failure, text = FAST[name]
+    mesh_text, run_dtype, component, case, failure, text = FAST[name]
     model, params = tp_model(mesh_text, run_dtype)
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, run_dtype), params)
     with mutants.planted(name), pytest.raises(failure, match=text):
-        check(scratch_request(request.config), fresh, "meta", run_dtype, mesh_text, *args)
+        components.check(scratch_request(request.config), component, fresh, "meta", run_dtype, mesh_text, **case)
 
 
 @pytest.mark.parametrize("name", sorted(FULL_BF16))
@@ -96,10 +97,11 @@ def test_decode_only_bug_is_killed_by_the_cache_check(request, tp_model):
 
 def test_unplanted_checks_pass(request, tp_model):
     """The same checks on the same fresh models pass without a bug: the failures above are the bugs'."""
-    for mesh_text, run_dtype, check, args, _, _ in FAST.values():
+    for mesh_text, run_dtype, component, case, _, _ in FAST.values():
         model, params = tp_model(mesh_text, run_dtype)
-        check(scratch_request(request.config), TPLlamaAdapter(TPLlama(model.config, model.mesh, run_dtype), params),
-              "meta", run_dtype, mesh_text, *args)
+        components.check(scratch_request(request.config), component,
+                         TPLlamaAdapter(TPLlama(model.config, model.mesh, run_dtype), params), "meta", run_dtype,
+                         mesh_text, **case)
     for mesh_text, case in dict.fromkeys((m, c) for m, c, _ in FULL_BF16.values()):
         check_intermediates(scratch_request(request.config), fresh_full_adapter(mesh_text, case), "meta",
                             "bfloat16", mesh_text, case)
@@ -117,7 +119,8 @@ def test_fragile_softmax_survives_tame_inputs(request, tp_model):
     model, params = tp_model("1x1", "float32")
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, "float32"), params)
     with mutants.planted("softmax_no_max_subtraction"):
-        check_attention(scratch_request(request.config), fresh, "meta", "float32", "1x1", "cached", 1)
+        components.check(scratch_request(request.config), ATTENTION, fresh, "meta", "float32", "1x1", case="cached",
+                         layer_index=1)
 
 
 def test_kill_margin_reads_the_killers_own_failing_records():

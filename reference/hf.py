@@ -148,6 +148,15 @@ class HFReference:
 # ---- components, for isolated tests ----------------------------------------------------------------
 
 
+def hf_embedding(tokens, weight, dtype: str) -> np.ndarray:
+    """LlamaModel's `embed_tokens` (a torch.nn.Embedding) with `weight` (vocab, dim) at dtype."""
+    td = torch_dtype(dtype)
+    vocab, dim = np.shape(weight)
+    table = load_module(torch.nn.Embedding(vocab, dim), {"weight": weight}, td)
+    with torch.inference_mode():
+        return to_numpy(table(torch.from_numpy(np.asarray(tokens, np.int64))))
+
+
 def hf_rms_norm(x, weight, eps: float, dtype: str) -> np.ndarray:
     td = torch_dtype(dtype)
     norm = load_module(modeling_llama.LlamaRMSNorm(np.shape(weight)[0], eps=eps), {"weight": weight}, td)

@@ -261,6 +261,16 @@ class MetaReference:
 # ---- components, for isolated tests ------------------------------------------------------------
 
 
+def meta_embedding(tokens, weight, dtype: str) -> np.ndarray:
+    """Meta's token embedding, the `VocabParallelEmbedding` its Transformer builds (at model-parallel size 1 the
+    whole table), with `weight` (vocab, dim) at dtype."""
+    m, td = _meta(), torch_dtype(dtype)
+    vocab, dim = np.shape(weight)
+    table = load_module(m.VocabParallelEmbedding(vocab, dim, init_method=lambda x: x), {"weight": weight}, td)
+    with torch.inference_mode():
+        return to_numpy(table(torch.from_numpy(np.asarray(tokens, np.int64))))
+
+
 def meta_rms_norm(x, weight, eps: float, dtype: str) -> np.ndarray:
     """Meta's RMSNorm(x) with `weight`, at dtype."""
     m, td = _meta(), torch_dtype(dtype)

@@ -250,10 +250,7 @@ def oracle_forward(config, weights: Mapping[str, np.ndarray], tokens, start_pos:
         positions = start_pos + np.arange(seqlen)
 
     store: dict = {}
-    table = _f64(weights["tok_embeddings.weight"])
-    if variant.vocab_shards_reversed:
-        table = np.concatenate(np.split(table, variant.shards)[::-1])
-    h = table[tokens]
+    h = oracle_embedding(tokens, weights["tok_embeddings.weight"], variant)
     store["embedding"] = h
     for i in range(config.n_layers):
         h = block(h, layer_weights(weights, i), config, positions, store, f"layers.{i}.", variant)
@@ -264,6 +261,14 @@ def oracle_forward(config, weights: Mapping[str, np.ndarray], tokens, start_pos:
 
 
 # ---- components, same signatures as reference/meta.py minus dtype ---------------------------------
+
+
+def oracle_embedding(tokens, weight, variant: Variant = EXACT) -> np.ndarray:
+    """The table's rows for the tokens; `vocab_shards_reversed` reads the rows of the mirror vocab shard."""
+    table = _f64(weight)
+    if variant.vocab_shards_reversed:
+        table = np.concatenate(np.split(table, variant.shards)[::-1])
+    return table[np.asarray(tokens)]
 
 
 def oracle_rms_norm(x, weight, eps: float, variant: Variant = EXACT) -> np.ndarray:

@@ -52,6 +52,9 @@ class TPLlamaAdapter:
 
     # ---- components --------------------------------------------------------------------------
 
+    def embed(self, tokens):
+        return components.embed(self.model, self.params, tokens)
+
     def rms_norm(self, x, layer: int, which: str):
         return components.rms_norm(self.model, self.params, x, layer=layer, which=which)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from llama_spec.host import host
 from tp_llama import layers
-from tp_llama.model import Attention, Block, FeedForward, RMSNorm, TPLlama, shared_program
+from tp_llama.model import Attention, Block, FeedForward, RMSNorm, TPLlama, VocabParallelEmbed, shared_program
 from tp_llama.shardings import ACTIVATION_AXES, kv_replication, param_specs, replicate_kv_heads, spec
 
 HIDDEN = spec(ACTIVATION_AXES["hidden"])
@@ -42,6 +42,16 @@ def _rope_tables(model: TPLlama, positions):
 def _positions(batch: int, seq: int, start_pos: int) -> np.ndarray:
     """Host-side (NumPy) like every index input here: eager jnp ops would compile a program per new shape."""
     return np.broadcast_to(start_pos + np.arange(seq, dtype=np.int32), (batch, seq))
+
+
+def embed(model: TPLlama, params, tokens) -> np.ndarray:
+    """The vocab-parallel embedding lookup: each model shard looks up its rows of the vocabulary, then one
+    all-reduce sums the shards' partial results."""
+    module = VocabParallelEmbed(model.dims)
+    out = _run(model, ("embed",), lambda w, t: module.apply({"params": w}, t, model.dtype),
+               (param_specs(model.config)["tok_embeddings"], TOKENS), HIDDEN, params["tok_embeddings"],
+               np.asarray(tokens, np.int32))
+    return host(out)
 
 
 def rms_norm(model: TPLlama, params, x, layer: int = 0, which: str = "attention_norm") -> np.ndarray:
