@@ -4,7 +4,7 @@ Every fact on the page is read from where the suite keeps it: the protocol (adap
 meshes the battery builds adapters with (conformance/support.py, plugin.py, strategies.py, the test modules' mesh
 lists), the intermediate names (reference/layers.py), the dtype rule (test_dtype.py), the parameters() keys
 (test_sharding.py) and the Meta<->HF helpers (llama_spec.convert). `python -m conformance.contract_page --write`
-rewrites the page; `--check` exits 1 when the committed page differs (conformance/test_docs.py runs it).
+rewrites the page; `--check` exits 1 when the committed page differs (tests/test_docs.py runs it).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from conformance import (
     doctor,
     plugin,
     real_slice,
+    sharding,
     strategies,
     support,
     test_communication,
@@ -202,7 +203,7 @@ def parameters_section() -> str:
         _one_line("Keys are" + keys),
         "The model axis splits each Meta tensor along (Meta orientation `(out, in)`; `None`: replicated):",
         _table(("Meta name (suffix)", "split axis"), ((f"`{name}`", axis) for name, axis in
-                                                       test_sharding.META_SPLIT_AXIS.items()))])
+                                                       sharding.META_SPLIT_AXIS.items()))])
 
 
 def convert_section() -> str:

@@ -32,7 +32,7 @@ import numpy as np
 
 from adapters import protocol
 from conformance.plugin import SIMULATED_CPU_DEVICES, _simulate_cpu_devices
-from conformance.test_sharding import STACKED, _candidates, _check_array, _contract_local_shapes, _covered, _rank_of
+from conformance.sharding import STACKED, candidates, check_array, contract_local_shapes, covered, rank_of
 from llama_spec.config import preset
 from llama_spec.convert import interleaved_to_halves_last_axis
 from llama_spec.host import host
@@ -406,7 +406,7 @@ def _meta_tensor_in(array, weights, config, m: int) -> str | None:
     """The Meta name (or 'layers.*.<name>' stack) whose tensor `array` holds in a layout the sharding check knows."""
     held = np.asarray(array)
     for key in [*weights, *(STACKED + suffix for suffix in LAYER_KEYS.values())]:
-        for _, full, _ in _candidates(key, _covered(key, weights), weights, config, m):
+        for _, full, _ in candidates(key, covered(key, weights), weights, config, m):
             if full.shape == held.shape and np.array_equal(held, full.astype(held.dtype)):
                 return key
     return None
@@ -427,8 +427,8 @@ def check_parameters(build: Build, add, note) -> None:
         return add(Problem(f"parameters() returned a {type(params).__name__}, not a mapping",
                            "return {name: placed jax.Array}, keyed by Meta's names"))
     m = mesh.shape["model"]
-    copies, devices, ranks, local = kv_replication(config, m), set(mesh.devices.flat), _rank_of(mesh), \
-        _contract_local_shapes(config, m)
+    copies, devices, ranks, local = kv_replication(config, m), set(mesh.devices.flat), rank_of(mesh), \
+        contract_local_shapes(config, m)
     found: dict[str, list[str]] = {kind: [] for kind in (*PARAMETER_FIXES, "own")}
     example: dict[str, str] = {}  # the sharding check's own line for the first key of a kind
     renames, held = [], {d: 0 for d in devices}
@@ -442,14 +442,14 @@ def check_parameters(build: Build, add, note) -> None:
             found["dtype"].append(f"{key} ({protocol.dtype_of(array)})")
         if set(array.sharding.device_set) != devices:
             found["devices"].append(key)
-        names = _covered(key, weights)
+        names = covered(key, weights)
         if not names:
             meta = _meta_tensor_in(array, weights, config, m)
             found["renamed" if meta else "own"].append(key)
             renames += [f"{key!r} to {meta!r}"] if meta else []
             continue
         lines: list[str] = []
-        verdict = _check_array(key, array, names, weights, config, m, ranks, lines)
+        verdict = check_array(key, array, names, weights, config, m, ranks, lines)
         share = sum(int(np.prod(local[n])) for n in names) // copies
         kv_once = key.endswith(("wk.weight", "wv.weight")) and copies > 1 and \
             {s.data.size for s in array.addressable_shards} == {share}

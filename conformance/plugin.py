@@ -64,7 +64,7 @@ def pytest_addoption(parser):
                          "ignored when JAX_PLATFORMS selects an accelerator")
     group.addoption("--mutant", default=None, metavar="NAME",
                     help="plant one bug from conformance/mutants.py into the model for this run "
-                         "(python -m conformance.mutants runs them all)")
+                         "(python -m conformance.kill_matrix runs them all)")
     group.addoption("--tolerance-profile", default="default", choices=("strict", "default"),
                     help="column of parity/tolerances.py to hold results to (default: %(default)s)")
     group.addoption("--parity-json", default=None, metavar="PATH",

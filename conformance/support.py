@@ -8,6 +8,7 @@ measures only that side's arithmetic.
 from __future__ import annotations
 
 import functools
+import types
 
 import ml_dtypes
 import numpy as np
@@ -245,3 +246,19 @@ def full_forward(reference: str, dtype: str, batch: int, seq: int, start_pos: in
     else:
         raise ValueError(f"--reference {reference}: full-model references are meta and hf")
     return result, oracle.oracle_forward(CONFIG, weights(dtype, kind), toks, start_pos, capture=True)
+
+
+# ---- shared by the battery's tests --------------------------------------------------------------
+
+EXAMPLE = "examples.simple_llama.adapter:SimpleLlamaAdapter"  # the example implementation, an --impl spec
+TP_MESHES = ("1x2", "1x4", "1x8", "2x4")  # the tensor-parallel meshes the relations compare with 1x1
+
+
+def scratch_request(config, nodeid: str = "scratch"):
+    """A stand-in for pytest's request whose records stay with it, out of the run's parity JSON and report."""
+    return types.SimpleNamespace(config=config, node=types.SimpleNamespace(nodeid=nodeid, user_properties=[]))
+
+
+def probe(request):
+    """A stand-in for this test's request: a check run on it leaves its records here, not in the test's report."""
+    return scratch_request(request.config, "probe")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conformance.forward import LAYERWISE_START, check_layerwise
 from conformance.layerwise import peak_rss_bytes, reset_peak_rss, run_layerwise
-from conformance.test_checkpoints import LAYERWISE_START, check_layerwise
 from llama_spec.checkpoint import load_checkpoint
 from llama_spec.config import preset
 from llama_spec.synthetic import make_tokens

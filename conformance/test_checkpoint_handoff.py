@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import pytest
 
 from adapters import protocol
-from conformance.test_impl import EXAMPLE
-from conformance.test_logits import CASES, check_intermediates, check_logits
+from conformance import support
+from conformance.forward import CASES, check_intermediates, check_logits
 from fixtures.checkpoints import write_hf_checkpoint, write_meta_checkpoint
 from llama_spec.checkpoint import load_checkpoint
 from llama_spec.layout import make_mesh, parse_mesh
@@ -131,11 +130,11 @@ class _KnowsOneStyle:
         config, weights = load_checkpoint(path)
         if "rope_parameters" not in json.loads((Path(path) / "config.json").read_text()):
             config = config.replace(rope_scaling=None)
-        return protocol.load(EXAMPLE).build(config, weights, mesh, dtype)
+        return protocol.load(support.EXAMPLE).build(config, weights, mesh, dtype)
 
 
 def test_a_loader_that_drops_the_hub_rope_scaling_fails(request, checkpoints):
-    probe = SimpleNamespace(config=request.config, node=SimpleNamespace(nodeid="probe", user_properties=[]))
+    probe = support.probe(request)
     args = ("meta", "float32", "1x1", "batch")
     good = build(_KnowsOneStyle, checkpoints["hf_rope_parameters"], "hf_rope_parameters", "1x1", "float32")
     check_handed_off(probe, good, "logits", "hf_rope_parameters", *args)

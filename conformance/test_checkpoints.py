@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from adapters import protocol
+from conformance.forward import LAYERWISE_START, check_layerwise
 from conformance.layerwise import run_layerwise
 from fixtures.checkpoints import synthetic_tensor, write_hf_checkpoint, write_meta_checkpoint, write_tokenizer
 from llama_spec import config as config_fields
@@ -37,14 +38,12 @@ from llama_spec.config import LLAMA32_ROPE_SCALING, LlamaConfig
 from llama_spec.host import host
 from llama_spec.layout import make_mesh
 from llama_spec.synthetic import make_tokens
-from parity import assert_parity, assert_parity_many
+from parity import assert_parity
 from reference.hf import HFReference
 from reference.layers import layer_weights
 from reference.meta import MetaReference, ensure_model_parallel, model_args
 
 ROOT = Path(__file__).resolve().parents[1]
-# Far past Llama 3.1's original 8192-token context, so every RoPE frequency, scaled or not, has turned.
-LAYERWISE_START = 9000
 
 
 @pytest.fixture(scope="module")
@@ -587,35 +586,6 @@ def test_cli_entry_points_as_processes(written):
 
 
 # ---- layer by layer -----------------------------------------------------------------------------------------
-
-
-def check_layerwise(request, run, references, dtype, mesh) -> None:
-    """Every part of a layer-by-layer run against each reference, with the oracle for noise_ratio; one failure
-    listing every reference that failed."""
-    __tracebackhide__ = True
-    problems = []
-    blocks = [name for name in run.actual if name.startswith("layers.")]
-    for ref in references:
-        expected = run.expected[ref]
-        checks = [
-            dict(component="intermediate", name="embedding", actual=run.actual["embedding"],
-                 expected=expected["embedding"], oracle=run.oracle["embedding"]),
-            dict(component="logits", name="logits", actual=run.actual["logits"], expected=expected["logits"],
-                 oracle=run.oracle["logits"], logits=True),
-        ]
-        try:
-            assert_parity_many(request, component="block", actual={n: run.actual[n] for n in blocks},
-                               expected={n: expected[n] for n in blocks}, oracle=run.oracle, reference=ref,
-                               dtype=dtype, mesh=mesh)
-        except AssertionError as err:
-            problems.append(str(err))
-        for check in checks:
-            try:
-                assert_parity(request, reference=ref, dtype=dtype, mesh=mesh, **check)
-            except AssertionError as err:
-                problems.append(str(err))
-    if problems:
-        raise AssertionError("\n".join(problems))
 
 
 def test_layerwise_conformance(request, builtin_only, model_weights, reference, dtype, mesh):

@@ -10,7 +10,6 @@ caller's gather). On 1x1 nothing may be communicated. A design that gathers ever
 fails here naming the layer and the op, and so does one that forgets an all-reduce or adds one. Every run records
 the bytes communicated per token against the Megatron minimum, for any layout.
 """
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from adapters import protocol
+from conformance import support
 from llama_spec.layout import make_mesh
 from llama_spec.synthetic import make_tokens
 from parity import communication
@@ -56,9 +56,6 @@ def test_logits_stay_sharded_on_vocab(tp_model, tiny_config):
 
 # ---- the check itself: planted layouts, and the HLO forms it must read ----------------------------
 
-def _probe(request):
-    """A request stand-in whose records stay here instead of in this test's report."""
-    return SimpleNamespace(config=request.config, node=SimpleNamespace(nodeid="probe", user_properties=[]))
 
 
 def _broken(name, tiny_config, tiny_weights, mesh, dtype="bfloat16"):
@@ -66,7 +63,7 @@ def _broken(name, tiny_config, tiny_weights, mesh, dtype="bfloat16"):
 
 
 def test_gathering_instead_of_all_reducing_fails_naming_layer_and_op(request, tiny_config, tiny_weights):
-    probe = _probe(request)
+    probe = support.probe(request)
     adapter = _broken("all_gather:AllGatherAdapter", tiny_config, tiny_weights, "1x4")
     with pytest.raises(AssertionError) as failure:
         check_communication(probe, adapter, tiny_config, "bfloat16", "1x4")
@@ -85,7 +82,7 @@ def test_gathering_instead_of_all_reducing_fails_naming_layer_and_op(request, ti
 def test_ignoring_the_mesh_fails_with_no_sums(request, tiny_config, tiny_weights):
     adapter = _broken("ignores_mesh:IgnoresMeshAdapter", tiny_config, tiny_weights, "1x4")
     with pytest.raises(AssertionError, match=r"0 all-reduce sums in all \(none\).* expected 5"):
-        check_communication(_probe(request), adapter, tiny_config, "bfloat16", "1x4")
+        check_communication(support.probe(request), adapter, tiny_config, "bfloat16", "1x4")
 
 
 def test_the_callers_gather_of_the_logits_is_reported_not_failed(request, tiny_config, tiny_weights):
@@ -105,7 +102,7 @@ def test_the_callers_gather_of_the_logits_is_reported_not_failed(request, tiny_c
 
     inner = protocol.build(protocol.load("examples.simple_llama.adapter:SimpleLlamaAdapter"), tiny_config,
                            tiny_weights, make_mesh("1x4"), "bfloat16")
-    record = check_communication(_probe(request), GathersLogits(inner), tiny_config, "bfloat16", "1x4")
+    record = check_communication(support.probe(request), GathersLogits(inner), tiny_config, "bfloat16", "1x4")
     digest = record["communication"]
     assert len(digest["caller_gathers"]) == 1 and digest["kinds"]["all-gather"]["count"] == 1
     logits_per_token = tiny_config.vocab_size * 4  # float32 logits, gathered once
@@ -117,7 +114,7 @@ def test_a_missing_capability_is_not_checked(request, tiny_config):
         def forward(self, tokens, start_pos=0, capture=False):
             return tokens
 
-    probe = _probe(request)
+    probe = support.probe(request)
     with pytest.raises(pytest.skip.Exception, match="not checked: ForwardOnly has no compiled_forward"):
         check_communication(probe, ForwardOnly(), tiny_config, "float32", "1x4")
     assert [v["name"] for k, v in probe.node.user_properties if k == NOT_CHECKED_KEY] == ["compiled_forward"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conformance.test_impl import _probe
+from conformance import support
 from fixtures import published
 from fixtures.checkpoints import write_hf_checkpoint, write_meta_checkpoint
 from llama_spec import config as spec_config
@@ -116,7 +116,7 @@ def test_cross_check_names_rope_scaling_dropped_in_the_hub_style(request, direct
     assert check.agrees, check.message()  # the style the faulty parser knows still agrees
     (check,) = cross_check(load_checkpoint(directories["hf-hub"])[0], directories["hf-hub"])
     with pytest.raises(AssertionError) as info:
-        assert_config_agrees(_probe(request), check)
+        assert_config_agrees(support.probe(request), check)
     message = str(info.value)
     print(message)
     assert [d.field for d in check.disagreements] == ["rope_scaling"]
@@ -136,7 +136,7 @@ def test_cross_check_names_a_misread_norm_eps(request, tmp_path, tiny_config, ti
     monkeypatch.setattr(spec_config.LlamaConfig, "from_params", classmethod(without_eps))
     (check,) = cross_check(load_checkpoint(directory)[0], directory)
     with pytest.raises(AssertionError) as info:
-        assert_config_agrees(_probe(request), check)
+        assert_config_agrees(support.probe(request), check)
     print(info.value)
     assert {d.field: (d.suite, d.library) for d in check.disagreements} == {"norm_eps": (1e-5, 1e-6)}
     assert "norm_eps: the suite read 1e-05, llama-models 0.3.0 ModelArgs read 1e-06" in str(info.value)
@@ -151,4 +151,4 @@ def test_cross_check_names_llama_models_factor_8_on_a_llama32_params_json(reques
     (check,) = cross_check(read_config(directory / "params.json"), directory)
     with pytest.raises(AssertionError, match=r"rope_scaling.factor: the suite read 32.0, llama-models 0.3.0 "
                                              r"ModelArgs read 8.0"):
-        assert_config_agrees(_probe(request), check)
+        assert_config_agrees(support.probe(request), check)

@@ -11,7 +11,6 @@ import pytest
 
 from adapters import protocol
 from conformance import support
-from conformance.test_impl import _probe
 from llama_spec.host import host
 from llama_spec.layout import make_mesh
 from parity import assert_parity
@@ -77,7 +76,7 @@ class _Float32Inside:
 
 def test_float32_outputs_when_bfloat16_was_asked_fail(request):
     with pytest.raises(AssertionError, match=r"asked for bfloat16, 16 outputs .* embedding \(float32\)"):
-        check_dtype(_probe(request), _Float32Inside(support.weights("float32"), cast_outputs=False), "bfloat16",
+        check_dtype(support.probe(request), _Float32Inside(support.weights("float32"), cast_outputs=False), "bfloat16",
                     "1x1")
 
 
@@ -86,7 +85,8 @@ def test_float32_arithmetic_behind_bfloat16_outputs_fails(request, weights):
     """Outputs cast to bf16, so only the noise floor can tell: float32 weights, or bf16-rounded weights with
     float32 arithmetic."""
     with pytest.raises(AssertionError, match=r"component 'dtype'.*\n.*\n  noise_floor_ratio = "):
-        check_dtype(_probe(request), _Float32Inside(support.weights(weights), cast_outputs=True), "bfloat16", "1x1")
+        check_dtype(support.probe(request), _Float32Inside(support.weights(weights), cast_outputs=True), "bfloat16",
+                    "1x1")
 
 
 def test_the_broken_float32_adapter_fails(request, tiny_weights):
@@ -94,4 +94,4 @@ def test_the_broken_float32_adapter_fails(request, tiny_weights):
     factory = protocol.load("examples.broken.float32_compute:Float32ComputeAdapter")
     broken = protocol.build(factory, support.CONFIG, tiny_weights, make_mesh("1x1"), "bfloat16")
     with pytest.raises(AssertionError, match=r"component 'dtype'.*asked for bfloat16.*\(float32\)"):
-        check_dtype(_probe(request), broken, "bfloat16", "1x1")
+        check_dtype(support.probe(request), broken, "bfloat16", "1x1")

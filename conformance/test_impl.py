@@ -4,7 +4,6 @@ The implementation's decode path against its own full forward; then the protocol
 adapters that break the protocol, missing capabilities reported as not checked (never passed), an adapter that
 raises becoming a failed record, and a planted bug the --impl path must catch.
 """
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,13 +11,11 @@ import pytest
 from adapters import protocol
 from conformance import support
 from conformance.components import ATTENTION, RMSNORM, check
-from conformance.test_logits import check_intermediates, check_logits
+from conformance.forward import check_intermediates, check_logits
 from llama_spec.host import host
 from llama_spec.layout import make_mesh
 from parity import assert_parity
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY
-
-EXAMPLE = "examples.simple_llama.adapter:SimpleLlamaAdapter"
 
 
 def check_impl_decode(request, adapter, dtype, mesh, prefill=16, total=24):
@@ -44,13 +41,8 @@ def test_impl_decode(request, impl, dtype, mesh):
 
 # ---- the protocol itself --------------------------------------------------------------------
 
-def _probe(request):
-    """A request stand-in whose records stay here instead of in this test's report."""
-    return SimpleNamespace(config=request.config, node=SimpleNamespace(nodeid="probe", user_properties=[]))
-
-
 def _example(tiny_config, tiny_weights, config=None):
-    factory = protocol.load(EXAMPLE)
+    factory = protocol.load(support.EXAMPLE)
     return protocol.build(factory, config or tiny_config, tiny_weights, make_mesh("1x1"), "float32")
 
 
@@ -102,7 +94,7 @@ def test_build_rejects_adapters_that_break_the_protocol(tiny_config, tiny_weight
 
 def test_missing_intermediates_are_not_checked_not_passed(request, tiny_config, tiny_weights):
     partial = _Without(_example(tiny_config, tiny_weights), keep=lambda name: not name.endswith("_rope"))
-    probe = _probe(request)
+    probe = support.probe(request)
     with pytest.raises(pytest.skip.Exception, match=r"not checked: _Without does not capture 4 of 16"):
         check_intermediates(probe, partial, "meta", "float32", "1x1", "batch")
     records = [v for k, v in probe.node.user_properties if k == RECORD_KEY]
@@ -123,7 +115,7 @@ def test_unknown_intermediate_names_fail(request, tiny_config, tiny_weights):
             return logits, {name.replace("q_rope", "q_rotated"): value for name, value in taps.items()}
 
     with pytest.raises(protocol.AdapterError, match=r"does not know: \['layers.0.q_rotated'"):
-        check_intermediates(_probe(request), Renamed(_example(tiny_config, tiny_weights)), "meta", "float32",
+        check_intermediates(support.probe(request), Renamed(_example(tiny_config, tiny_weights)), "meta", "float32",
                                  "1x1", "batch")
 
 
@@ -131,9 +123,9 @@ def test_planted_bug_in_an_adapter_is_caught(request, tiny_config, tiny_weights)
     """The example model without Llama 3.1's RoPE scaling: its logits past position 8192 and its first q_rope fail."""
     unscaled = _example(tiny_config, tiny_weights, tiny_config.replace(rope_scaling=None))
     with pytest.raises(AssertionError, match="component 'logits'"):
-        check_logits(_probe(request), unscaled, "meta", "float32", "1x1", "past_8192")
+        check_logits(support.probe(request), unscaled, "meta", "float32", "1x1", "past_8192")
     with pytest.raises(AssertionError, match="first failing 'layers.0.q_rope'"):
-        check_intermediates(_probe(request), unscaled, "meta", "float32", "1x1", "past_8192")
+        check_intermediates(support.probe(request), unscaled, "meta", "float32", "1x1", "past_8192")
 
 
 def test_an_adapter_that_raises_is_a_failed_record(request):
@@ -145,7 +137,7 @@ def test_an_adapter_that_raises_is_a_failed_record(request):
         def rms_norm(self, x, layer, which):
             raise ValueError("no such norm")
 
-    probe = _probe(request)
+    probe = support.probe(request)
     with pytest.raises(AssertionError, match=r"component 'logits': Crashing.forward raised RuntimeError: shape "
                                              "mismatch in my_attention"):
         check_logits(probe, Crashing(), "meta", "float32", "1x1", "batch")
@@ -160,7 +152,7 @@ def test_an_adapter_that_raises_is_a_failed_record(request):
 def test_a_missing_component_is_not_checked(request, tiny_config, tiny_weights):
     """An adapter with forward only: every component check ends skipped as not checked, naming the capability."""
     partial = _Without(_example(tiny_config, tiny_weights), keep=lambda name: True)
-    probe = _probe(request)
+    probe = support.probe(request)
     with pytest.raises(pytest.skip.Exception, match=r"not checked: _Without has no rms_norm capability \(rms_norm\)"):
         check(probe, RMSNORM, partial, "meta", "float32", "1x1", layer_index=0, which="attention_norm")
     with pytest.raises(pytest.skip.Exception, match=r"has no attention capability"):

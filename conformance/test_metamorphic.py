@@ -23,7 +23,6 @@ from llama_spec.host import host
 from llama_spec.layout import parse_mesh
 from parity import assert_parity, assert_parity_many
 
-TP_MESHES = ("1x2", "1x4", "1x8", "2x4")
 # The reference label of drawn mesh-invariance cases: their bounds are an override of the tiny-preset row.
 DRAWN_SINGLE_CHIP = "1x1 (drawn)"
 
@@ -47,7 +46,7 @@ def check_meshes_agree(request, factory, case):
 
 
 @model_settings()
-@given(case=cases(mesh_names=TP_MESHES))
+@given(case=cases(mesh_names=support.TP_MESHES))
 def test_meshes_agree_with_single_chip(request, impl_factory, case):
     with run_case(request, case=case):
         check_meshes_agree(request, impl_factory, case)

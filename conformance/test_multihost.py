@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from conformance import components
-from conformance.test_logits import check_intermediates, check_logits
+from conformance.forward import check_intermediates, check_logits
 from parity import baseline
 from parity.check import RECORD_KEY
 from tp_llama import distributed

@@ -21,7 +21,6 @@ from adapters.protocol import forward
 from conformance import strategies as s
 from conformance import support
 from conformance.strategies import cases, model_settings, run_case
-from conformance.test_metamorphic import TP_MESHES
 from llama_spec.config import LLAMA31_ROPE_SCALING, LLAMA32_ROPE_SCALING
 from llama_spec.host import host
 from llama_spec.layout import check_splittable, parse_mesh
@@ -181,7 +180,7 @@ def test_fixed_models_fit_their_meshes_and_hold_what_the_drawn_configs_vary():
     """Without compiling: every fixed model splits over the mesh of its role, in every list a test draws from,
     and between them they cover the fields that decide which code runs."""
     kv_layouts = set()
-    for names in (s.MESHES, TP_MESHES):
+    for names in (s.MESHES, support.TP_MESHES):
         meshes = s.fixed_meshes(names)
         assert meshes == list(dict.fromkeys(meshes)) and set(meshes) <= set(names)
         for mesh in meshes:

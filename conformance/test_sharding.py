@@ -15,95 +15,23 @@ add up to the contract's per-device total. An implementation that ignores its me
 """
 from __future__ import annotations
 
-import re
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
 from adapters import protocol
+from conformance import support
+from conformance.sharding import (
+    check_array,
+    contract_local_shapes,
+    rank_of,
+)
 from llama_spec.config import preset
-from llama_spec.layout import kv_replication, make_mesh, meta_weight_shapes
+from llama_spec.layout import make_mesh
 from parity.check import record_not_checked
 from tp_llama import shardings
 from tp_llama.shardings import MODEL
 
 MESHES = ("1x4", "2x4", "1x2")
-# Which axis of each Meta weight (out, in) the model axis splits, or None when replicated.
-META_SPLIT_AXIS = {
-    "tok_embeddings.weight": 0, "output.weight": 0,
-    "wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "w1.weight": 0, "w3.weight": 0,
-    "wo.weight": 1, "w2.weight": 1,
-    "norm.weight": None,
-}
-STACKED = "layers.*."
-
-
-def _split_axis(meta_name: str):
-    for suffix, axis in META_SPLIT_AXIS.items():
-        if meta_name.endswith(suffix):
-            return axis
-    raise KeyError(meta_name)
-
-
-def _halves(w: np.ndarray, heads: int) -> np.ndarray:
-    """HF's rotate-half row order of a Meta q/k weight (rows (i, i + head_dim/2) per head)."""
-    rows, cols = w.shape
-    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
-def _repeat_kv(w: np.ndarray, heads: int, copies: int) -> np.ndarray:
-    """Each kv head's rows `copies` times in place: device r of the model axis holds kv head r // copies."""
-    rows, cols = w.shape
-    return np.repeat(w.reshape(heads, 1, rows // heads, cols), copies, axis=1).reshape(rows * copies, cols)
-
-
-def contract_layouts(name: str, value: np.ndarray, config, m: int) -> list[tuple[str, np.ndarray]]:
-    """The Meta-orientation arrays a placed `name` may hold under the contract: (label, array)."""
-    leaf = name.rsplit(".", 2)[-2]
-    views = [("meta", value)]
-    if leaf in ("wq", "wk"):
-        views.append(("rotate-half rows", _halves(value, config.n_heads if leaf == "wq" else config.n_kv_heads)))
-    copies = kv_replication(config, m)
-    if leaf in ("wk", "wv") and copies > 1:
-        views = [(f"{label}, kv heads x{copies}", _repeat_kv(v, config.n_kv_heads, copies)) for label, v in views]
-    return views
-
-
-def _covered(key: str, weights) -> list[str]:
-    """The Meta tensors behind a key: itself, or every layer's for 'layers.*.<name>'; [] for other names."""
-    if key.startswith(STACKED):
-        pattern = r"layers\.\d+\." + re.escape(key[len(STACKED):])
-        return sorted((n for n in weights if re.fullmatch(pattern, n)), key=lambda n: int(n.split(".")[1]))
-    return [key] if key in weights else []
-
-
-def _rank_of(mesh) -> dict:
-    return {device: j for (_, j), device in np.ndenumerate(mesh.devices)}
-
-
-def _candidates(key, names, weights, config, m):
-    """(label, global array in the placed orientation, split axis or None) for every known layout of `key`."""
-    stacked = key.startswith(STACKED)
-    axis = _split_axis(names[0])
-    per_name = [contract_layouts(n, weights[n], config, m) for n in names]
-    out = []
-    for i, (label, _) in enumerate(per_name[0]):
-        meta = np.stack([views[i][1] for views in per_name]) if stacked else per_name[0][i][1]
-        lead = 1 if stacked else 0
-        if meta.ndim - lead == 1:
-            out.append((label, meta, None if axis is None else axis + lead))
-            continue
-        out.append((f"{label}, (out, in)", meta, None if axis is None else axis + lead))
-        out.append((f"{label}, (in, out)", np.swapaxes(meta, -1, -2), None if axis is None else 1 - axis + lead))
-    return out
-
-
-def _expected_local(full: np.ndarray, axis, rank: int, m: int) -> np.ndarray:
-    if axis is None:
-        return full
-    size = full.shape[axis] // m
-    return np.take(full, np.arange(rank * size, (rank + 1) * size), axis=axis)
 
 
 def check_sharding(request, adapter, config, weights, dtype: str, mesh_text: str, mesh):
@@ -118,9 +46,9 @@ def check_sharding(request, adapter, config, weights, dtype: str, mesh_text: str
     import jax
 
     m = mesh.shape[MODEL]
-    ranks = _rank_of(mesh)
+    ranks = rank_of(mesh)
     mesh_devices = set(mesh.devices.flat)
-    contract_total = sum(int(np.prod(local)) for local in _contract_local_shapes(config, m).values())
+    contract_total = sum(int(np.prod(local)) for local in contract_local_shapes(config, m).values())
     held = {d: 0 for d in mesh_devices}
     covered, problems, rows = set(), [], []
     for key, array in adapter.parameters().items():
@@ -134,9 +62,9 @@ def check_sharding(request, adapter, config, weights, dtype: str, mesh_text: str
         shards = array.addressable_shards
         for shard in shards:
             held[shard.device] = held.get(shard.device, 0) + shard.data.size
-        names = _covered(key, weights)
+        names = covered(key, weights)
         covered.update(names)
-        verdict = _check_array(key, array, names, weights, config, m, ranks, problems) if names else "other name"
+        verdict = check_array(key, array, names, weights, config, m, ranks, problems) if names else "other name"
         local = sorted({tuple(s.data.shape) for s in shards})
         rows.append((key, str(array.shape), array.dtype.name, str(getattr(array.sharding, "spec", array.sharding)),
                      " ".join(map(str, local)), verdict))
@@ -150,50 +78,6 @@ def check_sharding(request, adapter, config, weights, dtype: str, mesh_text: str
     if problems:
         raise AssertionError("\n  ".join([f"sharding of the placed parameters on mesh {mesh_text} ({dtype}) "
                                           f"contradicts the contract in {len(problems)} places", *problems, table]))
-
-
-def _contract_local_shapes(config, m: int) -> dict[str, tuple[int, ...]]:
-    """Per-device shape of every Meta tensor under the contract (Meta orientation)."""
-    copies = kv_replication(config, m)
-    out = {}
-    for name, shape in meta_weight_shapes(config).items():
-        axis = _split_axis(name)
-        shape = list(shape)
-        if name.endswith(("wk.weight", "wv.weight")):
-            shape[0] *= copies
-        if axis is not None:
-            shape[axis] //= m
-        out[name] = tuple(shape)
-    return out
-
-
-def _check_array(key, array, names, weights, config, m, ranks, problems) -> str:
-    """Per-device element counts, then the exact content when the array is in a known layout; the verdict."""
-    local = _contract_local_shapes(config, m)
-    expected = sum(int(np.prod(local[n])) for n in names)  # a stack holds every layer's share
-    wrong = sorted({s.data.size for s in array.addressable_shards if s.data.size != expected})
-    if wrong:
-        problems.append(f"{key}: {', '.join(map(str, wrong))} elements on a device, the contract {expected} "
-                        f"({'split 1/' + str(m) if _split_axis(names[0]) is not None else 'whole'} per device)")
-        return "wrong share"
-    matching = [c for c in _candidates(key, names, weights, config, m) if c[1].shape == array.shape]
-    if not matching:
-        return "counted (orientation not recognised)"
-    first_wrong = None
-    for label, full, axis in matching:
-        for shard in array.addressable_shards:
-            rank = ranks[shard.device]
-            want = _expected_local(full, axis, rank, m).astype(shard.data.dtype)
-            got = np.asarray(shard.data)
-            if got.shape != want.shape or not np.array_equal(got, want):
-                first_wrong = first_wrong or (label, rank, shard.device.id, got.shape, want.shape)
-                break
-        else:
-            return f"exact ({label})"
-    label, rank, device, got, want = first_wrong
-    problems.append(f"{key}: device {device} (model rank {rank}) does not hold the slice the contract assigns to its "
-                    f"rank in any known layout (first tried: {label}, expected shape {want}, found {got})")
-    return "wrong content"
 
 
 def _table(rows, mesh_text: str, missing: list[str]) -> str:
@@ -214,10 +98,6 @@ def test_each_device_holds_its_slice_of_the_meta_weights(request, impl, tiny_con
 
 # ---- the check itself, on the broken adapters of examples/broken -------------------------------
 
-def _probe(request):
-    return SimpleNamespace(config=request.config, node=SimpleNamespace(nodeid="probe", user_properties=[]))
-
-
 def _broken(name, tiny_config, tiny_weights, mesh):
     return protocol.build(protocol.load(f"examples.broken.{name}"), tiny_config, tiny_weights, mesh, "float32")
 
@@ -226,7 +106,7 @@ def test_an_adapter_that_ignores_the_mesh_fails(request, tiny_config, tiny_weigh
     mesh = make_mesh("1x4")
     adapter = _broken("ignores_mesh:IgnoresMeshAdapter", tiny_config, tiny_weights, mesh)
     with pytest.raises(AssertionError) as failure:
-        check_sharding(_probe(request), adapter, tiny_config, tiny_weights, "float32", "1x4", mesh)
+        check_sharding(support.probe(request), adapter, tiny_config, tiny_weights, "float32", "1x4", mesh)
     message = str(failure.value)
     assert "on mesh 1x4 (float32) contradicts the contract" in message
     assert "tok_embeddings.weight: lives on devices [0], the mesh 1x4 has [0, 1, 2, 3]" in message
@@ -239,7 +119,7 @@ def test_row_parallel_weights_split_the_wrong_way_fail(request, tiny_config, tin
     mesh = make_mesh("1x4")
     adapter = _broken("all_gather:AllGatherAdapter", tiny_config, tiny_weights, mesh)
     with pytest.raises(AssertionError) as failure:
-        check_sharding(_probe(request), adapter, tiny_config, tiny_weights, "float32", "1x4", mesh)
+        check_sharding(support.probe(request), adapter, tiny_config, tiny_weights, "float32", "1x4", mesh)
     message = str(failure.value)
     assert message.count("does not hold the slice the contract assigns") == 2
     assert "layers.*.attention.wo.weight: device 0 (model rank 0)" in message
@@ -252,7 +132,8 @@ def test_a_missing_capability_is_not_checked(request, tiny_config, tiny_weights)
             return tokens
 
     with pytest.raises(pytest.skip.Exception, match="not checked: ForwardOnly has no parameters capability"):
-        check_sharding(_probe(request), ForwardOnly(), tiny_config, tiny_weights, "float32", "1x4", make_mesh("1x4"))
+        check_sharding(support.probe(request), ForwardOnly(), tiny_config, tiny_weights, "float32", "1x4",
+                       make_mesh("1x4"))
 
 
 # ---- the built-in model's own layout table and mesh rules ---------------------------------------

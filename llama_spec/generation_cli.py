@@ -33,7 +33,8 @@ class Progress:
     The rate counts decode steps from the first token on, so loading and the prefill do not skew it."""
 
     def __init__(self, total: int, stream=None):
-        self.total, self.stream, self.first = total, stream or sys.stderr, None
+        self.total, self.stream = total, stream or sys.stderr
+        self.first: float | None = None
 
     def begin(self, what: str) -> None:
         self.stream.write(f"{what}...\n")
@@ -41,9 +42,8 @@ class Progress:
 
     def __call__(self, step: int, tokens=None) -> None:
         now = time.perf_counter()
-        if self.first is None:
-            self.first = now
-        rate = f"  {step / (now - self.first):.1f} tokens/s" if now > self.first else ""
+        first = self.first = now if self.first is None else self.first
+        rate = f"  {step / (now - first):.1f} tokens/s" if now > first else ""
         self.stream.write(f"\rtoken {step + 1}/{self.total}{rate}")
         self.stream.flush()
 

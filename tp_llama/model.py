@@ -231,7 +231,7 @@ _UNTRACED_FIELDS = ("multiple_of", "ffn_dim_multiplier", "max_seq_len")
 
 
 def program_config(config: LlamaConfig) -> tuple:
-    """What of `config` a program depends on (conformance/test_mutants.py checks that the rest leaves the HLO alone)."""
+    """What of `config` a program depends on (tests/test_mutants.py checks that the rest leaves the HLO alone)."""
     fields = [f.name for f in dataclasses.fields(config) if f.name not in _UNTRACED_FIELDS]
     kept = tuple((name, getattr(config, name)) for name in fields)
     return kept + (("hidden_dim", config.hidden_dim),)

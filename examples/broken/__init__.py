@@ -1,6 +1,6 @@
 """Deliberately broken implementations, kept as test data: each is examples.simple_llama with one defect, and the
 suite must give each the right verdict (conformance/test_communication.py, test_sharding.py and test_dtype.py check
-the first three's), and so must `llama-conformance doctor` with the fix (conformance/test_doctor.py checks all).
+the first three's), and so must `llama-conformance doctor` with the fix (tests/test_doctor.py checks all).
 
 - `all_gather:AllGatherAdapter` — wo and w2 column-parallel, so activations are all-gathered where Megatron
   all-reduces (the seed's design): the communication check fails naming the layer and the op.

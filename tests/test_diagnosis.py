@@ -10,9 +10,8 @@ check may pass or fail, but a failure must say "no known cause" (BELOW_NOISE). D
 """
 import pytest
 
-from conformance import components, mutants
-from conformance.test_logits import check_intermediates
-from conformance.test_mutants import scratch_request
+from conformance import components, mutants, support
+from conformance.forward import check_intermediates
 from tp_llama import layers
 from tp_llama.adapter import TPLlamaAdapter
 from tp_llama.model import TPLlama
@@ -88,7 +87,7 @@ def _run(request, tp_model, where, run_dtype):
     mesh, check, args = where
     model, params = tp_model(mesh, run_dtype)
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, run_dtype), params)
-    scratch = scratch_request(request.config)
+    scratch = support.scratch_request(request.config)
     try:
         check(scratch, fresh, "meta", run_dtype, mesh, *args)
         message = None

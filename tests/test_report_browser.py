@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conformance.test_report import DRAWN_MESHES, GEN, LONG, sample_document
 from parity import report as pr
+from tests.report_samples import DRAWN_MESHES, GEN, LONG, sample_document
 
 pytestmark = pytest.mark.browser
 

@@ -3,19 +3,18 @@
 Each case plants one bug from conformance/mutants.py, runs one component check on a fresh model (compiled
 functions are never shared with the unplanted runs) and requires the check to fail on the component the bug
 lives in. A missing all-reduce is stopped earlier, by JAX itself: shard_map refuses to return as replicated a
-value that was never summed over the model axis. `python -m conformance.mutants` runs the whole catalogue against
+value that was never summed over the model axis. `python -m conformance.kill_matrix` runs the whole catalogue against
 the whole suite.
 """
-import types
 
 import pytest
 
 from adapters import protocol
-from conformance import components, mutants, support
+from conformance import components, kill_matrix, mutants, support
 from conformance.components import ATTENTION, EMBEDDING, MLP, RMSNORM, ROPE
-from conformance.test_kv_cache import check_kv_cache
-from conformance.test_logits import CASES as FULL_CASES
-from conformance.test_logits import check_intermediates
+from conformance.decode import check_kv_cache
+from conformance.forward import CASES as FULL_CASES
+from conformance.forward import check_intermediates
 from llama_spec.layout import make_mesh
 from llama_spec.synthetic import make_tokens
 from tp_llama.adapter import TPLlamaAdapter
@@ -66,25 +65,21 @@ def fresh_full_adapter(mesh_text, case):
                                 "bfloat16")
 
 
-def scratch_request(config):
-    """A stand-in for pytest's request whose records stay out of the run's parity JSON."""
-    return types.SimpleNamespace(config=config, node=types.SimpleNamespace(nodeid="mutant", user_properties=[]))
-
-
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_planted_bug_is_killed(request, tp_model, name):
     mesh_text, run_dtype, component, case, failure, text = FAST[name]
     model, params = tp_model(mesh_text, run_dtype)
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, run_dtype), params)
     with mutants.planted(name), pytest.raises(failure, match=text):
-        components.check(scratch_request(request.config), component, fresh, "meta", run_dtype, mesh_text, **case)
+        components.check(support.scratch_request(request.config), component, fresh, "meta", run_dtype, mesh_text,
+                         **case)
 
 
 @pytest.mark.parametrize("name", sorted(FULL_BF16))
 def test_bf16_deviation_is_killed_by_the_full_forward(request, name):
     mesh_text, case, text = FULL_BF16[name]
     with mutants.planted(name), pytest.raises(AssertionError, match=text):
-        check_intermediates(scratch_request(request.config), fresh_full_adapter(mesh_text, case), "meta",
+        check_intermediates(support.scratch_request(request.config), fresh_full_adapter(mesh_text, case), "meta",
                             "bfloat16", mesh_text, case)
 
 
@@ -92,18 +87,18 @@ def test_decode_only_bug_is_killed_by_the_cache_check(request, tp_model):
     model, params = tp_model("1x4", "float32")
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, "float32"), params)
     with mutants.planted("decode_cache_slot"), pytest.raises(AssertionError, match="component 'kv_cache'"):
-        check_kv_cache(scratch_request(request.config), fresh, "float32", "1x4")
+        check_kv_cache(support.scratch_request(request.config), fresh, "float32", "1x4")
 
 
 def test_unplanted_checks_pass(request, tp_model):
     """The same checks on the same fresh models pass without a bug: the failures above are the bugs'."""
     for mesh_text, run_dtype, component, case, _, _ in FAST.values():
         model, params = tp_model(mesh_text, run_dtype)
-        components.check(scratch_request(request.config), component,
+        components.check(support.scratch_request(request.config), component,
                          TPLlamaAdapter(TPLlama(model.config, model.mesh, run_dtype), params), "meta", run_dtype,
                          mesh_text, **case)
     for mesh_text, case in dict.fromkeys((m, c) for m, c, _ in FULL_BF16.values()):
-        check_intermediates(scratch_request(request.config), fresh_full_adapter(mesh_text, case), "meta",
+        check_intermediates(support.scratch_request(request.config), fresh_full_adapter(mesh_text, case), "meta",
                             "bfloat16", mesh_text, case)
 
 
@@ -119,7 +114,8 @@ def test_fragile_softmax_survives_tame_inputs(request, tp_model):
     model, params = tp_model("1x1", "float32")
     fresh = TPLlamaAdapter(TPLlama(model.config, model.mesh, "float32"), params)
     with mutants.planted("softmax_no_max_subtraction"):
-        components.check(scratch_request(request.config), ATTENTION, fresh, "meta", "float32", "1x1", case="cached",
+        components.check(support.scratch_request(request.config), ATTENTION, fresh, "meta", "float32", "1x1",
+                         case="cached",
                          layer_index=1)
 
 
@@ -132,14 +128,15 @@ def test_kill_margin_reads_the_killers_own_failing_records():
     failing = record("t::a", False, failed_metrics=["rel_l2", "kl"], metrics={"rel_l2": 3e-3, "kl": 1e-4},
                      bounds={"rel_l2": 1e-3, "kl": 1e-4})
     other = record("t::b", False, failed_metrics=["rel_l2"], metrics={"rel_l2": 1.0}, bounds={"rel_l2": 1e-3})
-    metric, value, bound, margin, _ = mutants.first_killer_margin({"records": [failing, other]}, "t::a")
+    metric, value, bound, margin, _ = kill_matrix.first_killer_margin({"records": [failing, other]}, "t::a")
     assert (metric, value, bound) == ("rel_l2", 3e-3, 1e-3) and margin == pytest.approx(3.0)
     raised = record("t::a", False, error="ValueError: shard_map", failed_metrics=[])
-    assert mutants.first_killer_margin({"records": [raised]}, "t::a")[::3] == ("error", float("inf"))
+    assert kill_matrix.first_killer_margin({"records": [raised]}, "t::a")[::3] == ("error", float("inf"))
     passed = record("t::a", True, failed_metrics=[])
-    assert mutants.first_killer_margin({"records": [passed, other]}, "t::a")[::3] == ("exact", float("inf"))
-    cell = mutants.Cell(["t::a"], 1.0, metric="exact", margin=float("inf"))
-    assert mutants.verdict("stop_without_eot", "float32", cell) == "killed" and mutants._margin_text(cell) == "exact"
+    assert kill_matrix.first_killer_margin({"records": [passed, other]}, "t::a")[::3] == ("exact", float("inf"))
+    cell = kill_matrix.Cell(["t::a"], 1.0, metric="exact", margin=float("inf"))
+    assert kill_matrix.verdict("stop_without_eot", "float32", cell) == "killed"
+    assert kill_matrix.margin_text(cell) == "exact"
 
 
 def test_a_planted_mutant_is_never_served_a_program_traced_without_it(tiny_config, tiny_weights):
