@@ -37,6 +37,7 @@ class PreallocatedCacheAdapter(TPLlamaAdapter):
 
     @classmethod
     def build(cls, config, weights, mesh, dtype, *, max_batch_size=1, max_seq_len=META_DEFAULT_MAX_SEQ_LEN):
-        adapter = super().build(config, weights, mesh, dtype)
+        built = super().build(config, weights, mesh, dtype)
+        adapter = cls(built.model, built.params)
         adapter.preallocated = adapter.init_cache(max_batch_size, max_seq_len)
         return adapter
