@@ -233,7 +233,7 @@ def _diagnosis(actual: Any, expected: Any, oracle: Any, predict: Any) -> dict[st
 
     a, b = pm.as_float64(actual), pm.as_float64(expected)
     noise = diagnosis.residual(b, pm.as_float64(oracle)) if oracle is not None else 0.0
-    return diagnosis.diagnose(a, b, predict(), noise)
+    return diagnosis.diagnose(a, b, predict(), noise, pm.as_float64(oracle) if oracle is not None else None)
 
 
 def failure_message(record: Mapping[str, Any], profile: str) -> str:

@@ -24,13 +24,14 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pytest
 
 from fixtures.tolerances import LOWER, UPPER, direction
 from parity import baseline as pb
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY, budget_used, format_value
+from parity.pooled import pooled_diagnosis
 
 VERSIONED = ("jax", "jaxlib", "flax", "torch", "transformers", "llama-models", "fairscale", "tiktoken", "numpy",
              "pytest", "pytest-xdist")
@@ -233,7 +234,8 @@ class ParityCollector:
     def document(self, exitstatus: int) -> dict[str, Any]:
         return json_safe({"environment": self.environment(), "exitstatus": int(exitstatus),
                           "records": self.records, "not_checked": self.not_checked,
-                          "tests": list(self.tests.values())})
+                          "tests": list(self.tests.values()),
+                          "pooled_diagnosis": pooled_diagnosis(run_failures(self.records, self.tests.values()))})
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -345,6 +347,7 @@ def summary_lines(records: list[dict], tests: list[dict], json_path: str | None,
     for record in [r for r in failed_records if r.get("error")][:5]:
         lines.append(f"  error in {record['test']} [{record.get('name')}]: {record['error'].splitlines()[0]}")
     lines += cause_lines(failed_records, outcomes)
+    lines += pooled_lines(run_failures(records, tests))
     if gate is not None:
         lines += pb.summary_lines(gate)
     if json_path:
@@ -364,6 +367,20 @@ def cause_lines(failed_records: list[dict], outcomes: dict[str, str]) -> list[st
         about = f" — {group['description']}" if group["description"] else ""
         lines.append(f"  {group['records']:4d} / {group['tests']:<4d} {group['cause']}{about}")
     return lines
+
+
+def run_failures(records: Iterable[dict], tests: Iterable[dict]) -> list[dict]:
+    """The failing records of the tests that failed (not those a passing test expects, such as planted bugs)."""
+    outcomes = {t["nodeid"]: t["outcome"] for t in tests}
+    return [r for r in records if not r["passed"] and outcomes.get(r["test"]) not in ("passed", "xfailed")]
+
+
+def pooled_lines(failures: list[dict]) -> list[str]:
+    """The pooled diagnosis (parity.pooled) of the failing records, when it names anything."""
+    named = pooled_diagnosis(failures)
+    if not named:
+        return []
+    return ["pooled diagnosis (the failing records together):", *(f"  {row['summary']}" for row in named[:4])]
 
 
 @pytest.hookimpl
