@@ -12,6 +12,9 @@ many failing records, is named; noise is not.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +117,17 @@ def test_a_planted_unscaled_rope_at_bfloat16_is_named_by_the_pool(request):
     assert alone.count(None) >= 2, f"the single-record diagnoses already name it: {alone}"
     named = pooled_diagnosis(records)
     assert named and named[0]["cause"] == "rope_unscaled", named
+
+
+@pytest.mark.e2e
+def test_the_planted_adapter_run_through_impl_gets_the_pooled_diagnosis(tmp_path):
+    """The same through `pytest --impl`, as a user runs it: the JSON's pooled_diagnosis and the summary name it."""
+    out = tmp_path / "parity.json"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+               "conformance/test_logits.py", "--impl", "examples.planted:UnscaledRoPEAdapter", "--dtype", "bfloat16",
+               "--reference", "meta", "--mesh", "1x1", "--parity-json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    pooled = json.loads(out.read_text())["pooled_diagnosis"]
+    assert pooled and pooled[0]["cause"] == "rope_unscaled", pooled
+    assert "pooled diagnosis (the failing records together):\n  rope_unscaled: " in done.stdout, done.stdout[-3000:]
