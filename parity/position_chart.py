@@ -65,7 +65,7 @@ def position_chart(series: Series) -> str | None:
 
 def _panel(ax: Any, metric: str, lines: Mapping[tuple[str, str], Mapping[int, float]],
            colours: Mapping[str, str], styles: Mapping[str, str]) -> None:
-    ax.set_title(f"{metric} against start position (worst over references and meshes)")
+    ax.set_title(f"{metric} against start position")
     ax.set_xlabel("start position + 1")
     ax.set_ylabel(metric)
     ax.set_xscale("log")
