@@ -193,6 +193,11 @@ def _limits(method, max_batch_size: int | None, max_seq_len: int | None) -> dict
     return {k: v for k, v in hints.items() if v is not None and (takes_any or k in params)}
 
 
+def accepted_hints(factory) -> list[str]:
+    """The size hints (max_batch_size, max_seq_len) the factory's `build` takes; the others it is never given."""
+    return list(_limits(factory.build, 1, 1))
+
+
 def checked(adapter, source: str):
     """The adapter if it follows the protocol, else AdapterError naming what is wrong."""
     if not isinstance(adapter, Forward):

@@ -188,7 +188,7 @@ def _own_noise(references: list, oracle: Any, logits: bool, dtype: str, k: int) 
     return own
 
 
-def _context(request: Any) -> tuple[str, str, list]:
+def record_context(request: Any) -> tuple[str, str, list]:
     """Node id, tolerance profile and the user_properties list of the running test."""
     profile = request.config.getoption("tolerance_profile", default=None) or "default"
     return request.node.nodeid, profile, request.node.user_properties
@@ -212,7 +212,7 @@ def assert_parity(request: Any, *, component: str, actual: Any, expected: Any, r
     Returns the record; raises AssertionError listing every failing metric and the worst index.
     """
     __tracebackhide__ = True
-    nodeid, profile, properties = _context(request)
+    nodeid, profile, properties = record_context(request)
     record = _evaluate(nodeid, profile, component=component, actual=actual, expected=expected,
                        reference=reference, dtype=dtype, mesh=mesh, layer=layer, oracle=oracle, logits=logits,
                        name=name, extra_metrics=extra_metrics, peers=peers)
@@ -232,7 +232,7 @@ def _diagnosis(actual: Any, expected: Any, oracle: Any, predict: Any) -> dict[st
     """parity.diagnosis on a failing record; the rounding noise is the reference's own error against the oracle."""
     a, b = pm.as_float64(actual), pm.as_float64(expected)
     noise = diagnosis.residual(b, pm.as_float64(oracle)) if oracle is not None else 0.0
-    return diagnosis.diagnose(a, b, predict(), noise)
+    return diagnosis.diagnose(a, b, predict(), noise, pm.as_float64(oracle) if oracle is not None else None)
 
 
 def failure_message(record: Mapping[str, Any], profile: str) -> str:
@@ -264,7 +264,7 @@ def assert_parity_many(request: Any, *, component: str, actual: Mapping[str, Any
     message. `peers`: a list of name -> tensor mappings, the other references' (see assert_parity).
     """
     __tracebackhide__ = True
-    nodeid, profile, properties = _context(request)
+    nodeid, profile, properties = record_context(request)
     records, problems = [], []
     for name in expected:
         if name not in actual:
@@ -302,7 +302,7 @@ def record_not_checked(request: Any, *, component: str, names: list[str], reason
     Each goes to user_properties as (NOT_CHECKED_KEY, entry), never as a parity record, so it counts neither as
     passed nor as failed; the calling test should end skipped with `reason`, not passed.
     """
-    nodeid, _, properties = _context(request)
+    nodeid, _, properties = record_context(request)
     entries = [{"test": nodeid, "component": component, "name": name, "layer": layer_of(name),
                 "reference": reference, "dtype": dtype_name(dtype), "mesh": mesh_name(mesh), "reason": reason}
                for name in names]
@@ -314,7 +314,7 @@ def record_failure(request: Any, *, component: str, error: str, reference: str |
                    layer: int | None = None, name: str | None = None) -> dict[str, Any]:
     """A failed record for a comparison that never happened because the implementation raised: it counts in the
     summary, the JSON and the report like any failure, with the error text where the metrics would be."""
-    nodeid, profile, properties = _context(request)
+    nodeid, profile, properties = record_context(request)
     dtype, mesh = dtype_name(dtype), mesh_name(mesh)
     record = {"test": nodeid, "component": component, "name": name,
               "layer": layer if layer is not None else layer_of(name), "reference": reference, "dtype": dtype,
@@ -336,7 +336,7 @@ def assert_config_agrees(request: Any, check: Any) -> dict[str, Any]:
     those that disagree; the disagreements (field, both values, who read which) are its error, so a disagreement
     fails in the report as in the test. No bound: any disagreement fails."""
     __tracebackhide__ = True
-    nodeid, _, properties = _context(request)
+    nodeid, _, properties = record_context(request)
     read = check.read
     message = check.message()
     record = {"test": nodeid, "component": "config", "name": f"{read.file.parent.name}/{read.file.name}",
@@ -371,7 +371,7 @@ def record_token_ids(request: Any, *, name: str, actual: Sequence[Sequence[int]]
     if len(actual) != len(expected):
         raise ValueError(f"record_token_ids: {len(actual)} actual id lists for {len(expected)} expected; give one "
                          f"per input on both sides")
-    nodeid, _, properties = _context(request)
+    nodeid, _, properties = record_context(request)
     compared = differing = 0
     first, error = -1, None
     for index, (a, b) in enumerate(zip(actual, expected)):

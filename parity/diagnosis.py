@@ -34,11 +34,13 @@ def residual(a, b) -> float:
     return rel_l2(a, b) if a.shape == b.shape else float("inf")
 
 
-def diagnose(actual, expected, predictions: Mapping[str, Prediction], noise: float) -> dict:
+def diagnose(actual, expected, predictions: Mapping[str, Prediction], noise: float, exact=None) -> dict:
     """Rank the deviations by how close `actual` is to each prediction; see the module docstring.
 
     noise: the reference's own rel_l2 against exact math at this dtype (floored at float32 resolution), the
-    residual a faithful implementation of a deviation would leave. `expected` is the correct reference output.
+    residual a faithful implementation of a deviation would leave. `expected` is the correct reference output;
+    `exact`, when given, exact math's (the predictions' own no-deviation output): its residual is kept as
+    'exact_residual', the evidence parity.pooled weighs each prediction's residual against.
     """
     noise = max(float(noise), DIAGNOSIS["noise_floor"])
     baseline = residual(actual, expected)
@@ -59,5 +61,8 @@ def diagnose(actual, expected, predictions: Mapping[str, Prediction], noise: flo
                    f"{top['residual'] / noise:.0f}x the rounding noise {noise:.1e})")
     else:
         summary = "no known cause (no catalogued deviation applies here)"
-    return {"cause": top["name"] if top and top["matched"] else None, "summary": summary, "noise": noise,
-            "correct_residual": baseline, "hypotheses": rows}
+    out = {"cause": top["name"] if top and top["matched"] else None, "summary": summary, "noise": noise,
+           "correct_residual": baseline, "hypotheses": rows}
+    if exact is not None:
+        out["exact_residual"] = residual(actual, exact)
+    return out

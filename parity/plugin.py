@@ -29,8 +29,9 @@ from adapters.protocol import BUILTIN, describe
 from parity import baseline as pb
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY
 from parity.environment import cpu_info, device_info, json_safe, package_versions
+from parity.pooled import pooled_diagnosis
 from parity.report import write_report
-from parity.summary import not_checked_lines, summary_lines
+from parity.summary import not_checked_lines, run_failures, summary_lines
 
 _WORKER_KEY = "parity_devices"
 _SEEDS_KEY = "parity_seeds"
@@ -172,7 +173,8 @@ class ParityCollector:
     def document(self, exitstatus: int) -> dict[str, Any]:
         return json_safe({"environment": self.environment(), "exitstatus": int(exitstatus),
                           "records": self.records, "not_checked": self.not_checked,
-                          "tests": list(self.tests.values())})
+                          "tests": list(self.tests.values()),
+                          "pooled_diagnosis": pooled_diagnosis(run_failures(self.records, self.tests.values()))})
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

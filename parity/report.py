@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from parity.check import budget_used, format_value
 from parity.environment import cpu_label
+from parity.pooled import pooled_diagnosis
+from parity.position_chart import position_chart, position_series, position_table
 from parity.tolerances import COMPONENTS, LOWER, UPPER, direction
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -718,6 +720,7 @@ def context_of(sources: Sequence[tuple[str, Mapping[str, Any]]], gate: Any = Non
     several = len(implementations) > 1
     rows = record_rows(records, drawn=drawn)
     series = depth_series(records, by_implementation=several)
+    positions = position_series(r for r in records if _outcome_of(r) != "expected fail")
     overall = verdict_of(tests, records, gate, not_checked)
     for entry in implementations:
         mine = [r for r in records if r["_impl"] == entry["short"]]
@@ -743,11 +746,14 @@ def context_of(sources: Sequence[tuple[str, Mapping[str, Any]]], gate: Any = Non
         "verdict": overall,
         "failures": failures(tests, records),
         "causes": probable_causes(records),
+        "pooled": pooled_diagnosis(r for r in records if _outcome_of(r) == "fail"),
         "diagnosed": any(r.get("diagnosis") for r in records),
         "not_checked": not_checked_summary(not_checked),
         "matrix": matrix(records, drawn=drawn, implementations=[e["short"] for e in implementations]),
         "depth_svg": depth_chart(series),
         "depth_table": _depth_table(series),
+        "position_svg": position_chart(positions),
+        "position_table": position_table(positions),
         "rows": rows,
         "filters": filters,
         "generation": generation_cases(records),

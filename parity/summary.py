@@ -3,10 +3,11 @@ per component, and the probable causes the diagnosis named for the failing recor
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from parity import baseline as pb
 from parity.check import budget_used, format_value
+from parity.pooled import pooled_diagnosis
 from parity.report import probable_causes
 from parity.tolerances import LOWER, UPPER, direction
 
@@ -66,6 +67,7 @@ def summary_lines(records: list[dict], tests: list[dict], json_path: str | None,
     for record in [r for r in failed_records if r.get("error")][:5]:
         lines.append(f"  error in {record['test']} [{record.get('name')}]: {record['error'].splitlines()[0]}")
     lines += cause_lines(failed_records, outcomes)
+    lines += pooled_lines(run_failures(records, tests))
     if gate is not None:
         lines += pb.summary_lines(gate)
     if json_path:
@@ -83,3 +85,17 @@ def cause_lines(failed_records: list[dict], outcomes: dict[str, str]) -> list[st
         about = f" — {group['description']}" if group["description"] else ""
         lines.append(f"  {group['records']:4d} / {group['tests']:<4d} {group['cause']}{about}")
     return lines
+
+
+def run_failures(records: Iterable[dict], tests: Iterable[dict]) -> list[dict]:
+    """The failing records of the tests that failed (not those a passing test expects, such as planted bugs)."""
+    outcomes = {t["nodeid"]: t["outcome"] for t in tests}
+    return [r for r in records if not r["passed"] and outcomes.get(r["test"]) not in ("passed", "xfailed")]
+
+
+def pooled_lines(failures: list[dict]) -> list[str]:
+    """The pooled diagnosis (parity.pooled) of the failing records, when it names anything."""
+    named = pooled_diagnosis(failures)
+    if not named:
+        return []
+    return ["pooled diagnosis (the failing records together):", *(f"  {row['summary']}" for row in named[:4])]

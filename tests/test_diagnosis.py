@@ -6,12 +6,16 @@ component check where it lives and reads the failing record's diagnosis (parity/
 oracle's predictions, conformance.mutants.predictions): its own name must be the top cause. Where a deviation
 has no effect at a run_dtype the check passes and nothing is diagnosed; where its effect is at rounding noise the
 check may pass or fail, but a failure must say "no known cause" (BELOW_NOISE). Deviations outside the catalogue
-(OUTSIDE) must get "no known cause", never a wrong name; the clean model passes.
+(OUTSIDE) must get "no known cause", never a wrong name; the clean model passes. Pooled rows at bfloat16: where no
+record alone can name a deviation, the records of its check over several inputs, pooled (parity/pooled.py), name it
+or nothing.
 """
 import pytest
 
 from conformance import components, mutants, support
+from conformance.forward import CASES as FULL_CASES
 from conformance.forward import check_intermediates
+from parity.pooled import pooled_diagnosis
 from tp_llama import layers
 from tp_llama.adapter import TPLlamaAdapter
 from tp_llama.model import TPLlama
@@ -153,3 +157,63 @@ def test_every_predicted_deviation_is_in_the_matrix():
     predicted = {name for name, mutant in mutants.MUTANTS.items() if mutant.predicted}
     assert predicted - NOT_PLANTABLE == set(WHERE), "a predicted deviation without a confusion-matrix case"
     assert set(mutants.MUTANTS) - predicted <= NOT_PLANTABLE
+
+
+# ---- pooled rows at bfloat16 (parity/pooled.py) ----
+# Where one record alone cannot name a bfloat16 deviation (BELOW_NOISE, WHOLE_MODEL, OUTSIDE), the records of its
+# check over several inputs (canonical weights: _run builds on them) are pooled: the pool names the deviation
+# (POOLED_NAMES must be named) or nothing, never another one.
+POOLED_INPUTS = {
+    ROPE: [("1x1", _component(components.ROPE, start_pos=p), ()) for p in (9000, 4000, 0)],
+    NORM: [("1x1", _component(components.RMSNORM, layer_index=i, which=w), ())
+           for i in (0, 1) for w in ("attention_norm", "ffn_norm")],
+    ATTENTION: [("1x1", _component(components.ATTENTION, case=c, layer_index=i), ())
+                for i in (0, 1) for c in ("prefill", "cached")],
+    MLP: [("1x1", _component(components.MLP, layer_index=i), ()) for i in (0, 1)],
+    INTERMEDIATES: [("1x4", check_intermediates, (case,))
+                    for case, (_, _, _, kind) in FULL_CASES.items() if kind == "canonical"],
+}
+POOLED_ROWS = {**{name: WHERE[name] for name, dtype in sorted(BELOW_NOISE)},
+               **{name: where for name, (where, *_) in OUTSIDE.items()}}
+POOLED_WHOLE_MODEL_ROWS = {name: INTERMEDIATES for name in WHOLE_MODEL}  # slow: 48 to 512 tokens per case
+# Must be named by the pool at bfloat16: rope_unscaled, 3 first-failing intermediates (batch, long, past_8192) at
+# 1.0x noise, evidence 10.1, one alone "no known cause". Measured beside it: rmsnorm_no_upcast is named too (4 norm
+# records at 0.6x noise, evidence 3.1, just past the 2.3 needed: not required, another CPU's rounding may differ);
+# rmsnorm_eps (no record fails on canonical weights), rope_tables_bf16, silu_bf16, softmax_bf16 and both outside
+# deviations get nothing.
+POOLED_NAMES = {"rope_unscaled"}
+
+
+def _pooled_records(request, tp_model, where, run_dtype):
+    records = []
+    for case in POOLED_INPUTS[where]:
+        _, found = _run(request, tp_model, case, run_dtype)
+        records += found
+    return records
+
+
+def check_pooled_row(request, tp_model, monkeypatch, name, where):
+    if name in OUTSIDE:
+        _, target, attribute, replacement = OUTSIDE[name]
+        monkeypatch.setattr(target, attribute, replacement)
+        records = _pooled_records(request, tp_model, where, "bfloat16")
+    else:
+        with mutants.planted(name):
+            records = _pooled_records(request, tp_model, where, "bfloat16")
+    pooled = pooled_diagnosis(records)
+    named = [row["cause"] for row in pooled]
+    if name in POOLED_NAMES:
+        assert named[:1] == [name], (name, named)
+    else:
+        assert named in ([], [name]), (name, [row["summary"] for row in pooled])
+
+
+@pytest.mark.parametrize("name", sorted(POOLED_ROWS))
+def test_pooled_row_at_bfloat16(request, tp_model, monkeypatch, name):
+    check_pooled_row(request, tp_model, monkeypatch, name, POOLED_ROWS[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(POOLED_WHOLE_MODEL_ROWS))
+def test_pooled_whole_model_row_at_bfloat16(request, tp_model, monkeypatch, name):
+    check_pooled_row(request, tp_model, monkeypatch, name, POOLED_WHOLE_MODEL_ROWS[name])
