@@ -42,11 +42,10 @@ from jax.sharding import PartitionSpec as P
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama import modeling_llama
 
+from adapters.hf_torch import from_pretrained, from_suite_config
 from adapters.torchax.compat import import_torchax
 from fixtures.checkpoints import write_hf_checkpoint
 from llama_spec.config import LlamaConfig
-from reference.convert import meta_to_hf
-from reference.torch_utils import load_module, torch_dtype
 
 torchax = import_torchax()
 from torchax.interop import JittableModule  # noqa: E402
@@ -272,8 +271,9 @@ class TorchaxLlamaAdapter:
             cache = transformers.DynamicCache(config=config) if len(xs) > 1 else None
             outputs = []
             for h, positions in zip(xs, all_positions):
+                # the cache's length is read from this layer's slot (LlamaModel fills every layer's, this only one)
                 mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, cache=cache,
-                                          position_ids=positions)
+                                          position_ids=positions, layer_idx=layer)
                 embeddings = model.model.rotary_emb(h, positions)
                 if attention_only:
                     out, _ = module(h, position_embeddings=embeddings, attention_mask=mask, cache=cache)
@@ -305,21 +305,6 @@ class TorchaxLlamaAdapter:
 
 # ---- the factories ----------------------------------------------------------------------------------------
 
-def _from_config(config: LlamaConfig, weights: Mapping[str, np.ndarray], dtype: str):
-    """transformers' LlamaForCausalLM from a LlamaConfig made from the suite's config (default attention, as a user
-    gets it), parameters created at dtype as from_pretrained creates them, the suite's Meta weights loaded through
-    reference.convert.meta_to_hf."""
-    td = torch_dtype(dtype)
-    hf_config = transformers.LlamaConfig(**config.to_hf())
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=td)
-    return load_module(model, meta_to_hf(weights, config), td, cast=False)
-
-
-def _from_pretrained(path, dtype: str):
-    """transformers' own loader on an HF directory, as a user loads a downloaded snapshot."""
-    return transformers.LlamaForCausalLM.from_pretrained(Path(path), dtype=torch_dtype(dtype))
-
-
 class TorchaxLlama:
     """Built directly: LlamaForCausalLM(LlamaConfig(**config.to_hf())) with the suite's weights, through torchax."""
 
@@ -327,7 +312,7 @@ class TorchaxLlama:
 
     @classmethod
     def build(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh, dtype: str) -> TorchaxLlamaAdapter:
-        return TorchaxLlamaAdapter(_from_config(config, weights, dtype), mesh, dtype, "direct")
+        return TorchaxLlamaAdapter(from_suite_config(config, weights, dtype), mesh, dtype, "direct")
 
     @classmethod
     def build_from_checkpoint(cls, path, mesh, dtype: str, fmt: str) -> TorchaxLlamaAdapter:
@@ -336,7 +321,7 @@ class TorchaxLlama:
             raise NotImplementedError(f"transformers {transformers.__version__} loads Hugging Face directories "
                                       f"(config.json + safetensors), not {fmt!r} checkpoints (Meta's params.json + "
                                       "consolidated.NN.pth need its separate conversion script)")
-        return TorchaxLlamaAdapter(_from_pretrained(path, dtype), mesh, dtype, f"hf:{path}")
+        return TorchaxLlamaAdapter(from_pretrained(path, dtype), mesh, dtype, f"hf:{path}")
 
 
 class TorchaxLlamaHF(TorchaxLlama):
@@ -350,7 +335,7 @@ class TorchaxLlamaHF(TorchaxLlama):
         directory = Path(tempfile.mkdtemp(prefix=f"torchax_{cls.style}_"))
         try:
             write_hf_checkpoint(directory, config, weights, dtype="float32", style=cls.style)
-            return TorchaxLlamaAdapter(_from_pretrained(directory, dtype), mesh, dtype, f"hf:{cls.style}")
+            return TorchaxLlamaAdapter(from_pretrained(directory, dtype), mesh, dtype, f"hf:{cls.style}")
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
