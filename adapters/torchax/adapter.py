@@ -23,8 +23,10 @@ Intermediates come from forward hooks on the torch modules (and `modeling_llama.
 as reference/hf.py does), recorded while the JAX program is traced and returned as its outputs; q/k are converted
 from HF's (batch, heads, seq, hd) rotate-half layout to Meta's (batch, seq, heads, hd) interleaved pairs. The
 components run HF's own submodules through the same mechanism (`JittableModule.functional_call` with a callable, the
-function `extract_jax` wraps). Not offered: a Meta checkpoint (transformers loads HF directories only); decode (see
-`TorchaxLlamaAdapter`).
+function `extract_jax` wraps). Decode runs LlamaForCausalLM.forward with transformers' StaticCache, its tensors
+carried between jitted steps as arrays (the state StaticLayer.lazy_initialization would create), with HF's
+position_ids and 2-D attention_mask for padded batches and offsets. Not offered: a Meta checkpoint (transformers loads
+HF directories only).
 """
 from __future__ import annotations
 
@@ -147,11 +149,7 @@ class _Capture:
 
 
 class TorchaxLlamaAdapter:
-    """A transformers LlamaForCausalLM (PyTorch) run as jitted JAX through torchax, its state placed on the mesh.
-
-    Decode is not offered: transformers' caches (DynamicCache, StaticCache) are Python objects mutated in place by
-    the torch forward, so a jitted step would have to rebuild one from arrays and read it back inside each trace;
-    that is this adapter's machinery, not a torchax or transformers API, and would judge it instead of them."""
+    """A transformers LlamaForCausalLM (PyTorch) run as jitted JAX through torchax, its state placed on the mesh."""
 
     def __init__(self, model, mesh, dtype: str, source: str):
         self.model = model.eval()
@@ -218,6 +216,52 @@ class TorchaxLlamaAdapter:
         tokens = self._tokens(np.zeros((batch, seq)))
         spec = jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=tokens.sharding)
         return self._forward_program(False).lower(self.states, spec, self._positions(0, seq)).compile()
+
+    # ---- decode: transformers' StaticCache, carried between steps as arrays -------------------------------------
+
+    def init_cache(self, batch: int, length: int):
+        """An empty StaticCache as arrays: per layer (keys, values) of (batch, kv heads, length, head_dim), zeros at
+        the run dtype (StaticLayer.lazy_initialization's shape), batch on 'data' when it divides."""
+        c = self.hf_config
+        shape = (batch, c.num_key_value_heads, length, c.hidden_size // c.num_attention_heads)
+        spec = P(DATA) if batch % self.mesh.shape[DATA] == 0 else P()
+        zeros = jax.device_put(jnp.zeros(shape, self.compute_dtype), NamedSharding(self.mesh, spec))
+        return tuple((zeros, zeros) for _ in range(c.num_hidden_layers))
+
+    def _step_program(self, length: int) -> Callable:
+        key = ("step", length)
+        if key not in self._programs:
+            config = self.hf_config
+
+            def step(model, tokens, positions, valid, cache, start):
+                static = transformers.StaticCache(config=config, max_cache_len=length)
+                for layer, (keys, values) in zip(static.layers, cache):
+                    # what StaticLayer.lazy_initialization sets, from the carried arrays instead of zeros
+                    layer.keys, layer.values, layer.device = keys, values, keys.device
+                    layer.batch_size, layer.num_heads = keys.shape[:2]
+                    layer.k_head_dim = layer.v_head_dim = keys.shape[-1]
+                    layer.cumulative_length = start.clone()
+                    layer.is_initialized = True
+                logits = model(input_ids=tokens, position_ids=positions, attention_mask=valid, cache=static,
+                               use_cache=True).logits
+                return logits, tuple((layer.keys, layer.values) for layer in static.layers)
+
+            self._programs[key] = self._program(key, step)
+        return self._programs[key]
+
+    def step(self, tokens, start_pos: int, cache, *, pad=None, offset: int = 0):
+        """LlamaForCausalLM.forward with a StaticCache whose write index is start_pos (slots start_pos..), RoPE at
+        position_ids offset + slot - pad[i], and the 2-D attention_mask of HF's padded batches (slots before pad[i]
+        are 0), as `generate` passes them."""
+        tokens = np.asarray(tokens)
+        batch, seq = tokens.shape
+        length = cache[0][0].shape[2]
+        pad = np.zeros(batch, np.int64) if pad is None else np.asarray(pad, np.int64)
+        slots = start_pos + np.arange(seq)
+        positions = self._replicated(offset + slots[None, :] - pad[:, None], jnp.int32)
+        valid = self._replicated(np.arange(length)[None, :] >= pad[:, None], jnp.int32)
+        return self._step_program(length)(self.states, self._tokens(tokens), positions, valid, cache,
+                                          self._replicated(start_pos, jnp.int32))
 
     # ---- components: HF's own submodules, run the same way -------------------------------------------------
 
