@@ -26,7 +26,7 @@ decode (penzai's sampling_mode cache is not wired into this adapter).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,7 @@ class PenzaiLlamaAdapter:
         values = [p.freeze() for p in params]
         self.axis_map = axis_to_mesh(lm.metadata, mesh)
         self.params = sharding_util.name_to_name_device_put(values, mesh, self.axis_map)
-        self._programs: dict[Any, Callable] = {}
+        self._programs: dict[Any, Any] = {}  # jax.jit-wrapped functions (.lower for compiled_forward)
 
     def parameters(self) -> dict[str, jax.Array]:
         """penzai's own labels ('transformer/block_0/attention/query.weights', ...) -> placed arrays (penzai's
@@ -92,7 +92,7 @@ class PenzaiLlamaAdapter:
         spec = P(DATA, None) if tokens.shape[0] % self.mesh.shape[DATA] == 0 else P()
         return jax.device_put(jnp.asarray(tokens), NamedSharding(self.mesh, spec))
 
-    def _program(self, capture: bool) -> Callable:
+    def _program(self, capture: bool) -> Any:
         if capture not in self._programs:
             unbound = self.unbound
 

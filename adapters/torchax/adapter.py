@@ -161,7 +161,7 @@ class TorchaxLlamaAdapter:
         self._module = JittableModule(self.model)
         self.states = self._place(states)
         self._capture = _Capture(self.model)
-        self._programs: dict[Any, Callable] = {}
+        self._programs: dict[Any, Any] = {}  # jax.jit-wrapped functions (.lower for compiled_forward)
 
     # ---- placement ----------------------------------------------------------------------------------------
 
@@ -173,7 +173,8 @@ class TorchaxLlamaAdapter:
 
     def parameters(self) -> dict[str, jax.Array]:
         """Meta names -> the placed HF tensors, in HF's orientation ((out, in); q/k rows in rotate-half order)."""
-        return {meta_name(name): value for name, value in self.states.items() if meta_name(name) is not None}
+        named = {name: meta_name(name) for name in self.states}
+        return {meta: self.states[name] for name, meta in named.items() if meta is not None}
 
     def _replicated(self, x, dtype=None):
         return jax.device_put(jnp.asarray(np.asarray(x), dtype or self.compute_dtype), NamedSharding(self.mesh, P()))
@@ -188,7 +189,7 @@ class TorchaxLlamaAdapter:
 
     # ---- the forward: extract_jax's function, jitted ---------------------------------------------------------
 
-    def _forward_program(self, capture: bool) -> Callable:
+    def _forward_program(self, capture: bool) -> Any:
         key = ("forward", capture)
         if key not in self._programs:
             run = self._forward_fn
