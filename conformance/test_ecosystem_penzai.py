@@ -4,8 +4,8 @@ environment of requirements-torchax.txt; `pytest -m ecosystem conformance/test_e
 - What penzai's documented converter (`llama_from_huggingface_model`) accepts under transformers 5: nothing of
   Llama 3 (its attribute check sees `rope_parameters` and `dtype`), each refusal with penzai's own message.
 - The adapter is faithful: penzai's unchecked llama-like converter on a Llama 3 config without RoPE scaling, sharded
-  by penzai's named-axis utility, matches HF transformers at float32 within the default bounds (the intermediates
-  penzai's Sequential exposes and the logits), on each --mesh.
+  by penzai's named-axis utility, matches HF transformers at float32 within the default bounds (every intermediate
+  and the logits), on each --mesh.
 - What penzai gets wrong is a finding (docs/findings/penzai-*.md), kept as strict xfails with their records.
 """
 from __future__ import annotations
@@ -17,12 +17,13 @@ from conformance import support
 from llama_spec.config import preset
 from parity import assert_parity
 from reference.hf import HFReference
+from reference.layers import intermediate_names
 from reference.oracle import oracle_forward
 
 pytestmark = pytest.mark.ecosystem
 
 CASES = {"batch": (2, 48), "long": (1, 512)}
-TAPS = ("embedding", "layers.0.block_out", "layers.1.block_out", "final_norm")
+TAPS = tuple(n for n in intermediate_names(2) if n != "logits")  # the tiny config's: penzai exposes them all
 _BUILT: dict = {}
 REFUSAL_FINDING = ("penzai 0.2.5 llama_from_huggingface_model refuses every Llama 3 model under transformers 5: its "
                    "attribute check (variants/llama.py:65-98) sees rope_parameters and dtype "
@@ -96,7 +97,7 @@ def test_the_refusal_names_what_transformers_5_changed(pz, tiny_config):
 # ---- the adapter is faithful where penzai is right ---------------------------------------------------------
 
 def _check_forward(request, adapter, config, weights, mesh: str, case: str, diagnosed: bool = False) -> None:
-    """The intermediates penzai exposes and the logits against HF at float32, default bounds, one record each; with
+    """Every intermediate and the logits against HF at float32, default bounds, one record each; with
     `diagnosed`, each failure ranked against the catalogued deviations (on the suite's tiny config only)."""
     from adapters.protocol import host
 

@@ -20,9 +20,12 @@ else 'head_groups' when the kv heads split evenly, else 'query_heads', k/v then 
 when the axis divides; tokens' 'batch' on 'data' when it divides. XLA partitions the rest.
 
 Intermediates: the model body is a `pz.nn.Sequential` (EmbeddingLookup, TransformerBlock per layer, RMSLayerNorm,
-Linear), run sublayer by sublayer inside the jitted forward: 'embedding', 'layers.{i}.block_out' and 'final_norm'.
-The finer taps (norms, q/k after RoPE, attention and MLP outputs) and the components are not offered; neither is
-decode (penzai's sampling_mode cache is not wired into this adapter).
+Linear) and each block two `Residual(Sequential[RMSLayerNorm, Attention | TransformerFeedForward])`; the jitted
+forward runs them one by one and records every tensor of reference/layers.py (q/k after the query/key paths'
+ApplyRoPE, before the query's rescale; penzai rotates halves, as HF, so they are converted to Meta's pairs). The
+components are those sublayers. Not offered: `attention` (penzai's Attention layer has no cache outside its
+sampling mode, so chunks after the first cannot read earlier ones) and decode (penzai's sampling_mode KV cache is not
+wired into this adapter).
 """
 from __future__ import annotations
 
@@ -92,42 +95,175 @@ class PenzaiLlamaAdapter:
         spec = P(DATA, None) if tokens.shape[0] % self.mesh.shape[DATA] == 0 else P()
         return jax.device_put(jnp.asarray(tokens), NamedSharding(self.mesh, spec))
 
-    def _program(self, capture: bool) -> Any:
-        if capture not in self._programs:
+    def _replicated(self, x):
+        return jax.device_put(jnp.asarray(np.asarray(x), self.dtype), NamedSharding(self.mesh, P()))
+
+    def _jit(self, key, fn) -> Any:
+        """jax.jit of fn(model, *args) on the placed parameters, the model bound inside the trace."""
+        if key not in self._programs:
             unbound = self.unbound
+            self._programs[key] = jax.jit(lambda params, *args: fn(pz.bind_variables(unbound, params), *args))
+        return self._programs[key]
 
-            def forward(params, tokens, start_pos):
-                model = pz.bind_variables(unbound, params)
-                batch, seq = tokens.shape
-                positions = pz.nx.wrap(jnp.broadcast_to(start_pos + jnp.arange(seq), (batch, seq))).tag("batch", "seq")
-                x = pz.nx.wrap(tokens).tag("batch", "seq")
-                taps, blocks = {}, 0
-                sublayers = model.body.sublayers
-                for i, sublayer in enumerate(sublayers):
-                    x = sublayer(x, token_positions=positions)
-                    if isinstance(sublayer, pz.nn.EmbeddingLookup):
-                        taps["embedding"] = x
-                    elif isinstance(sublayer, model_parts.TransformerBlock):
-                        taps[f"layers.{blocks}.block_out"] = x
-                        blocks += 1
-                    elif i == len(sublayers) - 2:
-                        taps["final_norm"] = x
-                logits = x.untag("batch", "seq", "vocabulary").unwrap()
-                if not capture:
-                    return logits
-                return logits, {name: v.untag("batch", "seq", "embedding").unwrap() for name, v in taps.items()}
+    # ---- forward: the body's sublayers one by one, each block opened at its two residual branches -------------
 
-            self._programs[capture] = jax.jit(forward)
-        return self._programs[capture]
+    def _forward_fn(self, capture: bool):
+        def forward(model, tokens, start_pos):
+            batch, seq = tokens.shape
+            positions = _positions(start_pos, batch, seq)
+            x = pz.nx.wrap(tokens).tag("batch", "seq")
+            taps: dict = {}
+            for sublayer in model.body.sublayers:
+                if isinstance(sublayer, model_parts.TransformerBlock) and capture:
+                    x = _block_with_taps(sublayer, x, positions, taps, f"layers.{_count_blocks(taps)}.")
+                    continue
+                x = sublayer(x, token_positions=positions)
+                if isinstance(sublayer, pz.nn.EmbeddingLookup):
+                    taps["embedding"] = x
+                elif isinstance(sublayer, pz.nn.RMSLayerNorm):
+                    taps["final_norm"] = x
+            logits = x.untag("batch", "seq", "vocabulary").unwrap()
+            if not capture:
+                return logits
+            return logits, {name: _heads_out(v) if name.endswith(("q_rope", "k_rope")) else _positional(v)
+                            for name, v in taps.items()}
+
+        return forward
 
     def forward(self, tokens, start_pos: int = 0, capture: bool = False):
         """A fresh sequence at token_positions start_pos.. (penzai's causal mask reads the same positions)."""
-        return self._program(bool(capture))(self.params, self._tokens(tokens), jnp.int32(start_pos))
+        fn = self._jit(("forward", bool(capture)), self._forward_fn(bool(capture)))
+        return fn(self.params, self._tokens(tokens), jnp.int32(start_pos))
 
     def compiled_forward(self, batch: int, seq: int):
         tokens = self._tokens(np.zeros((batch, seq)))
         spec = jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=tokens.sharding)
-        return self._program(False).lower(self.params, spec, jnp.int32(0)).compile()
+        return self._jit(("forward", False), self._forward_fn(False)).lower(self.params, spec, jnp.int32(0)).compile()
+
+    # ---- components: penzai's own sublayers ------------------------------------------------------------------
+
+    def rms_norm(self, x, layer: int, which: str):
+        def norm(model, x):
+            if which == "norm":
+                return _positional(_sublayers(model)["final_norm"](_hidden(x)))
+            branch = {"attention_norm": 0, "ffn_norm": 1}[which]
+            return _positional(_blocks(model)[layer].sublayers[branch].delta.sublayers[0](_hidden(x)))
+
+        return self._jit(("rms_norm", layer, which), norm)(self.params, self._replicated(x))
+
+    def feed_forward(self, x, layer: int):
+        def mlp(model, x):
+            return _positional(_blocks(model)[layer].sublayers[1].delta.sublayers[1](_hidden(x)))
+
+        return self._jit(("mlp", layer), mlp)(self.params, self._replicated(x))
+
+    def block(self, x, layer: int, start_pos: int):
+        def block(model, x, start):
+            h = _hidden(x)
+            return _positional(_blocks(model)[layer](h, token_positions=_positions(start, *x.shape[:2])))
+
+        return self._jit(("block", layer), block)(self.params, self._replicated(x), jnp.int32(start_pos))
+
+    def head(self, h):
+        def head(model, h):
+            parts = _sublayers(model)
+            return parts["lm_head"](parts["final_norm"](_hidden(h))).untag("batch", "seq", "vocabulary").unwrap()
+
+        return self._jit("head", head)(self.params, self._replicated(h))
+
+    def rope(self, q, k, start_pos: int):
+        """The ApplyRoPE layers of layer 0's query and key, on Meta-layout q/k converted to penzai's half layout and
+        its head axes (and back)."""
+        metadata = self.metadata
+
+        def rope(model, q, k, start):
+            attention = _blocks(model)[0].sublayers[0].delta.sublayers[1]
+            positions = _positions(start, *q.shape[:2])
+            q_named = _heads_in(_halves(q), {**metadata.common_head_axes, **metadata.query_only_head_axes})
+            k_named = _heads_in(_halves(k), metadata.common_head_axes)
+            q_out = attention.input_to_query.sublayers[1](q_named, token_positions=positions)
+            k_out = attention.input_to_key.sublayers[1](k_named, token_positions=positions)
+            return _heads_out(q_out), _heads_out(k_out)
+
+        return self._jit("rope", rope)(self.params, self._replicated(q), self._replicated(k), jnp.int32(start_pos))
+
+
+_HEAD_AXES = ("heads", "head_groups", "query_heads")
+
+
+def _positions(start, batch: int, seq: int):
+    return pz.nx.wrap(jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))).tag("batch", "seq")
+
+
+def _hidden(x):
+    return pz.nx.wrap(x).tag("batch", "seq", "embedding")
+
+
+def _positional(v):
+    return v.untag("batch", "seq", "embedding").unwrap()
+
+
+def _sublayers(model) -> dict:
+    """The body's embedding, final norm and lm_head (EmbeddingLookup, RMSLayerNorm, Linear, in that order)."""
+    body = model.body.sublayers
+    return {"embedding": body[0], "final_norm": body[-2], "lm_head": body[-1]}
+
+
+def _blocks(model) -> list:
+    return [s for s in model.body.sublayers if isinstance(s, model_parts.TransformerBlock)]
+
+
+def _count_blocks(taps) -> int:
+    return sum(name.endswith(".block_out") for name in taps)
+
+
+def _interleaved(x):
+    """penzai's (and HF's) rotate-half layout (i, i + hd/2) -> Meta's interleaved pairs (2i, 2i+1), last axis."""
+    hd = x.shape[-1]
+    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], 2, hd // 2)), -1, -2), x.shape)
+
+
+def _halves(x):
+    hd = x.shape[-1]
+    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], hd // 2, 2)), -1, -2), x.shape)
+
+
+def _heads_in(x, head_axes: Mapping[str, int]):
+    """(batch, seq, heads, hd) -> a NamedArray with penzai's head axes (kv group major, as the converter reshapes
+    HF's q_proj rows) and 'projection'."""
+    names = [n for n in _HEAD_AXES if n in head_axes]
+    x = jnp.reshape(x, (*x.shape[:2], *(head_axes[n] for n in names), x.shape[-1]))
+    return pz.nx.wrap(x).tag("batch", "seq", *names, "projection")
+
+
+def _heads_out(v):
+    """A NamedArray with head axes and 'projection' -> (batch, seq, heads, hd) in Meta's interleaved layout."""
+    names = [n for n in _HEAD_AXES if n in v.named_shape]
+    x = v.untag("batch", "seq", *names, "projection").unwrap()
+    return _interleaved(jnp.reshape(x, (*x.shape[:2], -1, x.shape[-1])))
+
+
+def _block_with_taps(block, x, positions, taps: dict, prefix: str):
+    """A TransformerBlock run as its two Residual(Sequential[RMSLayerNorm, ...]) branches, recording the suite's
+    per-layer tensors; q and k after RoPE recomputed from the attention's own query/key paths (XLA shares them)."""
+    attention_branch, ffn_branch = (residual.delta.sublayers for residual in block.sublayers)
+    norm, attention = attention_branch
+    h = norm(x)
+    taps[prefix + "attention_norm"] = h
+    taps[prefix + "q_rope"] = attention.input_to_query.sublayers[1](attention.input_to_query.sublayers[0](h),
+                                                                    token_positions=positions)
+    taps[prefix + "k_rope"] = attention.input_to_key.sublayers[1](attention.input_to_key.sublayers[0](h),
+                                                                  token_positions=positions)
+    out = attention(h, token_positions=positions)
+    taps[prefix + "attention_out"] = out
+    x = x + out
+    h = ffn_branch[0](x)
+    taps[prefix + "ffn_norm"] = h
+    out = ffn_branch[1](h)
+    taps[prefix + "mlp_out"] = out
+    x = x + out
+    taps[prefix + "block_out"] = x
+    return x
 
 
 # ---- the factories ----------------------------------------------------------------------------------------
