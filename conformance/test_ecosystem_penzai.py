@@ -184,3 +184,29 @@ def test_unchecked_converter_on_the_real_model(request, pz):
     exact = oracle_forward(real.config, real_model.weights(), tokens, 0)
     assert_parity(request, component="logits", name="logits.real", actual=host(adapter.forward(tokens)),
                   expected=expected, oracle=exact, logits=True, reference="hf", dtype="float32", mesh="1x1")
+
+
+# ---- decode through penzai's KVCachingTransformerLM ---------------------------------------------------------
+
+def test_decode_matches_hf_without_rope_scaling(request, pz, tiny_config, tiny_weights):
+    """Prefill 8 tokens then 4 single-token steps, and the same batch with row 1 left-padded by 3 slots (penzai's
+    pad tokens), against HF's uncached forward, float32, default bounds, on 1x4."""
+    config = tiny_config.replace(rope_scaling=None)
+    adapter = pz.PenzaiLlamaUnchecked.build(config, tiny_weights, _mesh("1x4"), "float32")
+    reference = HFReference(config, tiny_weights, "float32")
+    tokens = support.tokens(2, 12, seed=16)
+
+    def decode(**kwargs):
+        cache = adapter.init_cache(2, 16)
+        logits, cache = adapter.step(tokens[:, :8], 0, cache, **kwargs)
+        out = [np.asarray(logits)]
+        for t in range(8, 12):
+            logits, cache = adapter.step(tokens[:, t:t + 1], t, cache, **kwargs)
+            out.append(np.asarray(logits))
+        return np.concatenate(out, axis=1)
+
+    scope = dict(reference="hf", dtype="float32", mesh="1x4", logits=True)
+    assert_parity(request, component="kv_cache", name="decode.steps", actual=decode(),
+                  expected=reference.forward(tokens), **scope)
+    assert_parity(request, component="kv_cache", name="decode.pad", actual=decode(pad=np.array([0, 3]))[1:, 3:],
+                  expected=reference.forward(tokens[1:, 3:]), **scope)

@@ -23,12 +23,14 @@ Intermediates: the model body is a `pz.nn.Sequential` (EmbeddingLookup, Transfor
 Linear) and each block two `Residual(Sequential[RMSLayerNorm, Attention | TransformerFeedForward])`; the jitted
 forward runs them one by one and records every tensor of reference/layers.py (q/k after the query/key paths'
 ApplyRoPE, before the query's rescale; penzai rotates halves, as HF, so they are converted to Meta's pairs). The
-components are those sublayers. Not offered: `attention` (penzai's Attention layer has no cache outside its
-sampling mode, so chunks after the first cannot read earlier ones) and decode (penzai's sampling_mode KV cache is not
-wired into this adapter).
+components are those sublayers. Decode is penzai's `sampling_mode.KVCachingTransformerLM` (from_uncached, pad id -1),
+its state variables frozen and carried between jitted steps; `pad` marks the pad slots with the pad id, as penzai's
+sampler pads. Not offered: `attention` (penzai's Attention layer has no cache outside the sampling mode, so chunks
+after the first cannot read earlier ones) and decode `offset` (penzai counts positions from the first non-pad token).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -37,7 +39,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from penzai import pz
-from penzai.models.transformer import model_parts
+from penzai.models.transformer import model_parts, sampling_mode
 from penzai.models.transformer.variants import llama, llamalike_common
 from penzai.toolshed import sharding_util
 
@@ -45,6 +47,7 @@ from adapters.hf_torch import from_pretrained, from_suite_config
 from llama_spec.config import LlamaConfig
 
 DATA, MODEL = "data", "model"
+PAD = -1  # the caching model's pad id: no real token (penzai treats every token equal to it as padding)
 
 
 def checked_conversion(hf_model):
@@ -84,6 +87,7 @@ class PenzaiLlamaAdapter:
         self.axis_map = axis_to_mesh(lm.metadata, mesh)
         self.params = sharding_util.name_to_name_device_put(values, mesh, self.axis_map)
         self._programs: dict[Any, Any] = {}  # jax.jit-wrapped functions (.lower for compiled_forward)
+        self._caching: dict[tuple[int, int], Any] = {}  # (batch, length) -> the caching model without its state
 
     def parameters(self) -> dict[str, jax.Array]:
         """penzai's own labels ('transformer/block_0/attention/query.weights', ...) -> placed arrays (penzai's
@@ -139,6 +143,57 @@ class PenzaiLlamaAdapter:
         tokens = self._tokens(np.zeros((batch, seq)))
         spec = jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=tokens.sharding)
         return self._jit(("forward", False), self._forward_fn(False)).lower(self.params, spec, jnp.int32(0)).compile()
+
+    # ---- decode: penzai's KVCachingTransformerLM, its state carried between steps as frozen values ----------------
+
+    def init_cache(self, batch: int, length: int):
+        """KVCachingTransformerLM.from_uncached(model, cache_len=length, batch_axes={'batch': batch}, pad_id=-1) (no
+        token id is padding unless the step marks it), its state variables frozen and placed on the mesh."""
+        lm = pz.bind_variables(self.unbound, self.params)
+        caching = sampling_mode.KVCachingTransformerLM.from_uncached(lm, cache_len=length, batch_axes={"batch": batch},
+                                                                      pad_id=PAD)
+        unbound, state = pz.unbind_state_vars(caching)
+        self._caching[(batch, length)] = unbound
+        axes = dict(self.axis_map)
+        if batch % self.mesh.shape[DATA] == 0:
+            axes["batch"] = DATA
+        return [self._placed_state(v.freeze(), axes) for v in state]
+
+    def _placed_state(self, value, axes):
+        """A frozen state value on the mesh: its NamedArrays by their axis names, anything else replicated."""
+        def place(leaf):
+            if isinstance(leaf, pz.nx.NamedArray):
+                return sharding_util.name_to_name_device_put(leaf, self.mesh, axes)
+            return jax.device_put(jnp.asarray(leaf), NamedSharding(self.mesh, P()))
+
+        placed = jax.tree_util.tree_map(place, value.value, is_leaf=lambda x: isinstance(x, pz.nx.NamedArray))
+        return dataclasses.replace(value, value=placed)
+
+    def step(self, tokens, start_pos: int, cache, *, pad=None):
+        """The caching model on tokens written at slots start_pos.. (its cache_end_index set to start_pos). penzai
+        derives positions from padding tokens: slots before pad[i] get the pad id, so row i's positions are
+        slot - pad[i] and its pad slots are masked, as penzai's own sampler pads. No `offset`: penzai's positions
+        always count from the first non-padding token."""
+        tokens = np.asarray(tokens, np.int32).copy()
+        batch, seq = tokens.shape
+        if pad is not None:
+            slots = start_pos + np.arange(seq)
+            tokens[slots[None, :] < np.asarray(pad)[:, None]] = PAD
+        length = next(v.value for v in cache if v.label.endswith("previous_tokens")).named_shape["seq"]
+        unbound = self._caching[(batch, length)]
+
+        def run(unbound, state, tokens, start):
+            variables = [v.unfreeze_as_copy() for v in state]
+            for v in variables:
+                if v.label.endswith("cache_end_index"):
+                    v.value = start
+            model = pz.bind_variables(unbound, variables)
+            logits = model(pz.nx.wrap(tokens).tag("batch", "seq"))
+            return logits.untag("batch", "seq", "vocabulary").unwrap(), [v.freeze() for v in variables]
+
+        if "step" not in self._programs:
+            self._programs["step"] = jax.jit(run)
+        return self._programs["step"](unbound, cache, self._tokens(tokens), jnp.int32(start_pos))
 
     # ---- components: penzai's own sublayers ------------------------------------------------------------------
 
