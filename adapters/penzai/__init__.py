@@ -1,8 +1,9 @@
 """penzai 0.2.5's Llama under the conformance suite (its own venv: `pip install -r requirements.txt
 -r requirements-torchax.txt`, which holds penzai's pins beside torchax's).
 
-    pytest -n 2 -rs --impl adapters.penzai:PenzaiLlama          --mesh 1x4 --parity-json out/pz_checked.json
-    pytest -n 2 -rs --impl adapters.penzai:PenzaiLlamaUnchecked --mesh 1x4 --parity-json out/pz_unchecked.json
+    pytest -n 2 --impl adapters.penzai:PenzaiLlama --mesh 1x4 --parity-json out/penzai_PenzaiLlama.json
+    pytest -n 2 --impl adapters.penzai:PenzaiLlamaUnchecked --mesh 1x4 \
+        --parity-json out/penzai_PenzaiLlamaUnchecked.json
     pytest -m ecosystem conformance/test_ecosystem_penzai.py
 
 Factories (adapters/penzai/adapter.py): `PenzaiLlama` (penzai's documented `llama_from_huggingface_model`, which

@@ -1,9 +1,9 @@
 """HF transformers' PyTorch Llama run as JAX through torchax 0.0.13 under the conformance suite (its own venv:
 `pip install -r requirements.txt -r requirements-torchax.txt`).
 
-    pytest -n 2 -rs --impl adapters.torchax:TorchaxLlama      --mesh 1x4 --parity-json out/tx_direct.json
-    pytest -n 2 -rs --impl adapters.torchax:TorchaxLlamaHF    --mesh 1x4 --parity-json out/tx_hf.json
-    pytest -n 2 -rs --impl adapters.torchax:TorchaxLlamaHFHub --mesh 1x4 --parity-json out/tx_hf_hub.json
+    pytest -n 2 --impl adapters.torchax:TorchaxLlama      --mesh 1x4 --parity-json out/torchax_TorchaxLlama.json
+    pytest -n 2 --impl adapters.torchax:TorchaxLlamaHF    --mesh 1x4 --parity-json out/torchax_TorchaxLlamaHF.json
+    pytest -n 2 --impl adapters.torchax:TorchaxLlamaHFHub --mesh 1x4 --parity-json out/torchax_TorchaxLlamaHFHub.json
     pytest -m ecosystem conformance/test_ecosystem_torchax.py
 
 Factories (adapters/torchax/adapter.py): `TorchaxLlama` (LlamaForCausalLM from the suite's config and weights),
