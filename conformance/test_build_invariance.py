@@ -21,6 +21,7 @@ import pytest
 from adapters import protocol
 from conformance import support
 from examples import planted
+from llama_spec.host import host
 from llama_spec.layout import make_mesh
 from parity import assert_parity
 from parity.check import record_not_checked
@@ -52,7 +53,7 @@ def hinted_once(request, factory, mesh, dtype, **hints):
 
 
 def _logits(request, adapter, scope, name):
-    return protocol.host(support.run(request, adapter.forward, TOKENS, start_pos=START, **scope, name=name))
+    return host(support.run(request, adapter.forward, TOKENS, start_pos=START, **scope, name=name))
 
 
 def check_hint(request, factory, base, dtype, mesh, hint: str, value: int):
@@ -75,10 +76,10 @@ def decode(adapter, length: int) -> np.ndarray:
     """Logits of every position of TOKENS: a prefill of PREFILL into a cache of `length` slots, then steps."""
     cache = adapter.init_cache(1, length)
     logits, cache = adapter.step(TOKENS[:, :PREFILL], 0, cache)
-    out = [protocol.host(logits)]
+    out = [host(logits)]
     for slot in range(PREFILL, SEQ):
         logits, cache = adapter.step(TOKENS[:, slot:slot + 1], slot, cache)
-        out.append(protocol.host(logits))
+        out.append(host(logits))
     return np.concatenate(out, axis=1)
 
 

@@ -26,18 +26,19 @@ import numpy as np
 import pytest
 
 from adapters import decoding, protocol
-from conformance import support
+from conformance import components, support
+from llama_spec.host import host
 from llama_spec.layout import make_mesh
 from parity import assert_parity
 from parity.check import record_not_checked
 from parity.drift import record_drift
 from parity.metrics import rel_l2
-from reference import oracle
+from reference import hf, meta, oracle
 from tp_llama import layers
 from tp_llama.adapter import TPLlamaAdapter
 
 LAST_POSITION = 131071  # Llama 3.1's extended context, 131,072 tokens
-ROPE_WINDOW = 16        # support.heads' tokens
+ROPE_WINDOW = 16        # the RoPE record's tokens (conformance.components.ROPE)
 # forward and decode cases, attention chunks: the shapes of test_kv_cache's and test_attention's 'cached' cases,
 # so the programs compiled for those serve these
 SEQ, BATCH = 24, 2
@@ -102,10 +103,10 @@ def decode_logits(adapter, start_pos: int) -> np.ndarray:
     tokens = support.tokens(BATCH, SEQ, seed=16)
     cache = adapter.init_cache(BATCH, SEQ)
     logits, cache = adapter.step(tokens[:, :PREFILL], 0, cache, offset=start_pos)
-    out = [protocol.host(logits)]
+    out = [host(logits)]
     for slot in range(PREFILL, SEQ):
         logits, cache = adapter.step(tokens[:, slot:slot + 1], slot, cache, offset=start_pos)
-        out.append(protocol.host(logits))
+        out.append(host(logits))
     return np.concatenate(out, axis=1)
 
 
@@ -114,23 +115,26 @@ def quantities(adapter) -> tuple[dict, dict[str, str]]:
     reference, dtype, start_pos), and {quantity: reason} for those the adapter cannot run."""
     def rope(index):
         def compute(request, reference, dtype, start_pos, scope):
-            q, k = support.heads(dtype, ROPE_WINDOW, seed=12)
+            q, k = components.inputs(components.ROPE, dtype, start_pos=start_pos)
             actual = support.run(request, adapter.rope, q, k, start_pos, **scope, name=f"rope@{start_pos}")
-            expected, exact = support.rope(reference, dtype, start_pos)
-            return protocol.host(actual[index]), expected[index], exact[index]
+            expected, exact = components.expected(components.ROPE, reference, dtype, start_pos=start_pos)
+            return host(actual[index]), expected[index], exact[index]
         return compute, False
 
     def attention(request, reference, dtype, start_pos, scope):
         chunks = support.attention_chunks(dtype, CHUNKS, start_pos=start_pos)
         actual = support.run(request, adapter.attention, chunks, 0, start_pos, **scope, name=f"attention@{start_pos}")
-        expected, exact = support.attention(reference, dtype, 0, CHUNKS, start_pos)
-        join = lambda parts: np.concatenate([protocol.host(p) for p in parts], axis=1)  # noqa: E731
+        weights = support.layer(dtype, 0)
+        side = {"meta": meta.meta_attention, "hf": hf.hf_attention}[reference]
+        expected = side(chunks, weights, support.CONFIG, dtype, start_pos=start_pos)
+        exact = oracle.oracle_attention(chunks, weights, support.CONFIG, start_pos)
+        join = lambda parts: np.concatenate([host(p) for p in parts], axis=1)  # noqa: E731
         return join(actual), join(expected), join(exact)
 
     def forward(request, reference, dtype, start_pos, scope):
         actual = support.run(request, adapter.forward, support.tokens(BATCH, SEQ, seed=16), start_pos=start_pos,
                              **scope, name=f"forward@{start_pos}")
-        return (protocol.host(actual), *expected_forward(reference, dtype, start_pos))
+        return (host(actual), *expected_forward(reference, dtype, start_pos))
 
     def decode(request, reference, dtype, start_pos, scope):
         actual = support.run(request, decode_logits, adapter, start_pos, **scope, name=f"decode@{start_pos}",
