@@ -5,8 +5,8 @@ requirements-easydel.txt; `pytest -m ecosystem conformance/test_ecosystem_easyde
   sharded by EasyDeL's partition rules matches HF transformers at float32 within the default bounds, every captured
   intermediate and the logits, on each --mesh, once EasyDeL's RoPE table is computed as Llama 3.1 defines it
   (float32, one row per position up to max_position_embeddings). That table is EasyDeL's two findings
-  (docs/findings/easydel-rope-table.md): without the fix the same comparison is a strict xfail that records its
-  failing tensors with their diagnosis.
+  (docs/findings/easydel-rope-table-bf16.md, easydel-rope-table-length.md): without the fix the same comparison
+  is a strict xfail that records its failing tensors with their diagnosis.
 - The layout is EasyDeL's own (its partition rules through shard_model), on exactly the suite's mesh devices.
 - EasyDeL's Hugging Face loader (AutoEasyDeLModelForCausalLM.from_pretrained) on the directory the suite writes, in
   both config.json styles: what it reads of each Llama 3.1 field and at which precision it reads the weights. What
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conformance import support
-from parity import assert_parity, assert_parity_many
+from parity import assert_parity
 from reference.layers import intermediate_names
 
 pytestmark = pytest.mark.ecosystem
@@ -30,13 +30,13 @@ CASES = {"batch": (2, 48), "long": (1, 512)}
 STYLES = ("rope_parameters", "rope_scaling")
 _LOADED: dict = {}  # adapters built once per module run: each build costs EasyDeL construction and XLA compilation
 TABLE_FINDING = ("EasyDeL 0.3.0 EasyDeLBaseConfig.get_basic_frequencies rounds the RoPE cos/sin table to bfloat16 "
-                 "whatever the dtype (docs/findings/easydel-rope-table.md)")
+                 "whatever the dtype (docs/findings/easydel-rope-table-bf16.md)")
 LENGTH_FINDING = ("EasyDeL 0.3.0 get_frequencies sizes the llama3 RoPE table by original_max_position_embeddings "
-                  "(8192): positions past it read row 8191 (docs/findings/easydel-rope-table.md)")
+                  "(8192): positions past it read row 8191 (docs/findings/easydel-rope-table-length.md)")
 THETA_FINDING = ("EasyDeL 0.3.0 LlamaConfig reads rope_theta only at the top level of config.json: transformers 5's "
                  "rope_parameters style loads with rope_theta 10000 (docs/findings/easydel-rope-theta.md)")
-FLOAT16_FINDING = ("EasyDeL 0.3.0's torch loader reads the checkpoint as float16 unless torch_dtype is passed, whatever "
-                   "dtype/param_dtype say (docs/findings/easydel-float16-load.md)")
+FLOAT16_FINDING = ("EasyDeL 0.3.0's torch loader reads the checkpoint as float16 unless torch_dtype is passed, "
+                   "whatever dtype/param_dtype say (docs/findings/easydel-float16-load.md)")
 COMBINATIONS = [("rope_theta_1e4", "rope_tables_bf16")]
 
 
@@ -318,7 +318,8 @@ def test_loader_reads_float32_weights_exactly(ed, hf_dirs, tiny_config, tiny_wei
     assert got["model/embed_tokens/embedding"].dtype == np.float32
     differ = {path: float(np.max(np.abs(got[path] - value))) for path, value in want.items()
               if not np.array_equal(got[path], value)}
-    assert not differ, f"{len(differ)} of {len(want)} parameters differ from the file; e.g. {next(iter(differ.items()))}"
+    assert not differ, (f"{len(differ)} of {len(want)} parameters differ from the file; "
+                        f"e.g. {next(iter(differ.items()))}")
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
