@@ -201,7 +201,7 @@ def test_direct_build_passes_every_config_field(ed, tiny_config):
 # ---- the layout is EasyDeL's, on the suite's mesh ------------------------------------------------------------
 
 EASYDEL_LAYOUT = {  # EasyDeL 0.3.0's partition rules on (dp, fsdp, ep, tp, sp) as shard_model places them
-    "model/embed_tokens/embedding": ("tp", ("fsdp", "sp")),
+    "model/embed_tokens/embedding": (("fsdp", "sp"), "tp"),  # the hidden dim on tp, not the vocab
     "model/layers/0/self_attn/q_proj/kernel": (("fsdp", "sp"), "tp"),
     "model/layers/0/self_attn/k_proj/kernel": (("fsdp", "sp"), "tp"),
     "model/layers/0/self_attn/v_proj/kernel": (("fsdp", "sp"), "tp"),
@@ -332,9 +332,11 @@ def test_loaded_model_matches_hf_at_float32(request, ed, hf_dirs, tiny_config, s
     check_forward(request, _loaded(ed, hf_dirs[style]), tiny_config, case, "float32", "1x4")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"{TABLE_FINDING}; for rope_parameters: {THETA_FINDING}")
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", [pytest.param("rope_parameters", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason=THETA_FINDING)), "rope_scaling"])
 def test_loaded_model_matches_hf_at_bfloat16(request, ed, hf_dirs, tiny_config, style):
+    """At bfloat16 the float16 read and the bfloat16 table are below the rounding: the hub style passes, the
+    rope_parameters style fails on its rope_theta (diagnosed)."""
     check_forward(request, _loaded(ed, hf_dirs[style], dtype="bfloat16"), tiny_config, "long", "bfloat16", "1x4")
 
 
