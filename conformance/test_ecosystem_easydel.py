@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def check_forward(request, adapter, config, case: str, dtype: str, mesh: str, st
 
         return support.diagnosis(dtype, "1x1", output, COMBINATIONS)
 
-    scope = dict(reference="hf", dtype=dtype, mesh=mesh)
+    scope: dict[str, Any] = dict(reference="hf", dtype=dtype, mesh=mesh)
     failures = []
     for name in names:
         try:
@@ -193,7 +194,7 @@ def test_direct_build_passes_every_config_field(ed, tiny_config):
             config.max_position_embeddings, config.tie_word_embeddings) == (
         tiny_config.norm_eps, tiny_config.rope_theta, tiny_config.head_dim, tiny_config.hidden_dim,
         tiny_config.max_seq_len, False)
-    scaling = config.rope_scaling
+    scaling: Any = config.rope_scaling
     assert (scaling["rope_type"], scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
             scaling["original_max_position_embeddings"]) == ("llama3", 8.0, 1.0, 4.0, 8192)
 
@@ -285,7 +286,7 @@ def test_loader_reads_the_shapes_eps_and_scaling(ed, hf_dirs, tiny_config, style
             config.rms_norm_eps) == (
         tiny_config.n_layers, tiny_config.dim, tiny_config.n_heads, tiny_config.n_kv_heads, tiny_config.hidden_dim,
         tiny_config.vocab_size, tiny_config.head_dim, False, tiny_config.norm_eps)
-    scaling = config.rope_scaling
+    scaling: Any = config.rope_scaling
     assert (scaling["rope_type"], scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
             scaling["original_max_position_embeddings"]) == ("llama3", 8.0, 1.0, 4.0, 8192)
 

@@ -82,7 +82,8 @@ def _tap(module, name: str, pick: Callable[[Any], Any] = lambda out: out) -> Non
                 store[self._suite_tap] = pick(out)
             return out
 
-        _TAPPED[key] = type(cls)(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
+        meta: Any = type(cls)  # nnx's metaclass, so the subclass is an nnx Module like its base
+        _TAPPED[key] = meta(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
     object.__setattr__(module, "_suite_tap", name)
     object.__setattr__(module, "__class__", _TAPPED[key])
 
@@ -99,8 +100,8 @@ def _tap_rotary(attention, prefix: str) -> None:
                 store[self._suite_rope + "k_rope"] = _interleaved(k)
             return q, k
 
-        _TAPPED[key] = type(cls)(f"Tapped{cls.__name__}", (cls,), {"_apply_rotary": _apply_rotary,
-                                                                    "__module__": __name__})
+        meta: Any = type(cls)
+        _TAPPED[key] = meta(f"Tapped{cls.__name__}", (cls,), {"_apply_rotary": _apply_rotary, "__module__": __name__})
     object.__setattr__(attention, "_suite_rope", prefix)
     object.__setattr__(attention, "__class__", _TAPPED[key])
 
@@ -172,7 +173,7 @@ class EasyDeLLlamaAdapter:
 
     # ---- running nnx statelessly under jax.jit ------------------------------------------------------------
 
-    def _jit(self, key, fn: Callable) -> Callable:
+    def _jit(self, key, fn: Callable) -> _InMesh:
         """jax.jit of fn(module, *args) over the state, run and lowered inside EasyDeL's mesh."""
         if key not in self._jitted:
             graphdef = self.graphdef
@@ -180,14 +181,7 @@ class EasyDeLLlamaAdapter:
             def pure(state, *args):
                 return fn(nnx.merge(graphdef, state), *args)
 
-            jitted = jax.jit(pure)
-
-            def call(*args):
-                with self.ed_mesh:
-                    return jitted(self.state, *args)
-
-            call.lower = lambda *args: _lower(jitted, self.ed_mesh, self.state, *args)  # type: ignore[attr-defined]
-            self._jitted[key] = call
+            self._jitted[key] = _InMesh(jax.jit(pure), self.ed_mesh, self.state)
         return self._jitted[key]
 
     def _replicated(self, x, dtype=None):
@@ -217,7 +211,8 @@ class EasyDeLLlamaAdapter:
     def forward(self, tokens, start_pos: int = 0, capture: bool = False):
         tokens = np.asarray(tokens)
         fn = self._jit(("forward", bool(capture)), self._forward_fn(bool(capture)))
-        return fn(self._tokens(tokens), self._positions(*tokens.shape, int(start_pos)))
+        batch, seq = tokens.shape
+        return fn(self._tokens(tokens), self._positions(batch, seq, int(start_pos)))
 
     def compiled_forward(self, batch: int, seq: int):
         fn = self._jit(("forward", False), self._forward_fn(False))
@@ -305,9 +300,20 @@ class EasyDeLLlamaAdapter:
             self._replicated(h))
 
 
-def _lower(jitted, ed_mesh: Mesh, state, *args):
-    with ed_mesh:
-        return jitted.lower(state, *args)
+class _InMesh:
+    """A jitted pure function of the nnx state, called and lowered inside EasyDeL's mesh (its sharding constraints
+    read the mesh in context)."""
+
+    def __init__(self, jitted, ed_mesh: Mesh, state):
+        self.jitted, self.ed_mesh, self.state = jitted, ed_mesh, state
+
+    def __call__(self, *args):
+        with self.ed_mesh:
+            return self.jitted(self.state, *args)
+
+    def lower(self, *args):
+        with self.ed_mesh:
+            return self.jitted.lower(self.state, *args)
 
 
 def _suite_config(ed_config) -> LlamaConfig:
