@@ -26,7 +26,8 @@ from llama_spec.files import InputFileError, read_json
 _PER_LAYER = ("attention_norm", "q_rope", "k_rope", "attention_out", "ffn_norm", "mlp_out", "block_out")
 _COMPONENTS = ("rmsnorm", "rope", "attention", "mlp", "block", "logits")
 DTYPES = ("float32", "bfloat16")
-STYLE_OF = {"KerasHubLlamaHF": "rope_parameters", "KerasHubLlamaHFHub": "rope_scaling"}
+STYLE_OF = {"KerasHubLlamaHF": "rope_parameters", "KerasHubLlamaHFHub": "rope_scaling",
+            "EasyDeLLlamaHF": "rope_parameters", "EasyDeLLlamaHFHub": "rope_scaling"}
 
 
 def forward_rank(name: str | None) -> tuple:
@@ -146,7 +147,7 @@ def versions(documents: list[dict]) -> str:
             v.setdefault(name, metadata.version(name))
     except Exception:  # noqa: BLE001 - the table is still useful without them
         pass
-    keep = ("keras-hub", "keras", "jax", "jaxlib", "transformers", "torch", "numpy")
+    keep = ("keras-hub", "keras", "easydel", "jax", "jaxlib", "transformers", "torch", "numpy")
     return ", ".join(f"{k} {v[k]}" for k in keep if v.get(k))
 
 

@@ -1,0 +1,27 @@
+"""EasyDeL 0.3.0's Llama under the conformance suite (its own venv: requirements-easydel.txt, README).
+
+    pytest -n 2 -rs --impl adapters.easydel:EasyDeLLlama      --parity-json out/ed_direct.json
+    pytest -n 2 -rs --impl adapters.easydel:EasyDeLLlamaHF    --parity-json out/ed_hf.json
+    pytest -n 2 -rs --impl adapters.easydel:EasyDeLLlamaHFHub --parity-json out/ed_hf_hub.json
+    pytest -m ecosystem conformance/test_ecosystem_easydel.py
+
+Factories (adapters/easydel/adapter.py):
+- `EasyDeLLlama`: easydel.LlamaConfig + LlamaForCausalLM built directly from the suite's config and weights;
+- `EasyDeLLlamaHF`: EasyDeL's Hugging Face loader (`AutoEasyDeLModelForCausalLM.from_pretrained(DIR)`) on the
+  checkpoint directory the suite writes, config.json in transformers 5's `rope_parameters` style;
+- `EasyDeLLlamaHFHub`: the same with the hub's config.json style (`rope_theta` + `rope_scaling`).
+Each also has `build_from_checkpoint(DIR, mesh, dtype, 'hf')`, EasyDeL's loader on any HF directory.
+
+The factories are imported on first use (easydel, flax and ray with them); `checkpoint` needs none of them.
+"""
+
+_FACTORIES = ("EasyDeLLlama", "EasyDeLLlamaAdapter", "EasyDeLLlamaHF", "EasyDeLLlamaHFHub", "easydel_mesh")
+__all__ = list(_FACTORIES)
+
+
+def __getattr__(name):
+    if name in _FACTORIES:
+        from adapters.easydel import adapter
+
+        return getattr(adapter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
