@@ -32,7 +32,7 @@ import numpy as np
 
 from adapters import protocol
 from conformance.plugin import SIMULATED_CPU_DEVICES, _simulate_cpu_devices
-from conformance.sharding import STACKED, candidates, check_array, contract_local_shapes, covered, rank_of
+from conformance.sharding import STACKED, candidates, check_array, contract_local_shapes, names_covered, rank_of
 from llama_spec.config import preset
 from llama_spec.convert import interleaved_to_halves_last_axis
 from llama_spec.host import host
@@ -406,7 +406,7 @@ def _meta_tensor_in(array, weights, config, m: int) -> str | None:
     """The Meta name (or 'layers.*.<name>' stack) whose tensor `array` holds in a layout the sharding check knows."""
     held = np.asarray(array)
     for key in [*weights, *(STACKED + suffix for suffix in LAYER_KEYS.values())]:
-        for _, full, _ in candidates(key, covered(key, weights), weights, config, m):
+        for _, full, _ in candidates(key, names_covered(key, weights), weights, config, m):
             if full.shape == held.shape and np.array_equal(held, full.astype(held.dtype)):
                 return key
     return None
@@ -442,7 +442,7 @@ def check_parameters(build: Build, add, note) -> None:
             found["dtype"].append(f"{key} ({protocol.dtype_of(array)})")
         if set(array.sharding.device_set) != devices:
             found["devices"].append(key)
-        names = covered(key, weights)
+        names = names_covered(key, weights)
         if not names:
             meta = _meta_tensor_in(array, weights, config, m)
             found["renamed" if meta else "own"].append(key)

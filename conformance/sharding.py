@@ -58,7 +58,7 @@ def expected_local(full: np.ndarray, axis, rank: int, m: int) -> np.ndarray:
 STACKED = "layers.*."
 
 
-def covered(key: str, weights) -> list[str]:
+def names_covered(key: str, weights) -> list[str]:
     """The Meta tensors behind a key: itself, or every layer's for 'layers.*.<name>'; [] for other names."""
     if key.startswith(STACKED):
         pattern = r"layers\.\d+\." + re.escape(key[len(STACKED):])

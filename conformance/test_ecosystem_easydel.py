@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapters.protocol import host
 from conformance import support
+from llama_spec.host import host
 from llama_spec.layout import DATA, MODEL, make_mesh
 from parity import assert_parity
 from reference.layers import intermediate_names

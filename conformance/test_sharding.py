@@ -23,6 +23,7 @@ from conformance import support
 from conformance.sharding import (
     check_array,
     contract_local_shapes,
+    names_covered,
     rank_of,
 )
 from llama_spec.config import preset
@@ -62,7 +63,7 @@ def check_sharding(request, adapter, config, weights, dtype: str, mesh_text: str
         shards = array.addressable_shards
         for shard in shards:
             held[shard.device] = held.get(shard.device, 0) + shard.data.size
-        names = covered(key, weights)
+        names = names_covered(key, weights)
         covered.update(names)
         verdict = check_array(key, array, names, weights, config, m, ranks, problems) if names else "other name"
         local = sorted({tuple(s.data.shape) for s in shards})
