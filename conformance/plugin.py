@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -21,7 +22,7 @@ from llama_spec.checkpoint import CheckpointError, load_checkpoint
 from llama_spec.config import preset
 from llama_spec.layout import check_splittable, make_mesh, parse_mesh
 from llama_spec.synthetic import canonical_weights
-from parity.plugin import note_seed
+from parity.plugin import note_scope, note_seed
 from tp_llama import distributed
 from tp_llama.compile_cache import enable_compilation_cache
 
@@ -263,6 +264,9 @@ def pytest_configure(config):
         except CheckpointError as err:
             raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
         configs[str(weights.config_path)] = checkpoint
+    note_scope(config, battery=battery_modules(), meshes=_chosen(config, "mesh", DEFAULT_MESHES),
+               dtypes=_chosen(config, "dtype", DEFAULT_DTYPES), references=_chosen(config, "reference",
+                                                                                   DEFAULT_REFERENCES))
     devices = config.getoption("cpu_devices") if simulated and not joined else None
     _check_meshes(config.getoption("mesh") or DEFAULT_MESHES, devices, configs)
     if config.getoption("impl"):
@@ -285,6 +289,12 @@ def pytest_collection_finish(session):
 
 def _chosen(config, name, default):
     return list(dict.fromkeys(config.getoption(name) or default))
+
+
+def battery_modules() -> list[str]:
+    """The battery's test modules, 'conformance/test_*.py': what a run's modules are compared against."""
+    here = Path(__file__).parent
+    return sorted(f"{here.name}/{path.name}" for path in here.glob("test_*.py"))
 
 
 def pytest_generate_tests(metafunc):

@@ -31,16 +31,23 @@ from parity.check import NOT_CHECKED_KEY, RECORD_KEY
 from parity.environment import cpu_info, device_info, json_safe, package_versions
 from parity.pooled import pooled_diagnosis
 from parity.report import write_report
-from parity.summary import not_checked_lines, run_failures, summary_lines
+from parity.summary import not_checked_lines, run_failures, scope_lines, summary_lines
 
 _WORKER_KEY = "parity_devices"
 _SEEDS_KEY = "parity_seeds"
 _SEEDS = pytest.StashKey[dict]()
+_SCOPE = pytest.StashKey[dict]()
 
 
 def note_seed(config: pytest.Config, name: str, value: Any) -> None:
     """Declare a seed the run used (e.g. of the canonical weights) so the JSON and the report show it."""
     config.stash.setdefault(_SEEDS, {})[name] = value
+
+
+def note_scope(config: pytest.Config, **fields: Any) -> None:
+    """Declare what the run covers, for the JSON environment and the report's scope: the battery's modules
+    (`battery`) and the option lists in force (`meshes`, `dtypes`, `references`), defaults included."""
+    config.stash.setdefault(_SCOPE, {}).update(fields)
 
 
 def _message(report: pytest.TestReport) -> str | None:
@@ -148,6 +155,11 @@ class ParityCollector:
             "devices": devices,
             "cpu": cpu_info(),
             "tolerance_profile": self.config.getoption("tolerance_profile", default=None) or "default",
+            **self.config.stash.get(_SCOPE, {}),
+            "selection": {"markexpr": self.config.getoption("markexpr", default="") or "",
+                          "keyword": self.config.getoption("keyword", default="") or ""},
+            "mutant": self.config.getoption("mutant", default=None),
+            "checkpoint_dir": self.config.getoption("checkpoint_dir", default=None),
             "seeds": self._seeds(),
             "xdist_workers": getattr(self.config.option, "numprocesses", None) or 0,
             "started_at": self.started_at,
@@ -215,6 +227,7 @@ class ParityCollector:
         lines = summary_lines(self.records, list(self.tests.values()), self.json_path, self.gate)
         if self.not_checked:
             lines[4:4] = not_checked_lines(self.not_checked)
+        lines[3:3] = scope_lines(self.environment(), self.records, list(self.tests.values()), self.not_checked)
         if self.report_error:
             lines.append(f"parity report NOT written to {self.report_path}: {self.report_error}")
         elif self.report_path:

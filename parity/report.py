@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from parity.areas import AREAS, area_detail, scope, scorecard
 from parity.check import budget_used, format_value
 from parity.environment import cpu_label
 from parity.pooled import pooled_diagnosis
@@ -133,12 +134,21 @@ def implementation_of(environment: Mapping[str, Any]) -> dict[str, str | None]:
     return {"factory": environment.get("impl"), "package": None, "version": None}
 
 
+def package_text(impl: Mapping[str, Any]) -> str | None:
+    """'keras-hub 0.21.1', 'version 1.2' or 'my-pkg'; None when there is nothing to add to the factory: a version
+    that is not recorded is not shown, nor a package that is only the factory's own top-level module."""
+    package, version = impl.get("package"), impl.get("version")
+    if version:
+        return f"{package} {version}" if package else f"version {version}"
+    own_module = (impl.get("factory") or "").partition(":")[0].split(".")[0]
+    return package if package and package != own_module else None
+
+
 def implementation_label(impl: Mapping[str, Any]) -> str:
-    """'module:ATTR (package 1.2)'; a missing version says so; no factory at all says that."""
+    """'module:ATTR (package 1.2)', or the factory alone (package_text); no factory at all says that."""
     factory = impl.get("factory") or "implementation not recorded"
-    if impl.get("package"):
-        return f"{factory} ({impl['package']} {impl.get('version') or 'version not recorded'})"
-    return f"{factory} (version {impl['version']})" if impl.get("version") else factory
+    package = package_text(impl)
+    return f"{factory} ({package})" if package else factory
 
 
 def _short_label(impl: Mapping[str, Any]) -> str:
@@ -227,6 +237,7 @@ def _implementations(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     shorts = [_short_label(e["impl"]) for e in entries]
     for entry, short in zip(entries, shorts):
         entry["label"] = implementation_label(entry["impl"])
+        entry["package"] = package_text(entry["impl"])
         entry["short"] = short if shorts.count(short) == 1 else entry["label"]
     return entries
 
@@ -703,6 +714,7 @@ def _jinja():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["plural"] = plural
+    env.filters["file_name"] = lambda path: str(path).replace("\\", "/").rsplit("/", 1)[-1]
     return env
 
 
@@ -728,6 +740,7 @@ def context_of(sources: Sequence[tuple[str, Mapping[str, Any]]], gate: Any = Non
                                       gate if not several else None,
                                       [e for e in not_checked if e["_impl"] == entry["short"]])
         entry["run_labels"] = [runs[i]["label"] for i in entry["runs"]]
+    covered = scope([run["environment"] for run in runs], tests, records)
     filter_keys = ["component", "reference", "dtype", "mesh", "outcome"]
     if several:
         filter_keys.insert(0, "implementation")
@@ -744,6 +757,8 @@ def context_of(sources: Sequence[tuple[str, Mapping[str, Any]]], gate: Any = Non
         "several_runs": len(runs) > 1,
         "exitstatus": runs[0]["exitstatus"] if len(runs) == 1 else None,
         "verdict": overall,
+        "scope": covered,
+        "scorecard": scorecard_rows(implementations, tests, records, not_checked, covered["battery"]),
         "failures": failures(tests, records),
         "causes": probable_causes(records),
         "pooled": pooled_diagnosis(r for r in records if _outcome_of(r) == "fail"),
@@ -759,6 +774,22 @@ def context_of(sources: Sequence[tuple[str, Mapping[str, Any]]], gate: Any = Non
         "generation": generation_cases(records),
         "environment": environment_rows(runs, records, drawn),
     }
+
+
+def scorecard_rows(implementations: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, Any]],
+                   records: Sequence[Mapping[str, Any]], not_checked: Sequence[Mapping[str, Any]],
+                   battery: Sequence[str]) -> list[dict[str, Any]]:
+    """The scorecard (parity.areas): one row per area, one cell per implementation with its status and what the
+    status rests on; 'other' only when some test or record of a run falls there."""
+    cards = []
+    for entry in implementations:
+        mine = entry["short"]
+        cards.append({row["area"]: row for row in scorecard(
+            [t for t in tests if t["_impl"] == mine], [r for r in records if r["_impl"] == mine],
+            [e for e in not_checked if e["_impl"] == mine], battery)})
+    areas = [*AREAS, *(a for a in dict.fromkeys(a for card in cards for a in card) if a not in AREAS)]
+    return [{"area": area, "cells": [{**card[area], "detail": area_detail(card[area])} if area in card else None
+                                     for card in cards]} for area in areas]
 
 
 def context(document: Mapping[str, Any], gate: Any = None) -> dict[str, Any]:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from parity import baseline as pb
+from parity.areas import scope, scorecard, scorecard_line
 from parity.check import budget_used, format_value
 from parity.pooled import pooled_diagnosis
-from parity.report import probable_causes
+from parity.report import probable_causes, record_outcome
 from parity.tolerances import LOWER, UPPER, direction
 
 
@@ -24,6 +25,26 @@ def not_checked_lines(entries: list[dict[str, Any]]) -> list[str]:
     for reason, count in sorted(reasons.items(), key=lambda item: -item[1])[:5]:
         lines.append(f"  {count:4d} x {reason[:150]}")
     return lines
+
+
+def scope_lines(environment: dict[str, Any], records: list[dict], tests: list[dict],
+                not_checked: list[dict]) -> list[str]:
+    """What the run covered and its status per area (parity.areas), as the report's first screen says them."""
+    covered = scope([environment], tests, records)
+    if covered["known"]:
+        part = "part of the battery" if covered["partial"] else "the whole battery"
+        modules = f"{len(covered['ran'])} of {len(covered['battery'])} battery modules ({part})"
+    else:
+        count = len(covered["modules"])
+        modules = f"{count} module{'' if count == 1 else 's'} (the battery's modules not recorded)"
+    settings = [f"{name} {', '.join(values)}" for name, values in
+                (("meshes", covered["meshes"]), ("dtypes", covered["dtypes"]), ("references", covered["references"]))
+                if values]
+    outcomes = {t["nodeid"]: t["outcome"] for t in tests}
+    judged = [{**r, "_outcome": record_outcome(r, outcomes.get(r["test"]))} for r in records]
+    areas = scorecard(tests, judged, not_checked, covered["battery"])
+    return [f"scope: {' · '.join([modules, *settings])} · profile {covered['profile'] or 'not recorded'}",
+            f"areas: {scorecard_line(areas)}"]
 
 
 def worst_per_component(records: list[dict[str, Any]]) -> dict[str, tuple[float, str, dict]]:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from conformance.plugin import battery_modules
 from parity import assert_parity
 from parity.check import RECORD_KEY
 from parity.environment import json_safe
@@ -73,6 +74,7 @@ TOKENS_IMPL = [11, 42, 42, 7, 99, 3]
 TOKENS_REF = [11, 42, 42, 8, 5, 3]
 DRAWN_MESHES = ["2x1", "2x2", "4x1", "4x2", "8x1"]  # drawn by property tests only: folded into one column
 TP_MESHES = ["1x2", "1x4", "1x8", "2x4"]  # named by test_tp_invariance's ids: columns of their own
+BATTERY = battery_modules()  # the sample ran 9 of its modules, and two modules outside it
 IMPLEMENTATION = {"factory": "tp_llama.adapter:TPLlamaAdapter", "package": "tp-llama-conformance", "version": "0.4.0"}
 HYPOTHESES = [
     {"name": "rope_unscaled", "description": "Llama 3.1 RoPE frequency scaling not applied", "residual": 2.1e-07,
@@ -188,6 +190,8 @@ def sample_document() -> dict:
                      "numpy": "2.4.6", "pytest": "9.2.0", "pytest-xdist": None},
         "devices": {"platform": "cpu", "kind": "cpu", "count": 8, "process_count": 1},
         "tolerance_profile": "default", "seeds": {"weights": 0}, "xdist_workers": 2,
+        "battery": BATTERY, "meshes": ["1x1", "1x4"], "dtypes": ["float32", "bfloat16"], "references": ["meta", "hf"],
+        "selection": {"markexpr": "not slow", "keyword": ""}, "mutant": None, "checkpoint_dir": None,
         "started_at": "2026-11-28T12:00:00+00:00", "wall_time_s": 123.4,
     }
 

@@ -18,11 +18,14 @@ from pathlib import Path
 import pytest
 
 from conformance.inner_suite import INNER_CONFTEST
+from conformance.plugin import battery_modules
+from parity import areas
 from parity import report as pr
 from parity.baseline import GateResult, Regression
 from parity.check import RECORD_KEY, record_token_ids
 from parity.schema import validate
 from tests.report_samples import (
+    BATTERY,
     DRAWN_MESHES,
     ENV_PACKAGES,
     FAILING,
@@ -185,15 +188,19 @@ def test_title_and_banner_name_the_implementation_under_test(dom):
 
 @pytest.mark.parametrize("environment, label", [
     ({"implementation": {"factory": "my.pkg:Adapter", "package": "my-pkg", "version": None}},
-     "my.pkg:Adapter (my-pkg version not recorded)"),
+     "my.pkg:Adapter (my-pkg)"),
+    ({"implementation": {"factory": "tp_llama.adapter:TPLlamaAdapter", "package": "tp_llama", "version": None}},
+     "tp_llama.adapter:TPLlamaAdapter"),  # the built-in: no version recorded, no package beyond its own module
     ({"implementation": "CPython", "impl": "examples.simple_llama.adapter:SimpleLlamaAdapter"},  # older files
      "examples.simple_llama.adapter:SimpleLlamaAdapter"),
     ({}, "implementation not recorded"),
 ])
 def test_implementation_is_read_from_either_environment_field(environment, label):
     assert pr.implementation_label(pr.implementation_of(environment)) == label
-    html = parse(pr.render({"environment": environment, "records": [], "tests": []}))
+    page = pr.render({"environment": environment, "records": [], "tests": []})
+    html = parse(page)
     assert squash(html.one("title").text()) == f"Parity report: PASS · {label}"
+    assert "version not recorded" not in page  # a version that is not recorded is not shown
     if environment.get("implementation") == "CPython":
         env = html.one("section", id="environment")
         rows = {squash(tr.one("th").text()): squash(tr.one("td").text()) for tr in env.all("table")[0].all("tr")}
@@ -547,6 +554,144 @@ def test_tokenizer_records_get_a_matrix_row_and_fail_on_one_differing_id(documen
         "1 of 3 ids differ; input 0 of 1 differs from position 2")
 
 
+# ---- the first screen: scope and scorecard ---------------------------------------------------------------------
+
+def _scope_rows(dom) -> dict[str, str]:
+    cells = [squash(c.text()) for tr in dom.one("table", cls="scope").all("tr") for c in tr.all()
+             if c.tag in ("th", "td") and c.parent is tr]
+    return dict(zip(cells[::2], cells[1::2]))
+
+
+def test_scope_says_plainly_that_a_run_covered_part_of_the_battery(dom, document):
+    ran = sorted({r["test"].split("::")[0] for r in document["records"]} | {t["nodeid"].split("::")[0]
+                                                                           for t in document["tests"]})
+    in_battery = [m for m in ran if m in BATTERY]
+    assert len(in_battery) == 9 and len(BATTERY) > 9
+    banner = squash(dom.one("div", cls="verdict").one("span", cls="scope-note").text())
+    assert banner == f"on part of the battery: 9 of {len(BATTERY)} modules"
+    scope = dom.one("div", id="scope")
+    assert scope.attrs["data-scope"] == "partial"
+    assert squash(scope.one("p", cls="coverage").text()) == (
+        f"This run covered only part of the battery: 9 of its {len(BATTERY)} modules ran. "
+        "Also 2 modules outside the battery.")
+    rows = _scope_rows(dom)
+    assert rows["modules that ran"].split() == [m.split("/")[-1] for m in in_battery]
+    assert rows["outside the battery"].split() == ["conformance/test_mutations.py", "conformance/test_intermediate.py"]
+    assert rows["battery modules not run"].startswith(f"{len(BATTERY) - 9} modules")
+    assert (rows["meshes"], rows["dtypes"], rows["references"]) == ("1x1, 1x4", "float32, bfloat16", "meta, hf")
+    assert rows["tolerance profile"] == "default" and rows["selection"] == '-m "not slow"'
+    assert rows["--impl"] == IMPLEMENTATION["factory"]
+    assert "planted bug (--mutant)" not in rows and "checkpoint (--checkpoint-dir)" not in rows
+
+
+def test_a_run_of_every_battery_module_says_it_covered_the_whole_battery(document):
+    tests = [{"nodeid": f"{m}::test_x", "outcome": "passed", "message": None} for m in BATTERY]
+    environment = {**document["environment"], "mutant": "rope_unscaled", "checkpoint_dir": "/ckpt"}
+    dom = parse(pr.render({"environment": environment, "records": [], "tests": tests}))
+    assert dom.one("div", id="scope").attrs["data-scope"] == "whole"
+    assert not dom.one("div", cls="verdict").all("span", cls="scope-note")
+    assert squash(dom.one("p", cls="coverage").text()) == (
+        f"This run covered the whole battery: all {len(BATTERY)} modules ran.")
+    rows = _scope_rows(dom)
+    assert "battery modules not run" not in rows
+    assert rows["planted bug (--mutant)"] == "rope_unscaled" and rows["checkpoint (--checkpoint-dir)"] == "/ckpt"
+
+
+def test_a_run_that_did_not_record_its_battery_says_its_coverage_is_unknown(document):
+    """An older --parity-json: no battery, no option lists; the scope says so and shows what its records hold."""
+    environment = {k: v for k, v in document["environment"].items()
+                   if k not in ("battery", "meshes", "dtypes", "references", "selection")}
+    dom = parse(pr.render({**document, "environment": environment}))
+    assert dom.one("div", id="scope").attrs["data-scope"] == "unknown"
+    banner = squash(dom.one("div", cls="verdict").one("span", cls="scope-note").text())
+    assert banner == "its coverage of the battery is not recorded"
+    assert "whether it covered all of them is unknown: 11 modules ran" in squash(dom.one("p", cls="coverage").text())
+    rows = _scope_rows(dom)
+    assert rows["references"] == "1x1, hf, meta"  # the records' references, not an option list
+    assert "not recorded" in rows["options"] and "selection" not in rows
+
+
+def _scorecard(dom) -> dict[str, tuple[str, str]]:
+    return {tr.attrs["data-area"]: (tr.one("td").attrs["data-status"], squash(tr.one("td").one("small").text()))
+            for tr in dom.one("table", id="scorecard").one("tbody").all("tr")}
+
+
+def test_scorecard_gives_every_area_pass_fail_or_not_run(dom):
+    card = _scorecard(dom)
+    assert list(card) == list(areas.AREAS)
+    assert {area: status for area, (status, _) in card.items()} == {
+        "numerics": "fail", "communication": "not run", "sharding": "pass", "decode": "not run",
+        "generation": "pass", "checkpoints": "not run", "tokenizer": "not run"}
+    assert card["sharding"][1] == "9 tests: 9 passed · 10 records · 1 of 3 modules"
+    assert card["numerics"][1].startswith("13 tests: 6 passed, 3 failed, 1 error, 1 xfailed, 2 skipped · 54 records, "
+                                          "4 fail · 1 test not checked · 6 of ")
+    assert card["communication"][1] == "no test of this area ran · 0 of 1 module"
+
+
+def test_scorecard_says_not_checked_where_the_implementation_lacked_the_capability():
+    """Decode's tests skipped as not checked; a failed communication test; a test outside the battery."""
+    reason = "not checked: SimpleLlamaAdapter has no decode path (init_cache, step)"
+    kv_cache = "conformance/test_kv_cache.py::test_prefill_plus_decode_equals_full_forward[1x1]"
+    tests: list[dict[str, str | None]] = [
+             {"nodeid": kv_cache, "outcome": "skipped", "message": reason},
+             {"nodeid": "conformance/test_impl.py::test_impl_decode[meta-float32-1x4]", "outcome": "skipped",
+              "message": reason},
+             {"nodeid": "conformance/test_communication.py::test_x", "outcome": "failed", "message": "boom"},
+             {"nodeid": "my_tests/test_mine.py::test_y", "outcome": "passed", "message": None}]
+    not_checked = [{"test": t["nodeid"], "component": None, "name": None, "reason": reason} for t in tests[:2]]
+    environment = {"battery": BATTERY}
+    dom = parse(pr.render({"environment": environment, "records": [], "tests": tests, "not_checked": not_checked}))
+    card = _scorecard(dom)
+    assert card["decode"] == ("not checked", "2 tests: 2 skipped · 2 tests not checked · 1 of 1 module")
+    assert card["communication"][0] == "fail" and card["numerics"][0] == "not run"
+    assert card["other"] == ("pass", "1 test: 1 passed")  # outside the battery and without records
+
+
+def test_scorecard_puts_one_column_per_implementation(tmp_path, document):
+    other = {"environment": {"implementation": SIMPLE, "battery": BATTERY}, "exitstatus": 0, "records": [],
+             "tests": [{"nodeid": "conformance/test_tokenizer.py::test_t", "outcome": "passed", "message": None}]}
+    dom = parse(pr.render_runs([("a", document), ("b", other)]))
+    table = dom.one("table", id="scorecard")
+    assert [squash(th.text()) for th in table.one("thead").all("th")] == ["area", "tp-llama-conformance 0.4.0",
+                                                                        "simple-llama 1.0"]
+    tokenizer = table.one("tr", data_area="tokenizer")
+    assert [td.attrs["data-status"] for td in tokenizer.all("td")] == ["not run", "pass"]
+
+
+def test_every_battery_module_and_named_test_has_an_area():
+    """The mapping cannot fall behind the battery: each conformance/test_*.py has an area, and each test named
+    on its own still exists in its module."""
+    assert BATTERY == battery_modules()
+    names = {m.split("/")[-1] for m in BATTERY}
+    assert names - set(areas.MODULE_AREAS) == set(), "give these modules an area in parity/areas.py"
+    assert set(areas.MODULE_AREAS) - names == set(), "these modules in parity/areas.py are gone from the battery"
+    assert set(areas.MODULE_AREAS.values()) == set(areas.AREAS)
+    for key, area in areas.FUNCTION_AREAS.items():
+        module, function = key.split("::")
+        assert re.search(rf"^def {function}\(", (REPO / "conformance" / module).read_text(), re.M), key
+        assert area in areas.AREAS and area != areas.MODULE_AREAS[module], key
+
+
+def test_a_tests_area_comes_from_its_function_then_its_module_then_its_records_component():
+    assert areas.area_of_test("conformance/test_impl.py::test_impl_decode[meta-float32-1x4]") == areas.DECODE
+    assert areas.area_of_test("conformance/test_impl.py::test_load_says_what_is_wrong[x]") == areas.NUMERICS
+    assert areas.area_of_test("/site-packages/conformance/test_tokenizer.py::test_t") == areas.TOKENIZER
+    assert areas.record_area({"test": "elsewhere.py::t", "component": "kv_cache"}) == areas.DECODE
+    assert areas.record_area({"test": "elsewhere.py::t", "component": "made_up"}) == areas.OTHER
+    assert areas.in_battery("/x/site-packages/conformance/test_mlp.py", BATTERY) == "conformance/test_mlp.py"
+
+
+def test_terminal_summary_gives_the_scope_and_the_scorecard(document):
+    from parity.summary import scope_lines
+
+    scope, card = scope_lines(document["environment"], document["records"], document["tests"],
+                              document["not_checked"])
+    assert scope == (f"scope: 9 of {len(BATTERY)} battery modules (part of the battery) · meshes 1x1, 1x4 · "
+                     "dtypes float32, bfloat16 · references meta, hf · profile default")
+    assert card == ("areas: numerics fail · communication not run · sharding pass · decode not run · "
+                    "generation pass · checkpoints not run · tokenizer not run")
+
+
 def test_margins():
     record = {"metrics": {"rel_l2": 2e-6, "pcc": 0.99998, "max_abs": 5.0}, "bounds": {"rel_l2": 1e-5, "pcc": 0.99999},
               "error": None}
@@ -613,6 +758,10 @@ def test_plugin_writes_the_report_under_xdist_with_failures(pytester, monkeypatc
     result.assert_outcomes(passed=6, failed=2, errors=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*parity summary*", "verdict: FAIL (3 failed/error of 9 tests)",
+                                 "scope: 1 module (the battery's modules not recorded) · meshes 1x1, 1x4 · "
+                                 "dtypes float32 · references hf, meta · profile default",
+                                 "areas: numerics fail · communication not run · sharding not run · decode not run"
+                                 " · generation not run · checkpoints not run · tokenizer not run · other fail",
                                  "*worst per component*", f"parity report: {report}"])
     dom = parse(report.read_text(encoding="utf-8"))
     document = json.loads(out.read_text())
@@ -626,8 +775,8 @@ def test_plugin_writes_the_report_under_xdist_with_failures(pytester, monkeypatc
     assert f"rel_l2 = 1.000e+00 > {bound('mlp', 'float32', 'rel_l2', 'hf', '1x1'):.3e}" in problems[
         "test_inner.py::test_scale_bug"]
     assert squash(dom.one("div", cls="verdict").text()).startswith("FAIL")
-    assert squash(dom.one("title").text()) == ("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter "
-                                               "(tp_llama version not recorded)")
+    assert squash(dom.one("title").text()) == "Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter"
+    assert "version not recorded" not in report.read_text(encoding="utf-8")
     assert document["environment"]["seeds"] == {"weights": 17}  # noted on a worker, shipped to the controller
     assert "weights=17" in dom.one("section", id="environment").text()
 
