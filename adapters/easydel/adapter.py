@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from adapters.easydel import checkpoint as ckpt
-from adapters.keras_hub.checkpoint import write_hf
+from adapters.hf_checkpoint import tied, write_hf
 from llama_spec.config import LlamaConfig
 
 # EasyDeL's import-time auto-configuration (EASYDEL_AUTO, on by default) appends GPU-only flags to XLA_FLAGS,
@@ -232,7 +232,7 @@ class EasyDeLLlamaAdapter:
         shapes = {name: np.zeros(shape, np.float32) for name, shape in meta_weight_shapes(config).items()}
         names = dict(zip(meta_to_hf(shapes, config), shapes))  # HF name -> Meta name, in order
         return {names[hf]: by_path[ckpt.easydel_path(hf)] for hf in names
-                if not (hf == "lm_head.weight" and ckpt.tied(config))}
+                if not (hf == "lm_head.weight" and tied(config))}
 
     @property
     def suite_config(self) -> LlamaConfig:

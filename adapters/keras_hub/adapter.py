@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from adapters.hf_checkpoint import tied, write_hf
 from adapters.keras_hub import checkpoint as ckpt
 from llama_spec.config import LlamaConfig
 
@@ -268,7 +269,7 @@ class KerasHubLlamaAdapter:
         out = {}
         for name in meta_weight_shapes(self.config):
             path = ckpt.keras_path(name)
-            if name == "output.weight" and ckpt.tied(self.config):
+            if name == "output.weight" and tied(self.config):
                 continue
             out[name] = by_path[path]
         return out
@@ -472,7 +473,7 @@ class KerasHubLlamaHF(KerasHubLlama):
     def build(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh, dtype: str) -> KerasHubLlamaAdapter:
         directory = Path(tempfile.mkdtemp(prefix=f"keras_hub_{cls.style}_"))
         try:
-            ckpt.write_hf(directory, config, weights, cls.style)
+            write_hf(directory, config, weights, cls.style)
             return _load_hf(directory, mesh, dtype)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
