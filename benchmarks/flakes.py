@@ -4,8 +4,8 @@ A flaky test fails in some runs of the same code and passes in others: where hyp
 run (the `dev` profile's cheap properties, `thorough`; `dev`'s model-level ones are derandomized), or under load
 because something waits on the clock. One run proves nothing either way, so this runs the same pytest command
 `--runs` times and prints, per test that ever failed, in how many runs it failed and its first failure message.
-`--load K` starts K busy processes beside the runs (a shared, loaded machine is where the flakes showed: 2 cores
-at load 8-12); they are stopped, by their ids, when the runs end.
+`--load K` starts K busy processes beside the runs (a shared, loaded machine is where the flakes showed:
+docs/results.md#ci-and-suite-times); they are stopped, by their ids, when the runs end.
 
     python -m benchmarks.flakes                                  # the default `pytest -n 2`, 5 runs
     python -m benchmarks.flakes --runs 3 --load 6 -- conformance/test_properties.py conformance/test_metamorphic.py

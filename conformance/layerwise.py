@@ -174,7 +174,8 @@ def peak_rss_bytes() -> int:
 
 
 # A part's reference modules and placed arrays are collected before the next part is read, where a part is large:
-# one collection takes about 0.5 s with JAX, torch and transformers loaded (17 s of 8 tiny-width tests' 28 s).
+# a collection with JAX, torch and transformers loaded is slow enough that collecting after every tiny part
+# dominated the tiny-width tests (docs/results.md#real-checkpoints-at-8b-widths).
 COLLECT_ABOVE_BYTES = 64 * 2**20
 
 

@@ -231,10 +231,8 @@ def _usable_cores() -> int:
 def _share_cores_among_workers(config) -> None:
     """Under `-n N`, give each worker's OpenMP and BLAS pools (torch's references, numpy's float64 oracle) the
     worker's share of the cores, unless the user set OMP_NUM_THREADS. Set in the controller before xdist starts the
-    workers, so they inherit it before importing torch or numpy. By default each worker's pools took every core, and
-    the workers got in each other's way (most likely threads spinning while they wait): warm `pytest -n 2` on 2 idle
-    cores took 155 s and 161 s, with OMP_NUM_THREADS=1 114 s and 112 s (JAX's own thread pools are not OpenMP's;
-    XLA's `--xla_cpu_multi_thread_eigen=false` changed nothing, 122.2 s against 122.8 s and 122.4 s)."""
+    workers, so they inherit it before importing torch or numpy. Pools as wide as the machine got in each other's
+    way (most likely threads spinning while they wait); timings: docs/results.md#scheduling-and-garbage-collection."""
     workers = getattr(config.option, "numprocesses", None)
     if hasattr(config, "workerinput") or not isinstance(workers, int) or workers < 1 or "OMP_NUM_THREADS" in os.environ:
         return

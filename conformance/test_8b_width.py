@@ -33,9 +33,8 @@ GIB = 2 ** 30
 # Peak RSS of the checking process over the run. One part at a time bounds it, whatever the depth: the current
 # part memory-mapped (at most the 1.05 GB output projection) plus its shards placed on the mesh, or one
 # reference's float32 build of a 218 M-parameter layer (~2.2 GB), plus ~0.3 GiB of libraries. Holding this
-# 2-layer model whole (3.0 GB in bfloat16) beside any reference's layer would pass the budget.
-# measured: 3.15 to 3.48 GiB over three runs (this test once, benchmarks/checkpoint_memory.py twice; 8b preset
-# at 2 layers, bfloat16, 1x4, meta + hf; torch 2.13 CPU, jax 0.10.2, 2 CPU cores shared with other work).
+# 2-layer model whole (3.0 GB in bfloat16) beside any reference's layer would pass the budget. The measured peaks
+# sit about 1 GiB under it (docs/results.md#real-checkpoints-at-8b-widths).
 PEAK_RSS_BUDGET = int(4.5 * GIB)
 
 

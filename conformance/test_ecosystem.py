@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapters.hf_checkpoint import write_hf
 from conformance import components, support
 from llama_spec.host import host
 from llama_spec.layout import DATA, MODEL, make_mesh
@@ -174,8 +175,6 @@ def test_compiled_forward_runs_on_the_mesh(kh, tiny_config, tiny_weights):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, kh, tiny_config, tiny_weights):
     """The suite's HF checkpoint of the canonical tiny weights (float32), config.json in each style."""
-    from adapters.keras_hub.checkpoint import write_hf
-
     root = tmp_path_factory.mktemp("keras_hub_hf")
     return {style: write_hf(root / style, tiny_config, tiny_weights, style) for style in STYLES}
 
@@ -317,8 +316,6 @@ def test_converter_with_tied_embeddings_matches_hf(request, kh, tmp_path, tiny_c
     RMSNorm eps set to keras-hub's default so that only the tying is under test."""
     import torch
     import transformers
-
-    from adapters.keras_hub.checkpoint import write_hf
 
     config = tiny_config.replace(norm_eps=1e-6)
     weights = dict(tiny_weights)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from adapters.hf_checkpoint import write_hf
 from conformance import support
 from llama_spec.host import host
 from llama_spec.layout import DATA, MODEL, make_mesh
@@ -262,8 +263,6 @@ def test_compiled_forward_runs_on_the_mesh(ed, tiny_config, tiny_weights):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, ed, tiny_config, tiny_weights):
     """The suite's HF checkpoint of the canonical tiny weights (float32), config.json in each style."""
-    from adapters.keras_hub.checkpoint import write_hf
-
     root = tmp_path_factory.mktemp("easydel_hf")
     return {style: write_hf(root / style, tiny_config, tiny_weights, style) for style in STYLES}
 

@@ -7,13 +7,10 @@
 
 A step that takes no `offset` or `pad` is not checked on the cases that need it, with the reason.
 """
-import numpy as np
 import pytest
 
 from adapters import decoding
-from conformance.decode import PAST_8192, TOKENS, check_kv_cache
-from llama_spec.synthetic import make_tokens
-from parity import assert_parity
+from conformance.decode import PAST_8192, TOKENS, batched_prompts, check_batched_prompts, check_kv_cache
 from parity.check import record_not_checked
 
 
@@ -39,16 +36,8 @@ def test_batched_prompts_of_different_lengths_match_one_at_a_time(request, impl,
     """Left padding and its mask leave each row's greedy tokens and logits as if it ran alone."""
     mesh, dtype = "1x4", "float32"
     adapter = impl(mesh, dtype)
-    prompts = [make_tokens(tiny_config, 1, n, seed=n)[0].tolist() for n in (9, 3, 14)]
+    prompts = batched_prompts(tiny_config)
     reason = decoding.unsupported(adapter, prompts, start_pos)
     if reason:
         _not_checked(request, reason, f"batched prompts from position {start_pos}", dtype, mesh)
-    together = decoding.greedy(adapter, prompts, 6, start_pos=start_pos)
-    for row, (prompt, tokens) in enumerate(zip(prompts, together.tokens)):
-        alone = decoding.greedy(adapter, [prompt], 6, start_pos=start_pos)
-        what = f"prompt {row} ({len(prompt)} tokens) from position {start_pos}"
-        assert tokens == alone.tokens[0], f"{what} decodes differently in a batch: {tokens} vs {alone.tokens[0]}"
-        assert_parity(request, component="kv_cache", name=f"{what}, batched against alone",
-                      actual=np.stack([s[row] for s in together.step_logits]),
-                      expected=np.stack([s[0] for s in alone.step_logits]), reference="self", dtype=dtype,
-                      mesh=mesh, logits=True)
+    check_batched_prompts(request, adapter, prompts, dtype, mesh, start_pos)

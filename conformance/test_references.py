@@ -8,7 +8,7 @@ HF weights without the q/k row permutation) must be caught.
 
 These tests validate the references themselves, before parity/ exists, so they hold their bounds inline; each
 bound has the measured value beside it (tiny preset, seed 0, torch 2.13 CPU, transformers 5.24, llama-models
-0.3.0, 2 CPU cores). rel = ||a - b|| / ||b|| over the whole array, computed in float64.
+0.3.0). rel = ||a - b|| / ||b|| over the whole array, computed in float64.
 """
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ from pathlib import Path
 ENV_VAR = "TP_LLAMA_COMPILATION_CACHE"
 _OFF = ("", "0", "off", "false", "no")
 # Unbounded, as JAX's own default. A bounded cache lists and reads every entry's access time on each write
-# (jax._src.lru_cache.LRUCache._evict_if_needed) under a directory lock the other worker waits on: 600 writes into
-# an empty directory took 33 s, one write into a directory of 7900 entries 1.2 s (benchmarks/RESULTS.md). An entry
+# (jax._src.lru_cache.LRUCache._evict_if_needed) under a directory lock the other worker waits on, which costs
+# seconds per write in a well-used directory (the timings: benchmarks/RESULTS.md). An entry
 # read while the other worker is still writing it fails to decompress; JAX warns and compiles it itself (tried
 # with a halved and an empty entry: the warning 'Error reading persistent compilation cache entry', no crash).
 # JAX_COMPILATION_CACHE_MAX_SIZE (bytes) bounds it.

@@ -1,23 +1,7 @@
 """EasyDeL 0.3.0's Llama (`easydel.LlamaForCausalLM`, flax nnx) behind the adapter protocol (adapters/protocol.py),
-sharded by EasyDeL's own partition rules on the suite's mesh.
-
-Mesh: EasyDeL names five axes (dp, fsdp, ep, tp, sp). The suite's ('data', 'model') mesh is laid onto them as
-dp = data, tp = model, the rest 1, over exactly the suite's devices in the suite's order, and given to the config
-(`config.set_model_mesh`); `model.shard_model()` then places every parameter by EasyDeL's partition rules (the
-module-level `craft_sharding` hooks: column-parallel q/k/v/gate/up and lm_head on tp, row-parallel o/down on tp,
-the embedding's vocab on tp, norms replicated), and every program runs inside that mesh, as EasyDeL requires
-(its `apply_logical_sharding` constraints read the mesh in context).
-
-Everything runs as jax.jit of `nnx.merge(graphdef, state)` calls, so `compiled_forward` is the program the
-forward runs. Intermediates come from EasyDeL's own sublayers: each tapped module's class is swapped for a
-subclass whose `__call__` records its output while a capture is active (q/k after RoPE from
-`UnifiedAttention._apply_rotary`, converted from EasyDeL's half layout to Meta's pairs).
-
-What is not offered, and why:
-- decode: EasyDeL's KV cache (TransformerCache + TransformerMetadata, or the eSurge engine's paged cache) is
-  driven by its generation engines, with no step(tokens, start_pos, cache) of its own;
-- the attention component: the suite's chunks read a KV cache between calls, the same cache machinery;
-- a Meta checkpoint: EasyDeL loads Hugging Face directories (and its own checkpoints).
+sharded by EasyDeL's own partition rules on the suite's mesh (laid onto its five axes as dp = data, tp = model).
+No decode, no attention component and no Meta checkpoint: EasyDeL's KV cache is driven only by its generation
+engines, and it loads HF directories. Mesh, jit and intermediates: docs/adapter-internals.md#easydel.
 """
 from __future__ import annotations
 
@@ -32,7 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from adapters.easydel import checkpoint as ckpt
-from adapters.keras_hub.checkpoint import write_hf
+from adapters.hf_checkpoint import tied, write_hf
 from llama_spec.config import LlamaConfig
 
 # EasyDeL's import-time auto-configuration (EASYDEL_AUTO, on by default) appends GPU-only flags to XLA_FLAGS,
@@ -232,7 +216,7 @@ class EasyDeLLlamaAdapter:
         shapes = {name: np.zeros(shape, np.float32) for name, shape in meta_weight_shapes(config).items()}
         names = dict(zip(meta_to_hf(shapes, config), shapes))  # HF name -> Meta name, in order
         return {names[hf]: by_path[ckpt.easydel_path(hf)] for hf in names
-                if not (hf == "lm_head.weight" and ckpt.tied(config))}
+                if not (hf == "lm_head.weight" and tied(config))}
 
     @property
     def suite_config(self) -> LlamaConfig:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from adapters.keras_hub.checkpoint import rope_scaling_of, tied
+from adapters.hf_checkpoint import rope_scaling_of, tied
 from llama_spec.config import LlamaConfig
 from llama_spec.convert import meta_to_hf
 

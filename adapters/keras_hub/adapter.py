@@ -1,34 +1,8 @@
-"""keras-hub's Llama 3 (`keras_hub.models.Llama3Backbone` + `Llama3CausalLM`, JAX backend) behind the adapter
-protocol (adapters/protocol.py), sharded with Keras' own distribution API.
-
-Sharding: a `keras.distribution.DeviceMesh` over exactly the suite's mesh devices, axes ('data', 'model'), the
-`LayoutMap` keras-hub ships for Llama (`LlamaBackbone.get_layout_map`, data axis named 'data'), and
-`keras.distribution.ModelParallel(layout_map=..., batch_dim_name='data')`, set only while the model is built (each
-build gets its own distribution, so several meshes live in one process). That layout, keras-hub's "Gemma team
-training config", is not Megatron's:
-
-| variable | keras-hub layout | Megatron (docs/architecture.md#sharding-contract) |
-| --- | --- | --- |
-| token_embedding/embeddings (vocab, dim) | ('model', 'data'): vocab on model, dim on data | vocab on model |
-| query/key/value (dim, heads, head_dim) | ('model', 'data', None): input dim on model, heads on data | heads on model |
-| attention_output (heads, head_dim, dim) | ('model', None, 'data'): heads on model, output on data | heads on model |
-| feedforward_gate/intermediate kernel (dim, hidden) | ('data', 'model'): hidden on model | hidden on model |
-| feedforward_output kernel (hidden, dim) | ('model', 'data'): hidden on model | hidden on model |
-| token_embedding/reverse_embeddings (dim, vocab) | not in the map: replicated | vocab on model |
-| norms | not in the map: replicated | replicated |
-
-XLA's SPMD partitioner then decides the communication; the communication check reads what it chose.
-
-Everything runs as jax.jit of Keras' stateless call (`keras.StatelessScope` over the placed variables), so the
-compiled program is the one `compiled_forward` returns. Intermediates come from wrapping keras-hub's own sublayers'
-`call` (recording their outputs inside the trace); q/k after RoPE are converted from keras-hub's half layout back
-to Meta's interleaved pairs.
-
-What keras-hub does not allow, and so is not offered:
-- decode `pad` and `offset`: `Llama3CausalLM.call_with_cache(token_ids, cache, cache_update_index)` takes one index
-  for the whole batch, which is both the cache slot and the RoPE position, and no padding mask (keras-hub's own
-  `generate` right-pads);
-- a Meta checkpoint: keras-hub loads Hugging Face directories (its transformers converter) and its own presets.
+"""keras-hub's Llama 3 (`Llama3Backbone` + `Llama3CausalLM`, JAX backend) behind the adapter protocol
+(adapters/protocol.py), sharded with Keras' own distribution API and keras-hub's own Llama layout map (not
+Megatron's: XLA's partitioner decides the communication, and the communication check reads it). Decode without `pad`
+or `offset`, and no Meta checkpoint: keras-hub's cache API and loaders cannot express them. How it is built (layout
+table, jit of the stateless call, intermediates): docs/adapter-internals.md#keras-hub.
 """
 from __future__ import annotations
 
@@ -42,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from adapters.hf_checkpoint import tied, write_hf
 from adapters.keras_hub import checkpoint as ckpt
 from llama_spec.config import LlamaConfig
 
@@ -159,7 +134,8 @@ def keras_distribution(mesh):
 
 
 class KerasHubLlamaAdapter:
-    """A built, placed keras-hub Llama3CausalLM; every capability keras-hub's API allows (see the module doc)."""
+    """A built, placed keras-hub Llama3CausalLM; every capability keras-hub's API allows
+    (docs/adapter-internals.md#keras-hub)."""
 
     def __init__(self, causal_lm, mesh, dtype: str, source: str):
         self.causal_lm, self.backbone = causal_lm, causal_lm.backbone
@@ -268,7 +244,7 @@ class KerasHubLlamaAdapter:
         out = {}
         for name in meta_weight_shapes(self.config):
             path = ckpt.keras_path(name)
-            if name == "output.weight" and ckpt.tied(self.config):
+            if name == "output.weight" and tied(self.config):
                 continue
             out[name] = by_path[path]
         return out
@@ -472,7 +448,7 @@ class KerasHubLlamaHF(KerasHubLlama):
     def build(cls, config: LlamaConfig, weights: Mapping[str, np.ndarray], mesh, dtype: str) -> KerasHubLlamaAdapter:
         directory = Path(tempfile.mkdtemp(prefix=f"keras_hub_{cls.style}_"))
         try:
-            ckpt.write_hf(directory, config, weights, cls.style)
+            write_hf(directory, config, weights, cls.style)
             return _load_hf(directory, mesh, dtype)
         finally:
             shutil.rmtree(directory, ignore_errors=True)

@@ -1,32 +1,9 @@
 """penzai 0.2.5's Llama (`penzai.models.transformer.variants.llama`), converted from transformers' PyTorch
-`LlamaForCausalLM`, behind the adapter protocol (adapters/protocol.py).
-
-Two factories, because penzai's documented converter refuses every Llama 3 model under transformers 5:
-- `PenzaiLlama`: `llama.llama_from_huggingface_model(hf_model)`, the documented path. It compares
-  `model.config.to_dict()` with `transformers.LlamaConfig()` and refuses any attribute it does not handle or ignore
-  (variants/llama.py:65-98). Under transformers 5 that includes `rope_parameters` (where rope_theta now lives) and
-  `dtype` (transformers 4's `torch_dtype`), so even an unscaled Llama 3 is refused, and Llama 3.1's llama3 scaling
-  with it: building raises penzai's ValueError, which the suite records on every check
-  (docs/findings/penzai-transformers-5-config.md).
-- `PenzaiLlamaUnchecked`: what a user does to get past that check: `llamalike_common.llamalike_from_huggingface_model`
-  (the converter llama.py delegates to, documented as doing no checks), after giving the HF config back the
-  `rope_theta` attribute it reads (llamalike_common.py:600, `hf_config.rope_theta`; transformers 5 keeps it in
-  `rope_parameters`). penzai's Llama has no llama3 RoPE scaling, so a scaled config runs unscaled: the suite
-  measures it.
-
-Sharding: penzai's own `toolshed.sharding_util.name_to_name_device_put`, its named axes mapped to the mesh:
-'vocabulary' (embedding and lm_head), 'neurons' (gate/up/down) and the attention head axis ('heads' without GQA,
-else 'head_groups' when the kv heads split evenly, else 'query_heads', k/v then replicated) on 'model', each only
-when the axis divides; tokens' 'batch' on 'data' when it divides. XLA partitions the rest.
-
-Intermediates: the model body is a `pz.nn.Sequential` (EmbeddingLookup, TransformerBlock per layer, RMSLayerNorm,
-Linear) and each block two `Residual(Sequential[RMSLayerNorm, Attention | TransformerFeedForward])`; the jitted
-forward runs them one by one and records every tensor of reference/layers.py (q/k after the query/key paths'
-ApplyRoPE, before the query's rescale; penzai rotates halves, as HF, so they are converted to Meta's pairs). The
-components are those sublayers. Decode is penzai's `sampling_mode.KVCachingTransformerLM` (from_uncached, pad id -1),
-its state variables frozen and carried between jitted steps; `pad` marks the pad slots with the pad id, as penzai's
-sampler pads. Not offered: `attention` (penzai's Attention layer has no cache outside the sampling mode, so chunks
-after the first cannot read earlier ones) and decode `offset` (penzai counts positions from the first non-pad token).
+`LlamaForCausalLM`, behind the adapter protocol (adapters/protocol.py). Two factories, because penzai's documented
+converter refuses every Llama 3 model under transformers 5 (`PenzaiLlama`: the suite records the refusal on every
+check), and users get past it with the unchecked one (`PenzaiLlamaUnchecked`). Sharded by penzai's own named axes.
+No `attention` component and no decode `offset`: penzai's cache and positions cannot express them. Details:
+docs/adapter-internals.md#penzai.
 """
 from __future__ import annotations
 
@@ -64,8 +41,8 @@ def unchecked_conversion(hf_model):
 
 
 def axis_to_mesh(metadata: model_parts.TransformerMetadata, mesh) -> dict[str, str]:
-    """penzai's named axes -> the mesh axis they are split on (module doc); an axis the mesh does not divide is
-    left out (replicated)."""
+    """penzai's named axes -> the mesh axis they are split on (docs/adapter-internals.md#penzai); an axis the mesh
+    does not divide is left out (replicated)."""
     m = mesh.shape[MODEL]
     heads = metadata.common_head_axes | metadata.query_only_head_axes
     sizes = {"vocabulary": metadata.vocab_size, "neurons": metadata.mlp_hidden_dim}
@@ -343,7 +320,8 @@ class PenzaiLlama:
 
 
 class PenzaiLlamaUnchecked(PenzaiLlama):
-    """The converter without penzai's attribute check (module doc): Llama 3.1's RoPE scaling is not applied."""
+    """The converter without penzai's attribute check (docs/adapter-internals.md#penzai): Llama 3.1's RoPE scaling
+    is not applied."""
 
     convert = staticmethod(unchecked_conversion)
 

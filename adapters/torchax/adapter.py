@@ -1,32 +1,8 @@
-"""Hugging Face transformers' PyTorch `LlamaForCausalLM` run as JAX through torchax 0.0.13, behind the adapter
-protocol (adapters/protocol.py), the way torchax's users run HF models: `torchax.extract_jax(model)` gives the
-model's state as jax.Arrays and a JAX function of (state, args, kwargs) that runs the module's own `forward`; the
-state is placed on the suite's mesh with `jax.sharding` and the function is `jax.jit`-ed, so XLA's SPMD partitioner
-decides the communication from the parameter placement (what `compiled_forward` hands the communication check).
-
-Placement (Megatron-style NamedShardings over the mesh's 'model' axis, HF's (out, in) weights):
-
-| HF parameter | PartitionSpec | Megatron role |
-| --- | --- | --- |
-| model.embed_tokens.weight (vocab, dim) | ('model', None) | vocab-parallel embedding |
-| self_attn.q_proj.weight (heads*hd, dim) | ('model', None) | column-parallel, by heads |
-| self_attn.k_proj/v_proj.weight (kv*hd, dim) | ('model', None) if kv heads split evenly, else replicated | column |
-| self_attn.o_proj.weight (dim, heads*hd) | (None, 'model') | row-parallel |
-| mlp.gate_proj/up_proj.weight (hidden, dim) | ('model', None) | column-parallel |
-| mlp.down_proj.weight (dim, hidden) | (None, 'model') | row-parallel |
-| lm_head.weight (vocab, dim) | ('model', None) | vocab-parallel output |
-| norms, rotary inv_freq | replicated | replicated |
-
-A dimension the model axis does not divide stays replicated. Tokens are split on 'data' when the batch divides.
-
-Intermediates come from forward hooks on the torch modules (and `modeling_llama.apply_rotary_pos_emb` wrapped for q/k,
-as reference/hf.py does), recorded while the JAX program is traced and returned as its outputs; q/k are converted
-from HF's (batch, heads, seq, hd) rotate-half layout to Meta's (batch, seq, heads, hd) interleaved pairs. The
-components run HF's own submodules through the same mechanism (`JittableModule.functional_call` with a callable, the
-function `extract_jax` wraps). Decode runs LlamaForCausalLM.forward with transformers' StaticCache, its tensors
-carried between jitted steps as arrays (the state StaticLayer.lazy_initialization would create), with HF's
-position_ids and 2-D attention_mask for padded batches and offsets. Not offered: a Meta checkpoint (transformers loads
-HF directories only).
+"""transformers' PyTorch `LlamaForCausalLM` run as JAX through torchax 0.0.13 (`torchax.extract_jax`), behind the
+adapter protocol (adapters/protocol.py), as torchax's users run HF models: the state placed on the suite's mesh by
+Megatron-style NamedShardings, the function jax.jit-ed, so XLA's partitioner decides the communication. No Meta
+checkpoint (transformers loads HF directories only). Placement table, intermediates and decode:
+docs/adapter-internals.md#torchax.
 """
 from __future__ import annotations
 
@@ -76,7 +52,8 @@ def meta_name(hf_name: str) -> str | None:
 
 
 def partition_spec(hf_name: str, shape: Sequence[int], hf_config, model_size: int) -> P:
-    """The Megatron placement of one HF parameter (module doc table); replicated where the axis does not divide."""
+    """The Megatron placement of one HF parameter (docs/adapter-internals.md#torchax); replicated where the axis
+    does not divide."""
     if hf_name.endswith(("k_proj.weight", "v_proj.weight")) and hf_config.num_key_value_heads % model_size:
         return P()
     if hf_name.endswith(_COLUMN) and shape[0] % model_size == 0:
