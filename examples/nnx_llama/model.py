@@ -7,7 +7,8 @@
 - grouped-query attention by grouping queries per kv head; when the model axis exceeds n_kv_heads each kv head is
   stored once per device that reads it (`kv_copies`), so the grouping stays local;
 - intermediates sown as `nnx.Intermediate` under the model's own paths (adapter.TAPS maps them);
-- a KV cache of one (batch, length, kv heads, head_dim) pair per layer, passed in and returned (no state kept).
+- a KV cache of one (batch, length, kv heads, head_dim) pair per layer, passed in and returned (no state kept);
+- the layers unrolled by a Python loop, an optimization barrier between blocks (see `Llama`).
 Norms, RoPE and softmax in float32; matmuls accumulate in float32 and round once to the activation dtype.
 """
 from __future__ import annotations
@@ -174,7 +175,10 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """The whole model on `mesh`, in `dtype`, from Meta-layout host weights."""
+    """The whole model on `mesh`, in `dtype`, from Meta-layout host weights. The layers are a Python loop, so XLA
+    sees one program and may fuse across layers, skipping bfloat16 roundings (excess precision) in a way that
+    depends on the mesh; an optimization barrier after each block keeps every mesh's residual stream rounded alike
+    (without it a 1x4 bfloat16 run drifts from 1x1's past layer 0: conformance/test_tp_invariance.py)."""
 
     def __init__(self, config, weights: Mapping[str, np.ndarray], mesh: Mesh, dtype):
         self.config, self.mesh = config, mesh
@@ -207,5 +211,6 @@ class Llama(nnx.Module):
         new_cache = []
         for i, block in enumerate(self.layers):
             h, layer_cache = block(h, positions, visible, slot0, None if cache is None else cache[i])
+            h = jax.lax.optimization_barrier(h)  # see Llama's docstring
             new_cache.append(layer_cache)
         return self.head(h), None if cache is None else new_cache
