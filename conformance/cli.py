@@ -16,7 +16,12 @@ The current directory is appended to `sys.path` (after the installed suite, so a
     llama-conformance doctor --impl mypkg.adapter:MyLlama
 
 runs the doctor instead (conformance/doctor.py): in seconds, each capability of the adapter ok, missing or wrong with
-the fix, exit status 1 when anything present is wrong. `doctor` is recognised as the first argument only.
+the fix, exit status 1 when anything present is wrong.
+
+    llama-conformance init-adapter --style linen|nnx|jnp --out mypkg/adapter.py
+
+writes a commented skeleton adapter to start from (conformance/init_adapter.py). `doctor` and `init-adapter` are
+recognised as the first argument only.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from conformance import doctor
+from conformance import doctor, init_adapter
 
 PACKAGE = "conformance"
 PLUGIN = "conformance.plugin"
 DOCTOR = "doctor"  # the first argument that runs the doctor instead of the battery
+INIT_ADAPTER = "init-adapter"  # the first argument that writes a skeleton adapter
 DEFAULT_MARKERS = "not slow and not browser and not multihost and not ecosystem and not e2e and not real_full"
 # pytest marks an entry-point plugin's packages for assertion rewriting, but this command imported `conformance` (the
 # package itself, not its test modules, which are still rewritten) before pytest started: that one warning is noise.
@@ -43,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the tensor-parallel Llama 3.1 conformance battery on an implementation (--impl). "
                     "Arguments not listed here are passed to pytest.",
         epilog="example: llama-conformance --impl mypkg.adapter:MyLlama --report out/parity.html -n 2 -rs; "
-               "llama-conformance doctor --impl mypkg.adapter:MyLlama checks the adapter itself in seconds")
+               "llama-conformance doctor --impl mypkg.adapter:MyLlama checks the adapter itself in seconds; "
+               "llama-conformance init-adapter --style nnx --out mypkg/adapter.py writes a skeleton to start from")
     parser.add_argument("--impl", metavar="MODULE:ATTR",
                         help="the implementation's adapter factory, importable from the current directory "
                              "(default: the built-in tp_llama.adapter:TPLlamaAdapter)")
@@ -94,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.append(cwd)
     if argv[:1] == [DOCTOR]:
         return doctor.main(argv[1:])
+    if argv[:1] == [INIT_ADAPTER]:
+        return init_adapter.main(argv[1:])
     import pytest
 
     return int(pytest.main(pytest_args(argv, cwd)))

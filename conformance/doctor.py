@@ -524,6 +524,17 @@ def _check(capability: str, build: Build, findings: Findings) -> None:
         check_component(capability, build, add, note)
 
 
+def _note_missing(factory, config, weights, mesh, dtype: str, findings: dict[str, Findings]) -> None:
+    """An adapter without forward (a fresh init-adapter skeleton): its other capabilities reported missing or not,
+    from the object its build returns, though none can be called without forward."""
+    accepted = protocol.accepted_hints(factory)
+    hints = {k: v for k, v in (("max_batch_size", BATCH), ("max_seq_len", SEQ)) if k in accepted}
+    adapter = factory.build(config, weights, mesh, dtype, **hints)
+    for capability, found in findings.items():
+        if capability != "forward":
+            found.missing = protocol.missing(adapter, capability)
+
+
 def diagnose(spec: str) -> Report:
     """Every check on the adapter `spec` names (JAX must already see at least 4 devices)."""
     start = time.perf_counter()
@@ -542,6 +553,7 @@ def diagnose(spec: str) -> Report:
         except protocol.AdapterError as err:
             if "has no forward" in str(err):  # protocol.checked's words for an adapter without forward
                 forward.missing = str(err)
+                _note_missing(factory, config, weights, mesh, dtype, findings)
             else:
                 forward.problems.setdefault(Problem(str(err), "see adapters/protocol.py"), []).append(mesh_text)
             continue

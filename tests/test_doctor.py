@@ -102,5 +102,17 @@ def test_missing_optional_capabilities_are_not_errors():
 def test_a_missing_forward_is_an_error():
     report = doctor.diagnose(f"{__name__}:NoForward")
     assert report.findings["forward"].verdict == "missing" and report.exit_status() == 1
-    assert {f.verdict for c, f in report.findings.items() if c != "forward"} == {"unchecked"}
+    assert {f.verdict for c, f in report.findings.items() if c != "forward"} == {"missing"}
     assert "forward is missing: nothing can be checked" in report.table()
+
+
+class NoForwardButParameters(NoForward):
+    def parameters(self):
+        return {}
+
+
+def test_without_forward_the_capabilities_present_are_not_called_missing():
+    """(A fresh init-adapter skeleton has no forward: the table still says which capabilities it has.)"""
+    report = doctor.diagnose(f"{__name__}:NoForwardButParameters")
+    verdicts = {c: f.verdict for c, f in report.findings.items() if c != "forward"}
+    assert verdicts.pop("parameters") == "unchecked" and set(verdicts.values()) == {"missing"}, report.table()
