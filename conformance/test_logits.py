@@ -63,7 +63,7 @@ EXTREME_BATCH, EXTREME_SEQ = 2, 48
 def _extreme_case():
     """(tokens, crafted float32 weights) of the full-model extremes."""
     tokens = extremes.repeated_tokens(support.tokens(EXTREME_BATCH, EXTREME_SEQ, seed=16))
-    return tokens, extremes.extreme_weights(support.canonical_weights("tiny"), tokens)
+    return tokens, extremes.extreme_weights(support.canonical(), tokens)
 
 
 @functools.lru_cache(maxsize=None)
