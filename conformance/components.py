@@ -20,8 +20,6 @@ from llama_spec.host import host
 from parity import assert_parity
 from reference import hf, meta, oracle
 
-CONFIG = support.CONFIG
-
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and cached by identity: one record per check
 class Component:
@@ -52,7 +50,7 @@ RMSNORM = Component(
         support.layer(dtype, layer_index)[which]),
     subject=lambda fn, arrays, layer_index, which, **_: fn(arrays[0], layer_index, which),
     meta=meta.meta_rms_norm, hf=hf.hf_rms_norm,
-    reference=lambda side, arrays, dtype, **_: side(arrays[0], arrays[1], CONFIG.norm_eps, dtype),
+    reference=lambda side, arrays, dtype, **_: side(arrays[0], arrays[1], support.CONFIG.norm_eps, dtype),
     oracle=lambda arrays, config, variant, **_: oracle.oracle_rms_norm(arrays[0], arrays[1], config.norm_eps, variant),
     names=lambda which, extreme=None, **_: [_named(which, extreme)],
 )
@@ -62,7 +60,7 @@ ROPE = Component(
     inputs=lambda dtype, start_pos, extreme=None: support.heads(dtype, 16, seed=12, extreme=extreme),
     subject=lambda fn, arrays, start_pos, **_: fn(arrays[0], arrays[1], start_pos),
     meta=meta.meta_rope, hf=hf.hf_rope,
-    reference=lambda side, arrays, dtype, start_pos, **_: side(arrays[0], arrays[1], CONFIG, dtype,
+    reference=lambda side, arrays, dtype, start_pos, **_: side(arrays[0], arrays[1], support.CONFIG, dtype,
                                                                start_pos=start_pos),
     oracle=lambda arrays, config, variant, start_pos, **_: oracle.oracle_rope(arrays[0], arrays[1], config, start_pos,
                                                                               variant),
@@ -75,7 +73,7 @@ ROPE = Component(
 def _peaked(arrays, start_pos: int, extreme: str | None) -> None:
     """A 'peaked' query's scores after rotation reach extremes.MIN_SCORE (on the oracle's rotation)."""
     if extreme == "peaked":
-        q, k = oracle.oracle_rope(arrays[0], arrays[1], CONFIG, start_pos)
+        q, k = oracle.oracle_rope(arrays[0], arrays[1], support.CONFIG, start_pos)
         assert extremes.max_causal_score(q, k) >= extremes.MIN_SCORE
 
 
@@ -98,7 +96,7 @@ def _attention_inputs(dtype: str, case: str, layer_index: int) -> tuple:
 def _scores_reached(arrays, dtype: str, case: str, layer_index: int) -> None:
     sizes, start_pos, extreme = ATTENTION_CASES[case]
     if extreme:
-        _, q, k = oracle.attention(np.concatenate(arrays[0], axis=1), arrays[1], CONFIG,
+        _, q, k = oracle.attention(np.concatenate(arrays[0], axis=1), arrays[1], support.CONFIG,
                                    start_pos + np.arange(sum(sizes)))
         reached = extremes.max_causal_score(q, k)
         assert reached >= extremes.MIN_SCORE, f"case {case}: scores reach only {reached:.1f}"
@@ -109,7 +107,7 @@ ATTENTION = Component(
     inputs=_attention_inputs,
     subject=lambda fn, arrays, case, layer_index: fn(arrays[0], layer_index, ATTENTION_CASES[case][1]),
     meta=meta.meta_attention, hf=hf.hf_attention,
-    reference=lambda side, arrays, dtype, case, **_: side(arrays[0], arrays[1], CONFIG, dtype,
+    reference=lambda side, arrays, dtype, case, **_: side(arrays[0], arrays[1], support.CONFIG, dtype,
                                                           start_pos=ATTENTION_CASES[case][1]),
     oracle=lambda arrays, config, variant, case, **_: oracle.oracle_attention(
         arrays[0], arrays[1], config, ATTENTION_CASES[case][1], variant),
@@ -136,7 +134,7 @@ BLOCK = Component(
         support.activations(dtype, 16, seed=15, extreme=extreme), support.layer(dtype, layer_index)),
     subject=lambda fn, arrays, layer_index, start_pos, **_: fn(arrays[0], layer_index, start_pos),
     meta=meta.meta_block, hf=hf.hf_block,
-    reference=lambda side, arrays, dtype, start_pos, **_: side(arrays[0], arrays[1], CONFIG, dtype,
+    reference=lambda side, arrays, dtype, start_pos, **_: side(arrays[0], arrays[1], support.CONFIG, dtype,
                                                                start_pos=start_pos),
     oracle=lambda arrays, config, variant, start_pos, **_: oracle.oracle_block(arrays[0], arrays[1], config, start_pos,
                                                                                variant),
@@ -149,7 +147,7 @@ HEAD = Component(
                                         support.weights(dtype)["norm.weight"], support.weights(dtype)["output.weight"]),
     subject=lambda fn, arrays, **_: fn(arrays[0]),
     meta=meta.meta_head, hf=hf.hf_head,
-    reference=lambda side, arrays, dtype, **_: side(arrays[0], arrays[1], arrays[2], CONFIG.norm_eps, dtype),
+    reference=lambda side, arrays, dtype, **_: side(arrays[0], arrays[1], arrays[2], support.CONFIG.norm_eps, dtype),
     oracle=lambda arrays, config, variant, **_: oracle.oracle_head(arrays[0], arrays[1], arrays[2], config.norm_eps,
                                                                    variant),
     names=lambda extreme=None: [_named("head", extreme)],
@@ -160,7 +158,7 @@ HEAD = Component(
 def _dominant(arrays, extreme: str | None) -> None:
     """A 'dominant' input puts one token's probability above extremes.MIN_TOP_PROBABILITY everywhere (oracle's)."""
     if extreme == "dominant":
-        exact = oracle.oracle_head(arrays[0], arrays[1], arrays[2], CONFIG.norm_eps)
+        exact = oracle.oracle_head(arrays[0], arrays[1], arrays[2], support.CONFIG.norm_eps)
         assert extremes.top_probability(exact).min() > extremes.MIN_TOP_PROBABILITY
 
 
@@ -200,7 +198,13 @@ def _expected(component: Component, reference: str, dtype: str, case: tuple):
                          "consulted for noise_ratio)")
     arrays = _inputs(component, dtype, case)
     return (component.reference(sides[reference], arrays, dtype, **dict(case)),
-            component.oracle(arrays, CONFIG, oracle.EXACT, **dict(case)))
+            component.oracle(arrays, support.CONFIG, oracle.EXACT, **dict(case)))
+
+
+def clear_caches() -> None:
+    """Forget the inputs and expectations made so far (the battery's model changed: support.use_model)."""
+    _inputs.cache_clear()
+    _expected.cache_clear()
 
 
 def expected(component: Component, reference: str, dtype: str, **case):

@@ -235,7 +235,9 @@ def _changed(**changes):
 
 
 def _scaling(**changes):
-    return lambda config: config.replace(rope_scaling=dataclasses.replace(config.rope_scaling, **changes))
+    """A change of the RoPE scaling; on a model without scaling (SmolLM2) there is nothing to change."""
+    return lambda config: (config if config.rope_scaling is None else
+                           config.replace(rope_scaling=dataclasses.replace(config.rope_scaling, **changes)))
 
 
 def _switched(text, **switches):
@@ -247,6 +249,8 @@ def _configured(text, configure, **switches):
 
 
 def _swap_low_high(config):
+    if config.rope_scaling is None:  # nothing to swap on a model without RoPE scaling
+        return config
     swapped = dataclasses.replace(config)
     object.__setattr__(swapped, "rope_scaling", _swapped(config.rope_scaling))
     return swapped

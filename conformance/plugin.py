@@ -17,16 +17,17 @@ from hypothesis import HealthCheck, Phase, settings
 
 from adapters import protocol
 from adapters.protocol import BUILTIN, AdapterError, load
-from conformance import components, mutants
+from conformance import components, model_scope, mutants, support
+from fixtures.real_model import RealModelError
 from llama_spec.checkpoint import CheckpointError, load_checkpoint
-from llama_spec.config import preset
 from llama_spec.layout import check_splittable, make_mesh, parse_mesh
-from llama_spec.synthetic import canonical_weights
 from parity.plugin import note_scope, note_seed
 from tp_llama import distributed
 from tp_llama.compile_cache import enable_compilation_cache
 
 DEFAULT_MESHES = ("1x1", "1x4")
+# --model -> its default meshes: the real model's 9 heads, 3 kv heads and 49152-token vocabulary split at 3, not 4
+MODEL_MESHES = {"tiny": DEFAULT_MESHES, "smollm2-135m": ("1x1", "1x3")}
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DEFAULT_REFERENCES = ("meta", "hf")
 SIMULATED_CPU_DEVICES = 8
@@ -56,6 +57,10 @@ def pytest_addoption(parser):
     group = parser.getgroup("tp_llama", "tensor-parallel Llama 3.1 conformance")
     group.addoption("--mesh", action="append", default=None, metavar="DxM",
                     help=f"mesh data x model, repeatable (default: {' '.join(DEFAULT_MESHES)})")
+    group.addoption("--model", default="tiny", choices=tuple(MODEL_MESHES),
+                    help="the battery's model: the synthetic tiny preset, or the real SmolLM2-135M-Instruct "
+                         "(fixtures/real_model.py; default meshes 1x1 1x3); every check runs on it or says "
+                         "'not checked' and why (default: %(default)s)")
     group.addoption("--dtype", action="append", default=None, choices=DEFAULT_DTYPES,
                     help=f"activation/weight dtype, repeatable (default: {' '.join(DEFAULT_DTYPES)})")
     group.addoption("--reference", action="append", default=None, choices=("meta", "hf", "oracle"),
@@ -255,18 +260,24 @@ def pytest_configure(config):
             config.add_cleanup(mutants.apply(mutant))
         except ValueError as err:
             raise pytest.UsageError(f"--mutant: {err}") from None
-    configs = {"the suite's tiny config (llama_spec.config.PRESETS['tiny'])": preset("tiny")}
+    model = config.getoption("model")
+    try:  # before collection: the test modules' parameters are the chosen model's
+        model_scope.use(model)
+    except RealModelError as err:
+        raise pytest.UsageError(f"--model {model}: {err}") from None
+    configs = {f"--model {model}" if model != "tiny" else
+               "the suite's tiny config (llama_spec.config.PRESETS['tiny'])": support.CONFIG}
     if config.getoption("checkpoint_dir"):
         try:  # metadata only: a bad checkpoint stops the run with one line, before any test
             checkpoint, weights = load_checkpoint(config.getoption("checkpoint_dir"))
         except CheckpointError as err:
             raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
         configs[str(weights.config_path)] = checkpoint
-    note_scope(config, battery=battery_modules(), meshes=_chosen(config, "mesh", DEFAULT_MESHES),
+    note_scope(config, battery=battery_modules(), meshes=_chosen(config, "mesh", MODEL_MESHES[model]),
                dtypes=_chosen(config, "dtype", DEFAULT_DTYPES), references=_chosen(config, "reference",
                                                                                    DEFAULT_REFERENCES))
     devices = config.getoption("cpu_devices") if simulated and not joined else None
-    _check_meshes(config.getoption("mesh") or DEFAULT_MESHES, devices, configs)
+    _check_meshes(config.getoption("mesh") or MODEL_MESHES[model], devices, configs)
     if config.getoption("impl"):
         try:  # a typo in --impl stops the run with one line, before any test
             factory = load(config.getoption("impl"))
@@ -275,6 +286,11 @@ def pytest_configure(config):
         if mutant and factory is not load(BUILTIN):
             raise pytest.UsageError(f"--mutant {mutant} plants its bug in the built-in tp_llama model, which --impl "
                                     f"{config.getoption('impl')} does not run: drop one of them")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under a --model other than tiny, what cannot run on it is skipped as not checked (conformance/model_scope)."""
+    model_scope.mark_not_checked(items)
 
 
 @pytest.hookimpl(trylast=True)
@@ -298,7 +314,8 @@ def battery_modules() -> list[str]:
 def pytest_generate_tests(metafunc):
     """Fixtures named `mesh`, `dtype` and `reference` are parametrized from the options, in that id order."""
     config = metafunc.config
-    for name, default in (("reference", DEFAULT_REFERENCES), ("dtype", DEFAULT_DTYPES), ("mesh", DEFAULT_MESHES)):
+    meshes = MODEL_MESHES[config.getoption("model")]
+    for name, default in (("reference", DEFAULT_REFERENCES), ("dtype", DEFAULT_DTYPES), ("mesh", meshes)):
         if name in metafunc.fixturenames:
             metafunc.parametrize(name, _chosen(config, name, default), scope="session")
 
@@ -307,7 +324,8 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    return preset("tiny")
+    """The battery's model's config (named for the default, the tiny preset; --model chooses another)."""
+    return support.CONFIG
 
 
 WEIGHT_SEED = 0
@@ -315,9 +333,12 @@ WEIGHT_SEED = 0
 
 @pytest.fixture(scope="session")
 def tiny_weights(request, tiny_config):
-    """The canonical Meta-layout weight set every conformance test shares (its seed goes into the report)."""
+    """The canonical Meta-layout weight set every conformance test shares (its seed goes into the report); under
+    --model, the real model's weights."""
+    if support.MODEL != "tiny":
+        return support.canonical()
     note_seed(request.config, "weights", WEIGHT_SEED)
-    return canonical_weights("tiny", seed=WEIGHT_SEED)
+    return support.canonical()
 
 
 @pytest.fixture
@@ -365,6 +386,9 @@ def impl(impl_factory, tiny_config, tiny_weights):
     built = {}
 
     def get(mesh: str, dtype: str):
+        unsplittable = support.MODEL != "tiny" and support.unsplittable(mesh)
+        if unsplittable:  # a test's own fixed mesh (the option's meshes were checked before collection)
+            pytest.skip(f"not checked on {support.MODEL}: {unsplittable}")
         if (mesh, dtype) not in built:
             try:
                 built[mesh, dtype] = protocol.build(factory, tiny_config, tiny_weights, make_mesh(mesh), dtype,

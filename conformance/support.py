@@ -16,16 +16,48 @@ import pytest
 
 from adapters import protocol
 from conformance.mutants import predictions
-from fixtures import extremes
-from llama_spec.config import preset
-from llama_spec.layout import make_mesh, parse_mesh
+from fixtures import extremes, real_model
+from llama_spec.config import LlamaConfig, preset
+from llama_spec.layout import check_splittable, make_mesh, parse_mesh
 from llama_spec.synthetic import canonical_weights
 from parity.check import record_failure, record_not_checked
 from reference import hf, meta, oracle
 from reference.layers import layer_weights
 
+# The battery's model, chosen once per process before collection by `--model` (use_model): the synthetic tiny
+# preset, or a real trained model whose weights are converted into the suite's cache (fixtures/real_model.py).
+MODELS = ("tiny", real_model.NAME)
+MODEL = "tiny"
 CONFIG = preset("tiny")
 BATCH = 2
+
+
+def use_model(name: str) -> None:
+    """Make `name` the battery's model: CONFIG, the canonical weight set and the tensor-parallel meshes. Called by
+    the plugin before collection, so the test modules' parameters are the model's; raises RealModelError when the
+    real model is missing."""
+    global MODEL, CONFIG, TP_MESHES
+    if name not in MODELS:
+        raise ValueError(f"--model {name}: choose one of {', '.join(MODELS)}")
+    config = preset("tiny") if name == "tiny" else real_model.checkpoint().config
+    MODEL, CONFIG, TP_MESHES = name, config, TINY_TP_MESHES if name == "tiny" else REAL_TP_MESHES
+    for cached in (weight_set, weights, activations, heads, oracle_forward, attention_input,
+                   exact_on_float32_weights, full_forward):
+        cached.cache_clear()
+
+
+def unsplittable(mesh: str, config: LlamaConfig | None = None) -> str | None:
+    """Why the model axis of `mesh` cannot split `config` (default: the battery's), or None when it can."""
+    try:
+        check_splittable(config or CONFIG, parse_mesh(mesh)[1], where=f"mesh {mesh}: {MODEL}")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def canonical() -> dict[str, np.ndarray]:
+    """The battery model's float32 weights (treat as read-only): the tiny preset's seeded set or the real ones."""
+    return canonical_weights("tiny") if MODEL == "tiny" else real_model.weights()
 
 
 # ---- the implementation under test ----------------------------------------------------------
@@ -87,10 +119,13 @@ WEIGHT_SETS = ("canonical", "small_rows")
 def weight_set(kind: str = "canonical") -> dict[str, np.ndarray]:
     """float32 weights of one weight set (treat as read-only)."""
     if kind == "canonical":
-        return canonical_weights("tiny")
+        return canonical()
     if kind != "small_rows":
         raise ValueError(f"unknown weight set {kind!r}; choose one of {WEIGHT_SETS}")
-    out = dict(canonical_weights("tiny"))
+    if CONFIG.tie_word_embeddings:
+        raise ValueError(f"weight set small_rows scales embedding rows, which {MODEL}'s tied output projection "
+                         "shares: it would change the logits too; the set is for untied models")
+    out = dict(canonical())
     emb = out["tok_embeddings.weight"].copy()
     rng = np.random.default_rng(3)
     rows = rng.choice(CONFIG.vocab_size, CONFIG.vocab_size // 2, replace=False)
@@ -156,7 +191,7 @@ def activations(dtype: str, seq: int, seed: int, spread: bool = False, extreme: 
     if extreme == "outliers":
         x = extremes.outlier_channels(x)
     elif extreme == "dominant":
-        w = canonical_weights("tiny")
+        w = canonical()
         x = extremes.aligned_with_rows(x, w["output.weight"], w["norm.weight"], seed=seed)
     elif extreme is not None:
         raise ValueError(f"extreme={extreme!r}: choose outliers or dominant")
@@ -226,7 +261,7 @@ def attention_chunks(dtype: str, sizes: tuple[int, ...], extreme: str | None = N
 @functools.lru_cache(maxsize=None)
 def exact_on_float32_weights(batch: int, seq: int):
     """The float64 oracle's logits on the canonical float32 weights, not rounded to any run dtype."""
-    return oracle.oracle_forward(CONFIG, canonical_weights("tiny"), tokens(batch, seq, seed=16), 0)
+    return oracle.oracle_forward(CONFIG, canonical(), tokens(batch, seq, seed=16), 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,7 +286,16 @@ def full_forward(reference: str, dtype: str, batch: int, seq: int, start_pos: in
 # ---- shared by the battery's tests --------------------------------------------------------------
 
 EXAMPLE = "examples.simple_llama.adapter:SimpleLlamaAdapter"  # the example implementation, an --impl spec
-TP_MESHES = ("1x2", "1x4", "1x8", "2x4")  # the tensor-parallel meshes the relations compare with 1x1
+# The tensor-parallel meshes the relations compare with 1x1: the tiny model's, or the real one's (9 heads, 3 kv
+# heads and a vocabulary of 49152 split at 3, not at 2, 4 or 8).
+TINY_TP_MESHES = ("1x2", "1x4", "1x8", "2x4")
+REAL_TP_MESHES = ("1x3", "2x3")
+TP_MESHES: tuple[str, ...] = TINY_TP_MESHES
+
+
+def meshes_of_model(tiny: tuple[str, ...]) -> tuple[str, ...]:
+    """A test's own fixed meshes `tiny` under the tiny model; under another, the meshes that split it."""
+    return tiny if MODEL == "tiny" else TP_MESHES
 
 
 def scratch_request(config, nodeid: str = "scratch"):

@@ -23,7 +23,7 @@ from llama_spec.synthetic import make_tokens
 from parity import communication
 from parity.check import NOT_CHECKED_KEY, RECORD_KEY, record_not_checked
 
-MESHES = ("1x1", "1x4", "2x4")
+MESHES = ("1x1", *support.meshes_of_model(("1x4", "2x4")))
 BATCH, SEQ = 2, 8
 BROKEN = "examples.broken"
 

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from adapters import decoding, protocol
-from conformance import real_slice
+from conformance import real_slice, support
 from fixtures import real_model
 from llama_spec.config import preset
 from llama_spec.generation import Generation
@@ -114,7 +114,7 @@ class Engines:
     def config(self, case: Case):
         if case.chat:
             return real_slice.config()
-        return self.text_config if case.texts else preset("tiny")
+        return self.text_config if case.texts else support.CONFIG
 
     def weights(self, case: Case):
         if case.chat:
@@ -167,7 +167,7 @@ def _encode(case: Case) -> list[list[int]]:
     if case.chat:
         return [real_slice.chat_ids(real_slice.prompt_texts()[name]) for name in case.chat]
     if not case.texts:
-        return [make_tokens(preset("tiny"), 1, n, seed=1000 + n + case.start_pos)[0].tolist() for n in case.lengths]
+        return [make_tokens(support.CONFIG, 1, n, seed=1000 + n + case.start_pos)[0].tolist() for n in case.lengths]
 
     meta_ids = [meta_tokenizer().encode(t, bos=True, eos=False) for t in case.texts]
     hf_ids = [hf_encode(t, bos=True, eos=False) for t in case.texts]
@@ -349,7 +349,7 @@ def test_builtin_greedy_generate_is_the_suites_decoding_loop(builtin_only, tp_mo
     case, model_and_params = CASES[case_name], tp_model("1x4", "float32")
     prompts = engines.prompts(case)
     free = engines.generate("1x4", case, "float32")
-    teacher = [[(t + 1) % preset("tiny").vocab_size for t in row[:case.new_tokens // 2]] for row in free.tokens]
+    teacher = [[(t + 1) % support.CONFIG.vocab_size for t in row[:case.new_tokens // 2]] for row in free.tokens]
     for fed in (None, teacher):
         ours = greedy_generate(*model_and_params, prompts, case.new_tokens, stop_tokens=meta_stop_tokens(),
                                teacher=fed, start_pos=case.start_pos)

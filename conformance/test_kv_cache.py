@@ -10,6 +10,7 @@ A step that takes no `offset` or `pad` is not checked on the cases that need it,
 import pytest
 
 from adapters import decoding
+from conformance import support
 from conformance.decode import PAST_8192, TOKENS, batched_prompts, check_batched_prompts, check_kv_cache
 from parity.check import record_not_checked
 
@@ -22,7 +23,7 @@ def _not_checked(request, reason, name, dtype, mesh):
 
 @pytest.mark.parametrize("start_pos", [0, PAST_8192], ids=["from_0", "past_8192"])
 @pytest.mark.parametrize("run_dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mesh_text", ["1x1", "1x4", "2x4"])
+@pytest.mark.parametrize("mesh_text", ["1x1", *support.meshes_of_model(("1x4", "2x4"))])
 def test_prefill_plus_decode_equals_full_forward(request, impl, mesh_text, run_dtype, start_pos):
     adapter = impl(mesh_text, run_dtype)
     reason = decoding.unsupported(adapter, TOKENS.tolist(), start_pos)

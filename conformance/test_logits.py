@@ -63,7 +63,13 @@ EXTREME_BATCH, EXTREME_SEQ = 2, 48
 def _extreme_case():
     """(tokens, crafted float32 weights) of the full-model extremes."""
     tokens = extremes.repeated_tokens(support.tokens(EXTREME_BATCH, EXTREME_SEQ, seed=16))
-    return tokens, extremes.extreme_weights(support.canonical_weights("tiny"), tokens)
+    return tokens, extremes.extreme_weights(support.canonical(), tokens)
+
+
+def _extreme_config():
+    """The battery's config with its output projection untied: the crafted weights scale the output projection and
+    not the embedding (a no-op on the tiny preset, which is untied; the real model ties them)."""
+    return support.CONFIG.replace(tie_word_embeddings=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,14 +77,14 @@ def _extreme_expected(reference: str, dtype: str):
     """(reference logits, oracle logits and intermediates) on the crafted weights."""
     tokens, weights = _extreme_case()
     if reference == "meta":
-        ref = meta.MetaReference(support.CONFIG, weights, dtype, max_batch_size=EXTREME_BATCH,
+        ref = meta.MetaReference(_extreme_config(), weights, dtype, max_batch_size=EXTREME_BATCH,
                                  max_seq_len=EXTREME_SEQ).forward(tokens, 0)
     elif reference == "hf":
-        ref = hf.HFReference(support.CONFIG, weights, dtype).forward(tokens, 0)
+        ref = hf.HFReference(_extreme_config(), weights, dtype).forward(tokens, 0)
     else:
         raise ValueError(f"--reference {reference}: full-model references are meta and hf")
     rounded = {k: support.rounded(v, dtype) for k, v in weights.items()}
-    return ref, oracle.oracle_forward(support.CONFIG, rounded, tokens, 0, capture=True)
+    return ref, oracle.oracle_forward(_extreme_config(), rounded, tokens, 0, capture=True)
 
 
 _extreme_builds: dict = {}
@@ -101,7 +107,7 @@ def test_logits_extremes(request, impl_factory, reference, dtype, mesh):
     scope = dict(component="logits", reference=reference, dtype=dtype, mesh=mesh)
     key = (protocol.name_of(impl_factory), mesh, dtype)
     if key not in _extreme_builds:
-        _extreme_builds[key] = support.run(request, protocol.build, impl_factory, support.CONFIG, weights,
+        _extreme_builds[key] = support.run(request, protocol.build, impl_factory, _extreme_config(), weights,
                                            make_mesh(mesh), dtype, max_batch_size=EXTREME_BATCH,
                                            max_seq_len=EXTREME_SEQ, **scope, what=f"building --impl on {mesh}")
     logits = support.run(request, _extreme_builds[key].forward, tokens, start_pos=0, **scope, name="logits.extreme")

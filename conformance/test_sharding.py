@@ -32,7 +32,7 @@ from parity.check import record_not_checked
 from tp_llama import shardings
 from tp_llama.shardings import MODEL
 
-MESHES = ("1x4", "2x4", "1x2")
+MESHES = support.meshes_of_model(("1x4", "2x4", "1x2"))
 
 
 def check_sharding(request, adapter, config, weights, dtype: str, mesh_text: str, mesh):

@@ -16,7 +16,7 @@ from llama_spec.host import host
 from llama_spec.synthetic import make_tokens
 from parity import assert_parity, assert_parity_many
 
-MESHES = ("1x2", "1x4", "1x8", "2x4")
+MESHES = support.meshes_of_model(("1x2", "1x4", "1x8", "2x4"))
 
 
 def _tokens(config):
