@@ -1,32 +1,16 @@
-"""The HTML parity report: one self-contained file, inline CSS, JS and SVG, no network.
+"""The HTML parity report: one self-contained file (inline CSS, JS and SVG, no network) from the same document as
+--parity-json and the gate's result, so what a person reads and what CI parses cannot disagree.
 
-Written by the plugin (--parity-report) from the same document as --parity-json, and the baseline gate's result
-when there is one, so what a person reads and what CI parses cannot disagree. Also a command over saved JSON:
-
-    python -m parity.report a.json [b.json ...] -o report.html
-
-renders one run, several hosts' runs of one implementation merged, or several implementations side by side (one
-column group per implementation). Implementations are told apart by the environment: `implementation` =
-{"factory": "module:ATTR", "package": ..., "version": ...}, or the older `impl` string (the factory alone).
-
-The page comes from the Jinja2 template in parity/templates; the error-against-depth chart is drawn by
-matplotlib's SVG backend and inlined. Beyond the record shape (docs/report-and-gate.md) it reads the optional
-`generation` field (token streams) and `diagnosis` field (probable cause) of records, and the document's
-`not_checked` list, all declared in record.schema.json. Any other extra field is ignored.
-
-Meshes a test drew for itself (property and metamorphic tests) fold into one "drawn" column per dtype. Which
-meshes those are is read from the data: a mesh is chosen, and keeps its own column, when a record's test id
-names it as a parameter (`test_mlp[meta-float32-1x4]`) or an environment lists it under `meshes` (the run's
---mesh list); every other mesh was drawn.
+`render_runs` merges several hosts' runs of one implementation, or puts implementations side by side (told apart
+by `environment.implementation`). Meshes a test drew for itself fold into one "drawn" column per dtype. The record
+fields it reads and the page's sections: docs/report-and-gate.md.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -832,34 +816,7 @@ def write_report(path: str | Path, document: Mapping[str, Any], gate: Any = None
     _write(path, render(document, gate))
 
 
-# ---- command line --------------------------------------------------------------------------------------------
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """python -m parity.report a.json [b.json ...] -o report.html"""
-    parser = argparse.ArgumentParser(
-        prog="python -m parity.report",
-        description="Render one HTML parity report from saved --parity-json files: one run, several hosts' runs "
-                    "of one implementation (merged), or several implementations (one column group each).")
-    parser.add_argument("json", nargs="+", help="--parity-json files")
-    parser.add_argument("-o", "--output", required=True, help="the HTML file to write")
-    args = parser.parse_args(argv)
-    try:
-        documents = [(path, load_document(path)) for path in args.json]
-        html = render_runs(documents)
-        _write(args.output, html)
-    except ReportError as exc:
-        print(f"parity.report: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"parity.report: error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    runs = _runs(documents)
-    implementations = _implementations(runs)
-    records = sum(len(d["records"]) for _, d in documents)
-    print(f"parity report: {args.output} ({plural(len(runs), 'run')}, "
-          f"{plural(len(implementations), 'implementation')}, {plural(records, 'record')})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_counts(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[int, int]:
+    """How many runs and implementations these documents hold, as the page groups them."""
+    runs = _runs(sources)
+    return len(runs), len(_implementations(runs))

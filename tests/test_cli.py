@@ -255,12 +255,12 @@ def _command(name):
                  "benchmarks.checkpoint_memory": []}[module]
         return main, lambda file: ([str(file.parent)] if module == "llama_spec.checkpoint"
                                    else ["--checkpoint-dir", str(file.parent)]) + extra
-    extra = {"parity.report": ["-o", "out.html"]}.get(module, [])
+    extra = {"parity.report_cli": ["-o", "out.html"]}.get(module, [])
     return main, lambda file: ([flag, str(file)] if flag else [str(file)]) + extra
 
 
 COMMANDS_READING_FILES = ["parity.calibrate", "parity.scoreboard", "parity.scoreboard --diagnoses",
-                          "benchmarks.drawn_bounds --records", "parity.report", "llama_spec.checkpoint",
+                          "benchmarks.drawn_bounds --records", "parity.report_cli", "llama_spec.checkpoint",
                           "tp_llama.generate", "reference.generation", "benchmarks.checkpoint_memory"]
 
 
@@ -270,7 +270,7 @@ def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys
     """Checkpoint directories get the bad file as their params.json (beside an empty consolidated.00.pth)."""
     main, argv = _command(command)
     directory = tmp_path / ("missing" if problem == "missing" else "given")
-    checkpoint = not command.partition(" ")[0].endswith(("calibrate", "scoreboard", "drawn_bounds", "report"))
+    checkpoint = not command.partition(" ")[0].endswith(("calibrate", "scoreboard", "drawn_bounds", "report_cli"))
     file = directory / ("params.json" if checkpoint else "records.json")
     if problem != "missing":
         directory.mkdir()
@@ -287,7 +287,7 @@ def test_a_command_given_a_bad_file_prints_one_line_and_exits_2(tmp_path, capsys
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1, captured.err
     named = directory if problem == "missing" else file
-    assert re.match(r"(python -m \S+: |parity\.report: )?error: ", lines[0]) and str(named) in lines[0], lines[0]
+    assert re.match(r"(python -m \S+: )?error: ", lines[0]) and str(named) in lines[0], lines[0]
     assert captured.out == ""
 
 

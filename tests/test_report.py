@@ -19,7 +19,7 @@ import pytest
 
 from conformance.inner_suite import INNER_CONFTEST
 from conformance.plugin import battery_modules
-from parity import areas
+from parity import areas, report_cli
 from parity import report as pr
 from parity.baseline import GateResult, Regression
 from parity.check import RECORD_KEY, record_token_ids
@@ -795,7 +795,7 @@ def test_summary_says_when_no_report_is_written_and_why_one_failed(pytester, mon
     result.stdout.fnmatch_lines([f"parity report NOT written to {folder}: IsADirectoryError*"])
 
 
-# ---- the command over saved JSON (python -m parity.report) ---------------------------------------------------
+# ---- the command over saved JSON (python -m parity.report_cli) ---------------------------------------------------
 
 SIMPLE = {"factory": "examples.simple_llama.adapter:SimpleLlamaAdapter", "package": "simple-llama", "version": "1.0"}
 
@@ -813,7 +813,7 @@ def _host(document: dict, platform: str, **environment) -> dict:
 def test_command_renders_one_saved_run_like_the_plugin(tmp_path, document, capsys):
     source = _save(tmp_path / "a.json", document)
     out = tmp_path / "sub" / "report.html"
-    assert pr.main([source, "-o", str(out)]) == 0
+    assert report_cli.main([source, "-o", str(out)]) == 0
     assert capsys.readouterr().out.strip() == (f"parity report: {out} (1 run, 1 implementation, "
                                                f"{len(document['records'])} records)")
     dom = parse(out.read_text(encoding="utf-8"))
@@ -838,7 +838,7 @@ def test_command_merges_several_hosts_of_one_implementation(tmp_path):
         {"nodeid": test, "outcome": "failed", "message": "AssertionError: parity failed"}]}, "tpu-host",
         devices={"platform": "tpu", "kind": "TPU v4", "count": 8}))
     out = tmp_path / "merged.html"
-    assert pr.main([a, b, "-o", str(out)]) == 0
+    assert report_cli.main([a, b, "-o", str(out)]) == 0
     dom = parse(out.read_text(encoding="utf-8"))
     assert squash(dom.one("title").text()) == ("Parity report: FAIL · tp_llama.adapter:TPLlamaAdapter "
                                                "(tp-llama-conformance 0.4.0)")
@@ -874,7 +874,7 @@ def test_command_puts_several_implementations_side_by_side(tmp_path, document):
     sources = [_save(tmp_path / "builtin.json", legacy), _save(tmp_path / "host2.json", _host(legacy, "other")),
                _save(tmp_path / "simple.json", other)]
     out = tmp_path / "side.html"
-    assert pr.main([*sources, "-o", str(out)]) == 0
+    assert report_cli.main([*sources, "-o", str(out)]) == 0
     dom = parse(out.read_text(encoding="utf-8"))
     assert squash(dom.one("title").text()) == "Parity report: FAIL · 2 implementations"
     impls = {tr.attrs["data-implementation"]: [squash(td.text()) for td in tr.all("td")]
@@ -919,9 +919,9 @@ def test_command_says_in_one_line_what_is_wrong_with_a_file(tmp_path, document, 
     elif content is not None:
         bad.write_text(content, encoding="utf-8")
     out = tmp_path / "report.html"
-    assert pr.main([good, str(bad), "-o", str(out)]) == 2
+    assert report_cli.main([good, str(bad), "-o", str(out)]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"parity.report: error: {bad}: {problem}\n" and captured.out == ""
+    assert captured.err == f"python -m parity.report_cli: error: {bad}: {problem}\n" and captured.out == ""
     assert not out.exists()
 
 
@@ -931,13 +931,13 @@ def test_command_runs_as_a_module_and_rejects_a_directory(tmp_path, document):
     import sys
 
     good = _save(tmp_path / "good.json", document)
-    run = subprocess.run([sys.executable, "-m", "parity.report", good, str(tmp_path), "-o",
+    run = subprocess.run([sys.executable, "-m", "parity.report_cli", good, str(tmp_path), "-o",
                           str(tmp_path / "r.html")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and run.stderr == (f"parity.report: error: {tmp_path}: is a directory, "
+    assert run.returncode == 2 and run.stderr == (f"python -m parity.report_cli: error: {tmp_path}: is a directory, "
                                                   "not a --parity-json file\n")
-    run = subprocess.run([sys.executable, "-m", "parity.report", good, "-o", str(tmp_path / "r.html")], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "parity.report_cli", good, "-o", str(tmp_path / "r.html")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and (tmp_path / "r.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    run = subprocess.run([sys.executable, "-m", "parity.report", good], cwd=REPO, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "parity.report_cli", good], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and "-o/--output" in run.stderr  # where to write is never guessed

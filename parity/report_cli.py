@@ -1,0 +1,43 @@
+"""The report as a command over saved --parity-json files: one run, several hosts' runs of one implementation
+(merged), or several implementations side by side. The page itself is parity.report's."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from parity.report import ReportError, load_document, plural, render_runs, run_counts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m parity.report_cli a.json [b.json ...] -o report.html"""
+    parser = argparse.ArgumentParser(
+        prog="python -m parity.report_cli",
+        description="Render one HTML parity report from saved --parity-json files: one run, several hosts' runs "
+                    "of one implementation (merged), or several implementations (one column group each).")
+    parser.add_argument("json", nargs="+", help="--parity-json files")
+    parser.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    try:
+        documents = [(path, load_document(path)) for path in args.json]
+        html = render_runs(documents)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(html, encoding="utf-8")
+    except ReportError as exc:
+        print(f"python -m parity.report_cli: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"python -m parity.report_cli: error: cannot write {args.output}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    runs, implementations = run_counts(documents)
+    records = sum(len(d["records"]) for _, d in documents)
+    print(f"parity report: {args.output} ({plural(runs, 'run')}, "
+          f"{plural(implementations, 'implementation')}, {plural(records, 'record')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
