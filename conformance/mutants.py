@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_spec import generation
+from llama_spec.convert import interleaved_to_halves_last_axis
 from llama_spec.layout import parse_mesh
 from parity.diagnosis import Prediction, residual
 from reference import oracle
@@ -90,6 +91,12 @@ _original_apply_rope = layers.apply_rope
 def _rope_on_twice_permuted(x, cos, sin):
     """Interleaved RoPE on q/k whose head_dim carries HF's permutation twice (an HF loader permuting again)."""
     return _original_apply_rope(x[..., oracle.hf_permutation_twice(x.shape[-1])], cos, sin)
+
+
+def _rope_in_half_layout(x, cos, sin):
+    """Meta's interleaved RoPE, its output handed over in HF's half layout: q.k is unchanged (q and k share the
+    permutation), the rotated q/k an adapter reports are not."""
+    return interleaved_to_halves_last_axis(_original_apply_rope(x, cos, sin))
 
 
 def _rms_norm_without_upcast(x, weight, eps):
@@ -280,6 +287,9 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
     Mutant("rope_permuted_twice", "q/k rows in HF's permutation applied twice (an HF checkpoint permuted again)",
            layers, "apply_rope", _rope_on_twice_permuted,
            **_switched("HF's q/k permutation applied twice", rope_permuted_twice=True)),
+    Mutant("rope_half_layout", "rotated q/k in HF's half layout, not Meta's interleaved pairs (a permutation of "
+           "head_dim: HF-layout weights, or q/k captured before the conversion back)", layers, "apply_rope",
+           _rope_in_half_layout, **_switched("q/k in HF's half layout", rope_half_layout=True)),
     Mutant("rmsnorm_no_upcast", "RMSNorm computed in the activation dtype", layers, "rms_norm",
            _rms_norm_without_upcast, **_switched("RMSNorm rounded at the activation dtype", norm_in_dtype=True)),
     Mutant("rmsnorm_eps", "RMSNorm with eps 1e-6 (Llama 2's) instead of the config's 1e-5", layers, "rms_norm",

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from llama_spec.convert import interleaved_to_halves_last_axis
 from reference.layers import intermediate_names, layer_weights
 
 
@@ -45,6 +46,7 @@ class Variant:
     rope_tables_bf16: bool = False     # cos/sin tables rounded to bfloat16
     rope_rotate_half: bool = False     # HF's rotate-half pairing applied to the interleaved layout
     rope_permuted_twice: bool = False  # q/k head_dim in HF's permutation applied twice (a loader permuting again)
+    rope_half_layout: bool = False     # rotated q/k handed over in HF's half layout (same math, head_dim permuted)
     kv_tile_order: bool = False        # local query head j reads local kv head j % kv (tile), not j // group
     scores_in_bf16: bool = False       # q.k scores rounded to bfloat16 whatever the dtype
     softmax_in_dtype: bool = False     # softmax steps rounded at `dtype`
@@ -142,7 +144,7 @@ def apply_rope(x, positions, config, variant: Variant = EXACT) -> np.ndarray:
     out = np.empty_like(x)
     out[..., 0::2] = even * cos - odd * sin
     out[..., 1::2] = even * sin + odd * cos
-    return out
+    return interleaved_to_halves_last_axis(out) if variant.rope_half_layout else out
 
 
 def query_order(config, variant: Variant = EXACT) -> np.ndarray:

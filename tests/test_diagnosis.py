@@ -40,7 +40,7 @@ INTERMEDIATES = ("1x4", check_intermediates, ("batch",))
 WHERE = {
     **{name: ROPE for name in ("rope_unscaled", "rope_theta_1e4", "rope_factor_32", "rope_low_high_swapped",
                                "rope_original_context", "rope_bf16_phases", "rope_tables_bf16", "rope_rotate_half",
-                               "rope_permuted_twice")},
+                               "rope_permuted_twice", "rope_half_layout")},
     **{name: NORM for name in ("rmsnorm_no_upcast", "rmsnorm_eps", "rmsnorm_no_weight", "rmsnorm_all_axes")},
     **{name: ATTENTION for name in ("kv_group_order", "scores_bf16", "softmax_bf16", "attention_scale",
                                     "causal_off_by_one")},
