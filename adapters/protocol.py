@@ -1,5 +1,27 @@
 """The adapter protocol: how the suite runs any JAX Llama 3.1 implementation (`pytest --impl MODULE:ATTR`).
 
+`ATTR` names a factory whose `build(config, weights, mesh, dtype, ...)` returns an adapter (`FACTORY_CONTRACT`
+says what it receives). The adapter declares what it can do by the methods it has, one typed Protocol per
+capability; only `forward` is required, and a check whose capability is missing ends **not checked**, naming it.
+Tensors are exchanged in Meta's layout. conformance/contract_page.py renders this module as docs/contract.md
+(docs/contract.md#the-factory).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from llama_spec.config import LlamaConfig
+
+BUILTIN = "tp_llama.adapter:TPLlamaAdapter"
+
+# What a factory receives and what an adapter promises: the "factory" section of docs/contract.md.
+FACTORY_CONTRACT = """\
+The adapter protocol: how the suite runs any JAX Llama 3.1 implementation (`pytest --impl MODULE:ATTR`).
+
 `ATTR` names a factory: any object with
 
     build(config, weights, mesh, dtype, *, max_batch_size=..., max_seq_len=...) -> adapter
@@ -25,17 +47,6 @@ jax.Arrays of any sharding (the suite brings them to the host, across processes 
 Tensors are exchanged in Meta's layout: heads interleave RoPE pairs (2i, 2i+1), q/k are (batch, seq, heads,
 head_dim), hidden states (batch, seq, dim). `tp_llama.adapter.TPLlamaAdapter` implements every capability.
 """
-from __future__ import annotations
-
-import importlib
-import inspect
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
-
-import numpy as np
-
-from llama_spec.config import LlamaConfig
-
-BUILTIN = "tp_llama.adapter:TPLlamaAdapter"
 
 
 @runtime_checkable

@@ -1,22 +1,12 @@
 """`python -m benchmarks.drawn_bounds`: the worst value every drawn case reached, against the bound that judges it.
 
-A bound that random draws are judged by must sit above what any draw reaches, with a stated margin
-(parity/tolerances.py). This runs the property-based and metamorphic modules under a hypothesis profile
-(default `thorough`, which draws every field) with every bound switched off, so no example fails, shrinks or
-stops the test early, and then prints, per component, dtype and metric, the worst value over all examples,
-the case it came from, the default and strict bounds and the margin (bound / worst for errors,
-(1 - bound) / (1 - worst) for similarities; below 1 a draw would fail).
-
     python -m benchmarks.drawn_bounds                                    # thorough, both modules, -n 2
     python -m benchmarks.drawn_bounds --profile dev -- -k meshes_agree   # more pytest arguments after --
     python -m benchmarks.drawn_bounds --records out/drawn/records.json   # analyse an earlier run again
 
-Beside `python -m parity.calibrate --run --thorough` (same draws, bounds judged: the first failing example stops
-its test and hypothesis shrinks it, so the worst value of that test is never reached) this switches bounds off and
-names the case behind every worst value. Folding it into calibrate as an option is left to do.
-
-As a pytest plugin (`-p benchmarks.drawn_bounds`, what the command above adds) it judges nothing and notes
-each example's reproduction per record tag in $DRAWN_BOUNDS_CASES/cases-PID.jsonl.
+A bound that random draws are judged by must sit above what any draw reaches, with a stated margin. This runs the
+property-based and metamorphic modules with every bound off (so no example fails, shrinks or stops its test early)
+and prints, per component, dtype and metric, the worst value, its case and the margin (docs/internals.md#drawn-bounds).
 """
 from __future__ import annotations
 

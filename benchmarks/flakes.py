@@ -1,21 +1,13 @@
 """`python -m benchmarks.flakes`: run the suite N times, count failures per test, keep every run's log.
 
-A flaky test fails in some runs of the same code and passes in others: where hypothesis draws differ every
-run (the `dev` profile's cheap properties, `thorough`; `dev`'s model-level ones are derandomized), or under load
-because something waits on the clock. One run proves nothing either way, so this runs the same pytest command
-`--runs` times and prints, per test that ever failed, in how many runs it failed and its first failure message.
-`--load K` starts K busy processes beside the runs (a shared, loaded machine is where the flakes showed:
-docs/results.md#ci-and-suite-times); they are stopped, by their ids, when the runs end.
-
     python -m benchmarks.flakes                                  # the default `pytest -n 2`, 5 runs
     python -m benchmarks.flakes --runs 3 --load 6 -- conformance/test_properties.py conformance/test_metamorphic.py
     python -m benchmarks.flakes --ci                             # as CI runs it: CI=true, the derandomized `ci` profile
     python -m benchmarks.flakes --fresh-cache                    # run 1 cold, the rest warm, in a new cache directory
 
-Everything after `--` goes to pytest (the default selection when nothing is given). Each run writes
-`run-K.log` (pytest's whole output), `run-K.json` (the parity record, whose `tests` list gives every test's
-outcome) into `--out` (default `out/flakes/<time>`), and `summary.json` at the end. The exit status is 0 when
-every run passed, 1 otherwise.
+One run proves nothing about a flaky test, so this runs the same pytest command `--runs` times (`--load K` busy
+processes beside them: a loaded machine is where the flakes showed) and prints, per test that ever failed, in how
+many runs it failed and its first message; exit status 1 unless every run passed (docs/internals.md#flakes).
 """
 from __future__ import annotations
 

@@ -1,27 +1,13 @@
 """`llama-conformance`: the whole conformance battery on an implementation, from any directory.
 
     llama-conformance --impl mypkg.adapter:MyLlama --report out/parity.html [--json out/parity.json] [pytest args]
-
-runs pytest on the installed `conformance` test package (`--pyargs conformance`, or `--module test_rmsnorm ...` for
-some modules) with the suite's plugin (`-p conformance.plugin`), the default selection of the repository's pytest.ini
-(`-m "not slow and not browser and not multihost and not ecosystem and not e2e and not real_full"` unless an `-m`
-is given) and no configuration file of the directory it runs in (`-c os.devnull`: a project's own
-pytest.ini/pyproject addopts do not leak in), rooted where the package is installed, so test ids read
-`conformance/test_rmsnorm.py::...` as in the repository (and a `--parity-baseline` taken there applies).
-The current directory is appended to `sys.path` (after the installed suite, so a project's own `fixtures/` or
-`adapters/` cannot shadow the suite's) so `--impl MODULE:ATTR` imports from it, as under `python -m pytest`. Relative
-`--report`/`--json` paths are the current directory's. Every other argument goes to pytest unchanged (`-k rmsnorm`,
-`-n 2`, `--mesh 1x4`, `--dtype float32`, `-rs`, `--parity-baseline FILE`). The exit status is pytest's.
-
     llama-conformance doctor --impl mypkg.adapter:MyLlama
-
-runs the doctor instead (conformance/doctor.py): in seconds, each capability of the adapter ok, missing or wrong with
-the fix, exit status 1 when anything present is wrong.
-
     llama-conformance init-adapter --style linen|nnx|jnp --out mypkg/adapter.py
 
-writes a commented skeleton adapter to start from (conformance/init_adapter.py). `doctor` and `init-adapter` are
-recognised as the first argument only.
+The first runs pytest on the installed `conformance` package with the suite's plugin and the repository's default
+selection, ignoring the current directory's pytest configuration so a project's settings and modules cannot leak in
+or shadow the suite's; other arguments go to pytest, and the exit status is pytest's. `doctor` and `init-adapter`
+(first argument only) run conformance/doctor.py and conformance/init_adapter.py (docs/internals.md#the-command-line).
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
 """`llama-conformance doctor --impl MODULE:ATTR`: in seconds, whether an adapter keeps the protocol of
 adapters/protocol.py, before the battery spends minutes on it and fails in ways that only say "not equal".
 
-It builds the adapter on the tiny config at 1x1 (float32) and 1x4 (bfloat16), calls each capability once on tiny
-inputs (on 1x1 only forward, compiled_forward and parameters; everything on 1x4, where kv heads are replicated
-and the dtype is bfloat16) and checks the contract, not the precision: return types, shapes and dtypes (every
-output, intermediate and parameter in the dtype asked for; logits may be float32, and a component's output a
-float32 copy of bfloat16 values, as the built-in's components return), the intermediate names of
-reference/layers.py, q/k in Meta's interleaved RoPE layout (HF's rotate-half layout is recognised and the
-conversion named), rough agreement with the float64 oracle (`AGREE`: it tells a wrong layout, order or scale from
-rounding; the battery judges precision), a bfloat16 run that is as exact as float32 (conformance/test_dtype.py's
-noise floor), the placement of `parameters()` as conformance/test_sharding.py reads it (Meta names, devices,
-shares, kv-head replication, slices), the collectives of `compiled_forward` (conformance/test_communication.py)
-and whether decode's `step` takes `pad` and `offset`.
-
-It prints one row per capability, ok / missing / wrong, with the fix for each wrong one. The exit status is 0 when
-everything present is right, else 1; a missing optional capability is not an error, a missing forward is.
+It builds the adapter on the tiny config at 1x1 (float32) and 1x4 (bfloat16), calls each capability once and checks
+the contract, not the precision (the battery judges precision). It prints one row per capability, ok / missing /
+wrong, with the fix for each wrong one; exit status 1 when anything present is wrong (a missing optional capability
+is no error, a missing forward is). What it checks: docs/internals.md#the-doctor.
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
 """Hypothesis strategies for the property-based and metamorphic tests, and the drawn `Case` they produce.
 
-A `Case` is everything one example needs: a small LlamaConfig whose dim, heads, kv heads and head_dim agree
-and whose heads, SwiGLU width and vocab split over the drawn mesh's model axis, the mesh, batch (a multiple
-of the data axis), sequence length, start position (half of the draws past Llama 3.1's original 8192-token
-context, where RoPE scaling shows), dtype, a seed for the inputs and one for the weights. Every choice shrinks
-towards the smallest case (1x1, one head of 4, one layer, batch 1, one token, position 0, float32), so a
-failure shrinks to a small config, and `run_case` prints it as a ready-to-paste `@example(...)`.
-
-Model-level properties compile XLA programs for every new shape; `model_settings()` gives them a fixed
-share of the active hypothesis profile's examples (profiles: plugin.py). Under the developer profile
-(FIXED_SHAPE_PROFILES: `dev`) the model and every shape come from a small fixed set (FIXED_MODELS: one config,
-its weights, batch and length per mesh, on three meshes), and only the mesh (of the three) and the values are
-drawn: inputs, positions, dtype, derandomized (the same examples every run). Every run, test and worker then
-reuses the same models and XLA programs (in memory, and across runs through the persistent compilation cache).
-`ci` draws every field too, derandomized (the same configs every run, so CI reuses its compilations across runs
-and keeps its config variety); `thorough` draws every field at random.
+A `Case` is one example: a small LlamaConfig that splits over the drawn mesh, batch, length, start position (half
+past 8192, where RoPE scaling shows), dtype and seeds. Every choice shrinks towards the smallest case, so a
+failure shrinks to a small config printed as a ready-to-paste `@example(...)`. Model-level properties compile for
+every new shape, so under `dev` their models and shapes come from a fixed set (FIXED_MODELS) and only values are
+drawn; `ci` and `thorough` draw every field (docs/internals.md#hypothesis-strategies, docs/report-and-gate.md).
 """
 from __future__ import annotations
 
@@ -280,8 +270,8 @@ def cases(draw, mesh_names=MESHES, start_pos=start_positions(), dtype=dtypes(), 
 def chunk_cuts() -> st.SearchStrategy[list[int] | None]:
     """Cut points of a prompt fed through the KV cache in chunks (folded into 1..seq-1 by the test): one or
     two anywhere, or under a fixed-shape profile None, for the chunking of the case's mesh (fixed_cuts). Drawn
-    apart from the mesh, the 3 chunkings made 18 mesh/dtype/chunking pairs of programs, and every run met new
-    ones: the test took 31.7 s in a warm run against 11.5 s in the cold run before it."""
+    apart from the mesh, the chunkings multiplied the programs and every run met new ones, so a warm run was slower
+    than a cold one (docs/results.md#drawn-shapes-and-the-compilation-cache)."""
     def cuts():
         if shapes_are_fixed():
             return st.none()

@@ -1,28 +1,10 @@
 """Generation parity: greedy decoding by the implementation under test against Meta's and HF's own decoding loops.
 
-Four engines decode the same prompts from the same weights: the --impl implementation on each --mesh (1x1 is
-the seed's single chip, 1x4 its multi chip), driven through its Decode capability by the suite's one decoding
-loop (adapters/decoding.py), HF `generate(do_sample=False)` and Meta's model over its own KV cache
-(reference/generation.py). Each pair gets one parity record per case, holding two checks:
-
-- teacher-forced: one side is fed the other's tokens, so both give logits after the same history at every
-  step; `kl` (worst step) and `top1` (share of steps) over every step of every prompt are bounded by the
-  'generation' rows of the tolerance table;
-- free-running: each side's own greedy tokens must match. Where a prompt's two streams first part, the
-  parting must be a near-tie: each side's token within the other's top-k (`divergence_in_topk`, k = the
-  table's `topk`) and the two tokens' log-probs within `logprob_gap` on both sides.
-
-Both checks exercise the decode path (one prefill, then one token per step over the KV cache), never a full
-forward, so a decode-only bug (cache slot, decode mask) fails here while prefill-only tests pass. The record's
-metrics add `first_divergence` (earliest step any prompt's streams part, -1 for none) and `diverged_prompts`;
-its `generation` field (record.schema.json) holds each prompt's two token streams, its first divergence and
-both sides' top-k there, for the HTML report. An implementation without a decode path, or whose step takes no
-`pad` (prompts of different lengths) or no `offset` (a first position past 0), is not checked on the cases that
-need it, with the reason.
-
-Weights: the canonical tiny weights. Float32 decoding meets no near-tie; bfloat16 runs part at genuine near-ties
-(its errors scale with the logits, so no weight scaling avoids them), which the near-tie rule accepts and the
-record shows. The measured logit gaps and why other weights would not help: docs/results.md#generation-prompts.
+The implementation on each --mesh (through its Decode capability and the suite's one loop, adapters/decoding.py),
+HF `generate` and Meta's KV-cache loop decode the same prompts; each pair is checked teacher-forced (per-step `kl`
+and `top1` after the same history) and free-running (the same tokens, or a first parting at a near-tie). Both drive
+the decode path, so a decode-only bug fails here while prefill tests pass; a missing `pad` or `offset` is not
+checked, with the reason (docs/internals.md#generation-parity, docs/results.md#generation-prompts).
 """
 from __future__ import annotations
 

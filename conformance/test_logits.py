@@ -1,18 +1,10 @@
 """The full forward of the implementation under test: every named intermediate it captures, then the logits
 (KL, top-1, top-k as well); and its final norm + output projection alone (the `head` component).
 
-'batch' is two sequences of 48 tokens; 'long' is one sequence of 512 tokens, because RoPE is close to the
-identity at early positions and a partial-RoPE bug can pass short prompts. 'past_8192' is the batch at positions
-9000.. (past the Llama 3.1 scaling ramp, where a missing scaling or bf16 phases turn long wavelengths by radians);
-'small_rows' is the batch on weights whose embedding rows are half scaled down to mean square 1e-7 .. 1e-4, where
-RMSNorm's eps (1e-5) decides the output (support.WEIGHT_SETS). Intermediates the implementation
-does not capture are reported as not checked (the test ends skipped and names them), never as passed.
-
-Extremes (fixtures/extremes.py): the head on hidden states each along one output row (a dominant token,
-probability > 0.999), and the full model built through the --impl factory from crafted weights on a prompt with a
-long run of one repeated token: outlier channels 10^3 times the rest in the embeddings of a few tokens (massive
-activations), layer 0's scores >= 100, output scaled so that most positions have a token of probability > 0.999
-(each asserted on the float64 oracle's tensors).
+Beside a plain 'batch', the cases cover what short unit-scale inputs hide: 'long' (RoPE is near the identity at
+early positions), 'past_8192' (past the Llama 3.1 scaling ramp), 'small_rows' (RMSNorm's eps decides) and the
+real-world extremes (fixtures/extremes.py). Intermediates the implementation does not capture are reported as not
+checked (the test ends skipped and names them), never as passed (docs/internals.md#the-full-forward).
 """
 import functools
 

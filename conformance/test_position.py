@@ -1,20 +1,9 @@
 """Error against position: RoPE, attention over cached chunks, the full forward and the decode path at start
 positions from 0 to 131,071, each against the reference and the float64 oracle, then a check that the error does
 not grow with position faster than the reference's own (parity.drift), so that drift fails even where every point
-is within its bound.
-
-Positions (`profile_groups`): log-spaced from 0 to the last window ending at 131,071; both sides of each scaling
-band edge (a window ending at, and one starting at, original/high_freq_factor = 2048 and original/low_freq_factor =
-8192 tokens); both sides of the positions where each wavelength the scaling changes first turns by a radian, with
-and without the scaling. Missing or wrong RoPE scaling is zero at position 0 and grows with distance; so does a
-phase computed at too low a precision. Cases are short (16 rotated tokens, 20 of attention, 24 of forward and
-decode), the shapes test_rope, test_attention and test_kv_cache compile. The default run takes DEFAULT_POSITIONS
-(14), `slow` every position (29).
-
-Records, component 'position', names 'q_rope@P', 'k_rope@P', 'attention@P' (chunks of 12, 6, 1 and 1 tokens through
-the cache), 'forward@P' (`forward(start_pos=P)`) and 'decode@P' (a prefill of 16, then one-token `step(offset=P)`),
-the last two judged against the reference's forward at P; each carries 'position' and 'quantity' for the report's
-plot. Then one 'position_drift' record per quantity. A missing capability is not checked, saying which.
+is within its bound. Missing or wrong RoPE scaling is zero at position 0 and grows with distance, as does a phase
+computed at too low a precision, hence positions at the scaling band edges and past them (`profile_groups`).
+The positions, cases and record names: docs/internals.md#error-against-position.
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ intermediate, every component in isolation, Meta's KV-cache decode loop, positio
 8192-token context, and the Meta <-> HF weight conversion. Planted bugs (RoPE without the Llama 3.1 scaling,
 HF weights without the q/k row permutation) must be caught.
 
-These tests validate the references themselves, before parity/ exists, so they hold their bounds inline; each
-bound has the measured value beside it (tiny preset, seed 0, torch 2.13 CPU, transformers 5.24, llama-models
-0.3.0). rel = ||a - b|| / ||b|| over the whole array, computed in float64.
+These tests validate the references themselves, before parity/ exists, so they hold their bounds inline, each with
+its measured value beside it (the run they were measured on: docs/results.md#the-references-inline-bounds).
+rel = ||a - b|| / ||b|| over the whole array, computed in float64.
 """
 from __future__ import annotations
 
@@ -305,9 +305,8 @@ def test_missing_rope_scaling_is_caught_past_8192(tiny, weights, tokens, compone
     """An oracle without the Llama 3.1 RoPE scaling disagrees with Meta and HF at positions > 8192.
 
     Attention scores depend only on position differences, so on a short chunk the missing scaling barely moves
-    attention outputs or logits (measured rel 2.1e-3 in HF's logits at start_pos 9000, and the same at 0: below
-    a bfloat16 bound). It shows in the absolute-position intermediates q_rope/k_rope, which is why every
-    comparison includes them.
+    attention outputs or logits (below a bfloat16 bound: docs/results.md#the-references-inline-bounds). It shows
+    in the absolute-position intermediates q_rope/k_rope, which is why every comparison includes them.
     """
     unscaled = tiny.replace(rope_scaling=None)
     q, k = component_inputs["q"], component_inputs["k"]

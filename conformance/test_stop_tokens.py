@@ -1,21 +1,10 @@
 """Generation stop rules: the suite's (llama_spec.generation) against the ones each reference defines itself, and
 greedy streams that end at each Llama 3 stop token, for the implementation under test and both references.
 
-- Rules: llama-models' own `Tokenizer.stop_tokens` (end of text 128001, end of message 128008, end of turn
-  128009, read from the tokenizer.model it ships) and `eos_token_id` of the generation_config.json the suite's HF
-  checkpoint writer puts beside config.json, as transformers reads it (`GenerationConfig.from_pretrained`), must
-  both be the suite's `stop_tokens()`.
-- Streams: random weights never emit a stop id by themselves, so the weights are crafted (`crafted`, by
-  fixtures/stop_chains.py): on the tiny width with Llama 3's 128256-token vocabulary, a batch of three prompts,
-  each ending in the start of a chain of tokens each the clear greedy successor of the one before, ending in a
-  stop id: row i ends at stop id i at step 2, 4, 6, the other rows decode on, and the run ends when the last one
-  has.
-- Engines: the implementation under test through the suite's decoding loop (adapters/decoding.py over
-  `llama_spec.generation.greedy`, which stops by `llama_spec.generation.ends` at `stop_tokens()`); Meta's loop
-  (reference/generation.py) at llama-models' stop tokens; HF `generate` on `LlamaForCausalLM.from_pretrained` of
-  the written checkpoint, with the generation config it read (no eos_token_id passed). Each engine's tokens must
-  be the crafted streams, ending where they should, and the implementation must run no step after its last row
-  ended. The built-in model's command line is run to each stop id in test_generate_cli.py.
+Random weights never emit a stop id, so the streams run on crafted weights (fixtures/stop_chains.py): one batch
+whose rows end at 128001, 128008 and 128009 at steps 2, 4 and 6. The implementation, Meta's loop and HF `generate`
+(with the generation config it read) must give those rows, and the implementation must run no step after its
+last row ended (docs/internals.md#stop-tokens).
 """
 from __future__ import annotations
 

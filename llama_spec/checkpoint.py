@@ -1,21 +1,10 @@
 """Load Llama 3 checkpoints, Meta's original format or Hugging Face safetensors, lazily and safely.
 
-Why lazy: the real 8B model (16 GB in bfloat16) does not fit beside two references on one 24 GiB host, so
-`load_checkpoint` reads only metadata and validates it; every tensor is read when asked for, memory-mapped,
-in Meta's layout (HF's rotate-half q/k rows are permuted back by `llama_spec.convert.hf_to_meta`), and its
-pages leave memory when the caller drops it.
-
-Formats (detected from the files):
-- Meta: `params.json`, `consolidated.00.pth` .. `consolidated.NN.pth` (one per fairscale model-parallel rank),
-  `tokenizer.model`. Shards are merged along the axis fairscale split them (`SPLIT_AXIS`);
-- HF: `config.json`, `model.safetensors` or several `*.safetensors` listed by `model.safetensors.index.json`.
-
-Safety: `.pth` files are opened with `torch.load(weights_only=True, mmap=True)`; a pickle that asks to run code
-is refused. Every problem with the files is a `CheckpointError`: one line naming the file and the field.
-
-CLI: `python -m llama_spec.checkpoint DIR [--mesh DxM] [--no-scan]` validates a checkpoint (every tensor read
-once and checked for NaN/Inf unless --no-scan) and prints a summary; on a bad checkpoint it prints one line to
-stderr and exits 1.
+Lazy because the real 8B model does not fit beside two references on one 24 GiB host: `load_checkpoint` reads and
+validates only metadata, and each tensor is read when asked for, memory-mapped, in Meta's layout. Safe: `.pth`
+files are opened with `torch.load(weights_only=True, mmap=True)`, so a pickle that asks to run code is refused.
+Every problem with the files is one `CheckpointError` line naming the file and the field. The formats and the
+CLI (`python -m llama_spec.checkpoint DIR`): docs/internals.md#the-checkpoint-loader.
 """
 from __future__ import annotations
 

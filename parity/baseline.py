@@ -1,19 +1,10 @@
 """The baseline gate: compare a run's parity records with a stored run, so CI fails on numerical regressions.
 
-A case is one parity record, keyed by (test node id, name or else component, layer, reference, dtype, mesh);
-a test that records the same key twice gets occurrence 2, 3, ... in call order. A run regresses when
-- a case that passed in the baseline fails now (crossing a table bound always counts), or
-- a metric that parity.tolerances.SLACK lists worsens past `slack_limit(metric, baseline value)`, or
-- a bound is looser than (or gone from) the one the baseline recorded for the same case: a loosened bound in
-  parity/tolerances.py fails the gate until the baseline is rewritten in the same change, so review sees both
-  numbers; one regression per (component, dtype, metric, old bound, new bound), naming its first case; or
-- a test that passed in the baseline fails or errors now without any failing case to name (e.g. a setup error).
-Bounds are compared only when the run and the baseline use the same tolerance profile. Metric values (the slack
-check) are compared only when the run and the baseline ran on the same numerics: CPU flags (parity.environment.cpu_info)
-and NUMERIC_PACKAGES' versions. Another CPU picks other kernels (AVX-512, AMX) and moves bfloat16 metrics by more
-than any slack that still sees a regression; there the gate judges verdicts and bounds only, and says so.
-Cases in only one of the two runs are counted, never judged: a narrower selection (`--mesh 2x4`) or a new test
-must not fail the gate, and `--parity-update-baseline` takes new cases in.
+A case is one parity record, keyed by test, component or name, layer, reference, dtype, mesh and occurrence. A run
+regresses when a case that passed fails, a metric worsens past `slack_limit`, a bound is looser than the baseline's
+(so a loosened bound shows in review as a changed baseline), or a passing test fails without a case to name.
+Metrics are compared only on the same numerics (CPU flags, package versions); cases in only one run are counted,
+never judged (docs/report-and-gate.md, docs/internals.md#the-baseline-gate).
 """
 from __future__ import annotations
 

@@ -1,30 +1,10 @@
 """What a compiled program communicates, read from its optimised HLO, judged against the Megatron layout.
 
-`collectives(hlo)` lists every collective the program runs, with its kind, the bytes it moves per execution
-(on one device), how many times it runs per call (collectives inside while loops -- a `lax.scan` over layers --
-run once per trip), the replica group size, the layer (from op_name metadata such as `layers_3` / `layers.3`,
-else the loop that repeats it) and the op that feeds it. Async `-start`/`-done` pairs count once, at the start;
-a tuple-shaped all-reduce (jax's psum of several arrays) counts one summed tensor per operand.
-
-The bytes of a collective are the size of the whole tensor it reduces or produces on one device: the operands of
-an all-reduce, the gathered result of an all-gather, the operand of a reduce-scatter, all-to-all or permute. That
-is the measure of Megatron's "2 all-reduces of batch x seq x dim per layer"; what goes over the wire depends on
-the algorithm (a ring all-reduce sends 2(M-1)/M of it) and is not compared.
-
-`megatron_problems` holds the list against the sharding contract (docs/architecture.md#sharding-contract) on a
-mesh with model axis M > 1: one sum for the vocab-parallel embedding and two per layer (after wo and after w2),
-each of (batch/D) x seq x dim elements in the
-activation dtype or float32, over the M devices of the model axis; no all-gather, reduce-scatter, all-to-all or
-permute. With M = 1 nothing may be communicated. One exception, by decision: an all-gather over the model axis whose
-result is the program's output and holds exactly the vocab-sharded logits is reported as the caller's gather, not
-failed. The contract keeps logits sharded "until a caller gathers", and whether an adapter's forward returns them
-gathered is its API choice, paid once per call (vocab elements per token), not a per-layer layout defect; its bytes
-are still counted in the bytes per token.
-
-`assert_megatron` records the summary as a parity record (component 'communication', metrics bytes_per_token,
-megatron_bytes_per_token, ratio_to_megatron and counts; the whole list under the record's `communication` field)
-and raises AssertionError naming, for every contradiction, the layer, the op, the kind, the bytes and the
-expectation.
+`collectives(hlo)` lists every collective with its kind, bytes per execution on one device (the whole tensor
+reduced or produced, not what the wire algorithm sends), trips per call, group size, layer and feeding op.
+`megatron_problems` holds the list against docs/architecture.md#sharding-contract (one sum for the embedding and
+two per layer; nothing at M = 1; an all-gather of the output logits is the caller's gather, not a failure), and
+`assert_megatron` records the summary and raises naming every contradiction (docs/internals.md#communication).
 """
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
 """pytest plugin: gathers parity records and test outcomes, writes --parity-json, prints a verdict.
 
-Records are read on the controller from each TestReport's user_properties in pytest_runtest_logreport.
-Under pytest-xdist the reports (user_properties included) travel from the workers, so the controller sees
-every record without any side channel. A report of each phase (setup, call, teardown) carries the whole
-user_properties list as it was then, so only records not yet seen for that node id are taken.
-
-Device kind and count: the controller never starts a JAX backend for them (on an accelerator that would
-grab the devices the workers need). They come from whichever process already initialised a backend: the
-controller itself without xdist, or the xdist workers, which send them in `workeroutput` when they finish.
-Seeds that fixtures declare with `note_seed` travel the same way.
-
-At the end the controller judges the run against --parity-baseline (parity.baseline), which can turn a
-green run red, and only then writes --parity-json and the --parity-report HTML, so both carry the final
-exit status.
+Records travel in each TestReport's user_properties, so under pytest-xdist the controller sees every record with
+no side channel; device kind, count and seeds come from whichever process already started a JAX backend (the
+controller never starts one: on an accelerator it would grab the workers' devices). The --parity-baseline verdict
+comes first, so the JSON and HTML carry the final exit status (docs/internals.md#the-pytest-plugin).
 """
 from __future__ import annotations
 

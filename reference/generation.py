@@ -1,29 +1,10 @@
 """Greedy generation by the references, each with its own decoding loop, for generation parity.
 
-- Meta: `MetaReference.forward` (Meta's `Transformer.forward` over Meta's own KV cache) driven in the order of
-  `llama_models.llama3.generation.Llama3.generate` at temperature 0: one prefill of the shortest prompt, then
-  one token per step for the whole batch, longer prompts fed their own tokens until they run out, argmax of
-  the last position's logits. (`Llama3.generate` itself cannot be imported: its module imports Meta's
-  multimodal model, which needs torchvision, not a dependency of the suite.)
-- HF: `LlamaForCausalLM.generate(do_sample=False)` on the model of an `HFReference`, prompts left-padded with
-  an attention mask (HF derives position ids from it), raw logits of every step via `output_logits`.
-
-Both return `llama_spec.generation.Generation`, the type the model under test returns: per prompt, the new tokens
-up to and including the first stop token (at most `max_new_tokens`), and per step the (batch, vocab) float32
-logits that chose them (a row's entries after its stop token mean nothing).
-
-Stopping is each reference's own: `Llama3.generate` ends a row at any of its tokenizer's `stop_tokens`; so
-does the Meta loop here (`meta_stop_tokens()`); HF is given the same ids as `eos_token_id`, or with
-`own_generation_config` stops at its model's generation config (`hf_stop_tokens(DIR)` reads that list from a
-checkpoint's generation_config.json). The model under test stops by the suite's rule (llama_spec.generation),
-which conformance/test_stop_tokens.py compares with these. A synthetic vocabulary smaller than the first stop
-id (the tiny preset's 512 with the packaged tokenizer) never stops.
-
-`start_pos` puts each prompt's first token at RoPE position start_pos with nothing before it, so a short run
-reaches positions past Llama 3.1's original 8192-token context. Each reference's code runs as it is; only
-the position each cache slot stands for is shifted: Meta reads its RoPE table from `start_pos` on (its table
-is `precompute_freqs_cis` over the longer range, sliced), HF's rotary embedding is handed position ids
-+ start_pos.
+Meta: `MetaReference.forward` over Meta's own KV cache, driven in the order of `Llama3.generate` at temperature 0
+(which itself cannot be imported without torchvision). HF: `LlamaForCausalLM.generate(do_sample=False)` on
+left-padded prompts. Both return `llama_spec.generation.Generation`, the type the model under test returns, and
+stop by each reference's own rule, which conformance/test_stop_tokens.py compares with the suite's. `start_pos`
+shifts every prompt's positions with nothing before it: docs/internals.md#greedy-generation-by-the-references.
 """
 from __future__ import annotations
 

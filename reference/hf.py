@@ -1,26 +1,10 @@
-"""Hugging Face transformers' LlamaForCausalLM as an oracle (eager attention, PyTorch).
+"""Hugging Face transformers' LlamaForCausalLM as an oracle (eager attention, PyTorch), run as users run it.
 
-The model is built from `transformers.LlamaConfig(**config.to_hf())` (rope_parameters with rope_type 'llama3'
-and the config's four scaling parameters when it scales RoPE; HF's llama3 inv_freq equals Meta's
-apply_scaling(freqs) bit for bit in float32; tie_word_embeddings as the config says)
-and loaded with `llama_spec.convert.meta_to_hf(weights)`, whose wq/wk row permutation turns Meta's interleaved
-RoPE pairs into HF's rotate-half layout. Inputs and outputs are NumPy in Meta's conventions: q and k after
-RoPE (captured, or from `hf_rope`) are converted back to the interleaved layout, so they compare directly
-with Meta's and the NumPy oracle's.
-
-Numerics HF decides (kept, since this oracle is HF as users run it):
-- the model is built the way `from_pretrained(dtype=...)` builds it (`_from_config(dtype=...)`), which keeps
-  the rotary `inv_freq` buffer in float32; a plain `model.to(torch.bfloat16)` would round it to bfloat16;
-- RMSNorm normalises in float32 and casts back before the weight multiply (as Meta);
-- RoPE cos/sin are computed in float32 but cast to the activation dtype, and the rotation runs at that dtype
-  (Meta rotates in float32): at bfloat16 HF's phases are bfloat16;
-- the eager softmax runs in float32; the causal mask is additive finfo(dtype).min, not -inf; logits are left
-  at the run dtype (converted to float32 here).
-
-Positions: `HFReference.forward(tokens, start_pos)` is a fresh forward with position_ids = start_pos + arange(S)
-and no cache: the tokens attend only to each other, at shifted positions (compare with
-`oracle_forward(..., start_pos)` without a prefix). The component functions read `start_pos` the same way;
-`hf_attention` feeds several chunks through one DynamicCache.
+Built from `config.to_hf()` the way `from_pretrained(dtype=...)` builds it and loaded with
+`llama_spec.convert.meta_to_hf(weights)`; inputs and outputs are NumPy in Meta's conventions (q and k after RoPE
+converted back to the interleaved layout). The numerics HF decides (bfloat16 RoPE phases, an additive finfo.min
+mask, logits at the run dtype) are kept, since this oracle is HF as users run it. `forward(tokens, start_pos)` is
+a fresh forward at shifted positions, with no cache: docs/internals.md#hugging-face-transformers.
 """
 from __future__ import annotations
 

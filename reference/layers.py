@@ -1,8 +1,7 @@
-"""Helpers shared by the three oracles (Meta, HF, float64 NumPy): per-layer weight views and the names of
-the captured intermediates. Pure NumPy, so the float64 oracle can import it without torch.
-
-Named intermediates (every oracle and the JAX model use exactly these names and shapes; B batch, S the
-tokens of the current call, D dim, V vocab, H n_heads, KV n_kv_heads, hd head_dim):
+"""Helpers shared by the three oracles (Meta, HF, float64 NumPy): per-layer weight views and the names of the
+captured intermediates (pure NumPy, so the float64 oracle imports it without torch). The table below is data:
+conformance/contract_page.py reads it into docs/contract.md#intermediate-names (B batch, S the tokens of the
+current call, D dim, V vocab, H n_heads, KV n_kv_heads, hd head_dim).
 
     'embedding'                     (B, S, D)      output of the token embedding
     'layers.{i}.attention_norm'     (B, S, D)      output of the pre-attention RMSNorm

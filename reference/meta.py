@@ -1,31 +1,10 @@
 """Meta's official Llama 3 model (pip package llama-models, `llama_models.llama3.model`) as an oracle.
 
-Everything here runs Meta's own modules and functions, unmodified (one exception, below), at the requested dtype
-('float32' or 'bfloat16'): weights are cast to that dtype and Meta's code decides where it upcasts (RMSNorm normalises
-in float32 then casts back before the weight multiply; RoPE rotates in float32 complex64 with float32 phases;
-attention scores are formed at the run dtype and the softmax runs in float32; logits are `.float()`-ed).
-Inputs and outputs are NumPy; outputs are float32 arrays that hold exactly the values computed at the run
-dtype (bfloat16 values are exactly representable in float32).
-
-RoPE scaling: llama-models 0.3.0's `apply_scaling` hard-codes Llama 3.1's parameters (factor 8, low 1, high 4,
-original context 8192), and Llama 3.2 1B/3B need factor 32 (meta-llama/llama-models#241). For Llama 3.1's
-parameters, or none, Meta's function runs as shipped; for any other, `meta_rope_scaling` swaps in
-`_apply_scaling`, the same torch operations in the same order with the config's numbers, while Meta's code
-builds its RoPE table (test_references checks it is bit-identical to Meta's own at Llama 3.1's numbers).
-
-Meta's modules are fairscale model-parallel layers; they need `torch.distributed` and fairscale's model
-parallel groups. `ensure_model_parallel()` sets both up once per process (gloo on loopback, world size 1,
-model-parallel size 1), idempotently; every public entry point calls it.
-
-Positions and the KV cache:
-- `MetaReference.forward(tokens, start_pos)` is Meta's `Transformer.forward`: it writes the chunk's keys and
-  values into Meta's KV cache at `start_pos` and attends to every cached position before it, so
-  `forward(prefix, 0)` then `forward(next, len(prefix))` is Meta's decode loop. A call at `start_pos > 0`
-  without the earlier calls attends to whatever the cache holds there (zeros for a fresh model).
-- The component functions (`meta_attention`, `meta_block`) take `start_pos` as the RoPE position of the first
-  token and start the module's KV cache at slot 0: the chunks form a sequence whose first token sits at
-  absolute position `start_pos` with no earlier context. That is how the HF and NumPy oracles read
-  `start_pos` too, and it lets a test exercise positions > 8192 without a prefix of that length.
+Meta's own modules and functions run unmodified at the requested dtype ('float32' or 'bfloat16') and decide where
+they upcast; inputs and outputs are NumPy (float32 arrays holding the run dtype's values). The one exception: for
+RoPE scaling other than Llama 3.1's, `meta_rope_scaling` swaps in a copy of Meta's hard-coded `apply_scaling` with
+the config's numbers (meta-llama/llama-models#241). `ensure_model_parallel()` sets up the torch.distributed and
+fairscale groups Meta's layers need. How `start_pos` and the KV cache are read: docs/internals.md#meta-llama-models.
 """
 from __future__ import annotations
 

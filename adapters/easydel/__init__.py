@@ -5,14 +5,9 @@
     pytest -n 2 -rs --impl adapters.easydel:EasyDeLLlamaHFHub --parity-json out/ed_hf_hub.json
     pytest -m ecosystem conformance/test_ecosystem_easydel.py
 
-Factories (adapters/easydel/adapter.py):
-- `EasyDeLLlama`: easydel.LlamaConfig + LlamaForCausalLM built directly from the suite's config and weights;
-- `EasyDeLLlamaHF`: EasyDeL's Hugging Face loader (`AutoEasyDeLModelForCausalLM.from_pretrained(DIR)`) on the
-  checkpoint directory the suite writes, config.json in transformers 5's `rope_parameters` style;
-- `EasyDeLLlamaHFHub`: the same with the hub's config.json style (`rope_theta` + `rope_scaling`).
-Each also has `build_from_checkpoint(DIR, mesh, dtype, 'hf')`, EasyDeL's loader on any HF directory.
-
-The factories are imported on first use (easydel, flax and ray with them); `checkpoint` needs none of them.
+The factories (adapters/easydel/adapter.py: built directly, or by EasyDeL's HF loader from either config.json style;
+docs/public-implementations.md#easydel-030-adapterseasydel) are imported on first use (easydel, flax and ray with
+them); `checkpoint` needs none of them.
 """
 
 _FACTORIES = ("EasyDeLLlama", "EasyDeLLlamaAdapter", "EasyDeLLlamaHF", "EasyDeLLlamaHFHub", "easydel_mesh")

@@ -1,19 +1,9 @@
 """What EasyDeL is given: its LlamaConfig arguments for a suite config, and the suite's Meta weights as EasyDeL's
 parameter paths. No easydel or jax import here: the mapping is plain data and NumPy, readable and testable anywhere.
 
-EasyDeL 0.3.0's Llama (easydel/modules/llama/modeling_llama.py) keeps one kernel per Meta tensor, in HF's naming
-with (in, out) kernels, and rotates halves (`get_basic_rope(..., is_neox_style=True)`), as HF does: wq and wk get
-HF's row permutation within each head (llama_spec.convert.meta_to_hf) before the transpose.
-
-| Meta name | EasyDeL parameter path | shape |
-| --- | --- | --- |
-| tok_embeddings.weight | model/embed_tokens/embedding | (vocab, dim) |
-| output.weight | lm_head/kernel | (dim, vocab) |
-| layers.i.attention.wq/wk/wv/wo.weight | model/layers/i/self_attn/{q,k,v,o}_proj/kernel | (in, out) |
-| layers.i.feed_forward.w1/w3/w2.weight | model/layers/i/mlp/{gate,up,down}_proj/kernel | (in, out) |
-| layers.i.attention_norm.weight | model/layers/i/input_layernorm/kernel | (dim,) |
-| layers.i.ffn_norm.weight | model/layers/i/post_attention_layernorm/kernel | (dim,) |
-| norm.weight | model/norm/kernel | (dim,) |
+EasyDeL 0.3.0's Llama keeps one kernel per Meta tensor, in HF's naming with (in, out) kernels, and rotates halves
+as HF does, so wq and wk get HF's row permutation (llama_spec.convert.meta_to_hf) before the transpose. The path
+and shape table: docs/adapter-internals.md#easydel-parameters.
 """
 from __future__ import annotations
 

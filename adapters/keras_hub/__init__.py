@@ -5,15 +5,9 @@
     pytest -n 2 -rs --impl adapters.keras_hub:KerasHubLlamaHFHub --parity-json out/kh_hf_hub.json
     pytest -m ecosystem conformance/test_ecosystem.py
 
-Factories (adapters/keras_hub/adapter.py):
-- `KerasHubLlama`: Llama3Backbone built directly from the suite's config and weights;
-- `KerasHubLlamaHF`: loaded by keras-hub's Hugging Face converter (`Llama3Backbone.from_preset(DIR)`) from the
-  checkpoint directory the suite writes, config.json in transformers 5's `rope_parameters` style;
-- `KerasHubLlamaHFHub`: the same with the hub's config.json style (`rope_theta` + `rope_scaling`).
-Each also has `build_from_checkpoint(DIR, mesh, dtype, 'hf')`, keras-hub's loader on any HF directory.
-
-The factories are imported on first use (keras and keras-hub with them); the first sets KERAS_BACKEND=jax when it
-is unset (keras reads it at import). `checkpoint` and `table` need neither.
+The factories (adapters/keras_hub/adapter.py: built directly, or by keras-hub's HF converter from either config.json
+style; docs/public-implementations.md#keras-hub-0320-adapterskeras_hub) are imported on first use, keras with them;
+the first sets KERAS_BACKEND=jax when it is unset (keras reads it at import). `checkpoint` and `table` need neither.
 """
 import os
 

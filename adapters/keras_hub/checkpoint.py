@@ -2,26 +2,9 @@
 variable layout (the HF checkpoint directories for its Hugging Face converter come from adapters.hf_checkpoint).
 
 No keras or keras-hub import here: the mapping is plain data and NumPy, so it can be read and tested without them.
-
-keras-hub's Llama (keras_hub/src/models/llama/) keeps one variable per Meta tensor:
-
-| Meta name | keras-hub variable | shape |
-| --- | --- | --- |
-| tok_embeddings.weight | token_embedding/embeddings | (vocab, dim) |
-| output.weight | token_embedding/reverse_embeddings (absent when tied) | (dim, vocab) |
-| layers.i.attention.wq.weight | transformer_layer_i/self_attention/query/kernel | (dim, n_heads, head_dim) |
-| layers.i.attention.wk.weight | transformer_layer_i/self_attention/key/kernel | (dim, n_kv_heads, head_dim) |
-| layers.i.attention.wv.weight | transformer_layer_i/self_attention/value/kernel | (dim, n_kv_heads, head_dim) |
-| layers.i.attention.wo.weight | transformer_layer_i/self_attention/attention_output/kernel | (n_heads, head_dim, dim) |
-| layers.i.feed_forward.w1.weight | transformer_layer_i/feedforward_gate_dense/kernel | (dim, hidden) |
-| layers.i.feed_forward.w3.weight | transformer_layer_i/feedforward_intermediate_dense/kernel | (dim, hidden) |
-| layers.i.feed_forward.w2.weight | transformer_layer_i/feedforward_output_dense/kernel | (hidden, dim) |
-| layers.i.attention_norm.weight | transformer_layer_i/self_attention_layernorm/scale | (dim,) |
-| layers.i.ffn_norm.weight | transformer_layer_i/feedforward_layernorm/scale | (dim,) |
-| norm.weight | sequence_output_layernorm/scale | (dim,) |
-
-keras-hub rotates halves (`RotaryEmbedding._apply_rotary_pos_emb`: x1, x2 = split(x, 2)), as HF does, so wq and
-wk get HF's row permutation within each head (llama_spec.convert.meta_to_hf) before the transpose.
+keras-hub keeps one variable per Meta tensor and rotates halves as HF does, so wq and wk get HF's row permutation
+(llama_spec.convert.meta_to_hf) before the transpose. The name and shape table:
+docs/adapter-internals.md#keras-hub-variables.
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
 """A minimal tensor-parallel Llama 3.1 in plain jax.numpy, written unlike tp_llama on purpose.
 
-- no shard_map, no Flax, no hand-written collective: the weights are placed by a table of PartitionSpecs
-  (`RULES`), the functions are jitted over them, and `with_sharding_constraint` pins the activations (the
-  residual stream replicated over the model axis, heads and SwiGLU features split). XLA's SPMD partitioner derives
-  the Megatron communication from that alone: the sum over the split contraction of wo and w2, and a masked local
-  lookup plus a sum for the vocab-split embedding;
-- a dict of stacked per-layer weights and `jax.lax.scan` over the layers;
-- Hugging Face's RoPE layout: each head's dims are rotated as halves (i, i + head_dim/2), so the query and key
-  rows of the Meta checkpoint are permuted once when the weights are loaded (`from_meta`);
-- grouped-query attention by reshaping the queries into (kv head, group) instead of repeating keys; when the model
-  axis exceeds n_kv_heads each kv head's columns are stored once per device that reads it, so every device holds
-  the one kv head its queries need and the grouping stays local;
-- a KV cache as one (layers, batch, length, kv heads, head_dim) array per side, split over kv heads.
-
-Numerics follow Meta's reference where it matters: RMSNorm, RoPE and softmax in float32, matmuls accumulated
-in float32 and rounded once to the activation dtype (after the partitioner's sum).
+No shard_map, no Flax, no hand-written collective: weights placed by a table of PartitionSpecs (`RULES`) and
+pinned activations, so XLA's SPMD partitioner must derive the Megatron communication itself; stacked layers under
+`lax.scan`, HF's rotate-half RoPE layout, grouped queries by reshape, one KV cache array per side. Numerics follow
+Meta's reference where it matters (RMSNorm, RoPE and softmax in float32). The design, point by point:
+docs/internals.md#the-jaxnumpy-example.
 """
 from __future__ import annotations
 
