@@ -7,12 +7,14 @@ the repository with the package installed loads it once. It brings parity.plugin
 """
 from __future__ import annotations
 
+import ast
 import gc
 import os
 import re
 from pathlib import Path
 
 import pytest
+from _pytest.mark.expression import Expression  # pytest's own -m parser (pinned pytest)
 from hypothesis import HealthCheck, Phase, settings
 
 from adapters import protocol
@@ -273,7 +275,9 @@ def pytest_configure(config):
         except CheckpointError as err:
             raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
         configs[str(weights.config_path)] = checkpoint
-    note_scope(config, battery=battery_modules(), meshes=_chosen(config, "mesh", MODEL_MESHES[model]),
+    note_scope(config, battery=battery_modules(),
+               battery_deselected=deselected_by_marks(config.getoption("markexpr", default="") or ""),
+               meshes=_chosen(config, "mesh", MODEL_MESHES[model]),
                dtypes=_chosen(config, "dtype", DEFAULT_DTYPES), references=_chosen(config, "reference",
                                                                                    DEFAULT_REFERENCES))
     devices = config.getoption("cpu_devices") if simulated and not joined else None
@@ -309,6 +313,37 @@ def battery_modules() -> list[str]:
     """The battery's test modules, 'conformance/test_*.py': what a run's modules are compared against."""
     here = Path(__file__).parent
     return sorted(f"{here.name}/{path.name}" for path in here.glob("test_*.py"))
+
+
+def module_marks(path: Path) -> list[str]:
+    """The marks a test module's `pytestmark` gives all its tests, read from its source: importing it would import
+    libraries (keras, torchax, easydel) this environment may not have."""
+    marks: list[str] = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+            for part in ast.walk(node.value):
+                if (isinstance(part, ast.Attribute) and isinstance(part.value, ast.Attribute)
+                        and part.value.attr == "mark" and part.attr not in ("usefixtures", "parametrize")):
+                    marks.append(part.attr)
+    return marks
+
+
+def deselected_by_marks(markexpr: str) -> dict[str, list[str]]:
+    """Battery module -> its module marks, for the modules whose marks alone put them outside `-m markexpr`
+    (the default selection leaves out `slow` and `ecosystem`): the report tells them from modules a run left out."""
+    if not markexpr:
+        return {}
+    try:
+        expression = Expression.compile(markexpr)
+    except SyntaxError:  # pytest itself reports a bad -m expression
+        return {}
+    root = Path(__file__).parent.parent
+    out = {}
+    for module in battery_modules():
+        marks = module_marks(root / module)
+        if marks and not expression.evaluate(lambda name, **_: name in marks):
+            out[module] = marks
+    return out
 
 
 def pytest_generate_tests(metafunc):

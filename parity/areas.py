@@ -94,7 +94,9 @@ def scope(environments: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str
           records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the runs covered: their modules against the battery's (when every run recorded it), meshes, dtypes,
     references (the runs' option lists when every run recorded them, else those of the records), tolerance
-    profile, the -m / -k selection, a planted bug and a checkpoint directory when given."""
+    profile, the -m / -k selection, a planted bug and a checkpoint directory when given. A battery module that did
+    not run and that every run's -m leaves out by its module marks (`battery_deselected`) is outside the selection,
+    not a part the run left out."""
     environments = list(environments) or [{}]
     modules = list(dict.fromkeys(module_of(t["nodeid"]) for t in tests))
 
@@ -111,11 +113,16 @@ def scope(environments: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str
 
     battery = recorded("battery") or []
     ran = [b for b in battery if any(in_battery(m, [b]) for m in modules)]
+    marked = {module: marks for env in environments for module, marks in (env.get("battery_deselected") or {}).items()
+              if all(module in (e.get("battery_deselected") or {}) for e in environments)}
+    deselected = {b: marked[b] for b in battery if b not in ran and b in marked}
+    not_run = [b for b in battery if b not in ran and b not in deselected]
     selections = [env.get("selection") or {} for env in environments]
     return {
-        "modules": modules, "battery": battery, "ran": ran, "not_run": [b for b in battery if b not in ran],
+        "modules": modules, "battery": battery, "ran": ran, "not_run": not_run, "deselected": deselected,
+        "selected": [b for b in battery if b not in deselected],
         "outside": [m for m in modules if not in_battery(m, battery)] if battery else [],
-        "partial": bool(battery) and len(ran) < len(battery), "known": bool(battery),
+        "partial": bool(not_run), "known": bool(battery),
         "meshes": chosen("meshes", "mesh"), "dtypes": chosen("dtypes", "dtype"),
         "references": chosen("references", "reference"),
         "options_recorded": all(recorded(k) for k in ("meshes", "dtypes", "references")),

@@ -302,3 +302,16 @@ def test_help_describes_the_command_in_whole_sentences(capsys, module):
     out = capsys.readouterr().out
     description = " ".join(out.split("\n\n")[1].split())
     assert description.endswith(".") and len(description) > 60, description
+
+
+def test_the_default_selection_leaves_out_the_slow_and_ecosystem_modules_by_their_marks():
+    """Read from the modules' `pytestmark` (not imported), against pytest.ini's -m and against others."""
+    default = plugin.deselected_by_marks("not slow and not browser and not multihost and not ecosystem and not e2e "
+                                  "and not real_full")
+    assert default == {"conformance/test_8b_width.py": ["slow"], "conformance/test_ecosystem.py": ["ecosystem"],
+                       "conformance/test_ecosystem_easydel.py": ["ecosystem"],
+                       "conformance/test_ecosystem_penzai.py": ["ecosystem"],
+                       "conformance/test_ecosystem_torchax.py": ["ecosystem"]}
+    assert plugin.deselected_by_marks("ecosystem") == {"conformance/test_8b_width.py": ["slow"]}
+    assert plugin.deselected_by_marks("") == {} and plugin.deselected_by_marks("not (") == {}
+

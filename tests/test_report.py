@@ -597,6 +597,36 @@ def test_a_run_of_every_battery_module_says_it_covered_the_whole_battery(documen
     assert rows["planted bug (--mutant)"] == "rope_unscaled" and rows["checkpoint (--checkpoint-dir)"] == "/ckpt"
 
 
+def test_battery_modules_outside_the_marker_selection_are_not_a_partial_run(document):
+    """The default -m leaves out the slow and ecosystem modules: a run of every other module covered all its
+    selection takes; one module fewer is still a part, counted against the selection."""
+    slow, ecosystem = BATTERY[0], BATTERY[1]
+    environment = {**document["environment"], "battery_deselected": {slow: ["slow"], ecosystem: ["ecosystem"]}}
+    ran = [m for m in BATTERY if m not in (slow, ecosystem)]
+    tests = [{"nodeid": f"{m}::test_x", "outcome": "passed", "message": None} for m in ran]
+    dom = parse(pr.render({"environment": environment, "records": [], "tests": tests}))
+    assert dom.one("div", id="scope").attrs["data-scope"] == "whole"
+    assert not dom.one("div", cls="verdict").all("span", cls="scope-note")
+    assert squash(dom.one("p", cls="coverage").text()) == (
+        f"This run covered the whole battery its -m selection takes: all {len(ran)} modules ran.")
+    rows = _scope_rows(dom)
+    assert rows["outside the -m selection"].startswith("2 modules, marked slow, ecosystem")
+    assert "battery modules not run" not in rows
+    dom = parse(pr.render({"environment": environment, "records": [], "tests": tests[1:]}))
+    banner = squash(dom.one("div", cls="verdict").one("span", cls="scope-note").text())
+    assert banner == f"on part of the battery: {len(ran) - 1} of {len(ran)} modules its selection takes"
+    assert _scope_rows(dom)["battery modules not run"].startswith("1 module")
+
+
+def test_a_module_the_selection_leaves_out_but_that_ran_counts_as_run(document):
+    """Module marks are an approximation of -m: a test of a marked module that ran (its own marks selected it)
+    makes the module run, not outside the selection."""
+    environment = {**document["environment"], "battery_deselected": {BATTERY[0]: ["slow"]}}
+    tests = [{"nodeid": f"{m}::test_x", "outcome": "passed", "message": None} for m in BATTERY]
+    covered = areas.scope([environment], tests, [])
+    assert covered["deselected"] == {} and covered["ran"] == BATTERY and not covered["partial"]
+
+
 def test_a_run_that_did_not_record_its_battery_says_its_coverage_is_unknown(document):
     """An older --parity-json: no battery, no option lists; the scope says so and shows what its records hold."""
     environment = {k: v for k, v in document["environment"].items()
