@@ -181,7 +181,7 @@ def layer(dtype: str, index: int) -> dict[str, np.ndarray]:
 @functools.lru_cache(maxsize=64)
 def activations(dtype: str, seq: int, seed: int, spread: bool = False, extreme: str | None = None) -> np.ndarray:
     """(BATCH, seq, dim) inputs; with `spread`, each position is scaled log-uniformly over [1e-3, 10] so that
-    RMSNorm's eps matters for the small rows. `extreme` (fixtures/extremes.py): 'outliers' (channels x 10^3),
+    RMSNorm's eps matters for the small rows. `extreme` (fixtures/extremes.py): 'outliers' (channels x 5 x 10^3),
     'dominant' (each state along an output row: one token's probability > 0.999); attention's 'scores' are
     `attention_chunks`'."""
     rng = np.random.default_rng(seed)

@@ -1,5 +1,5 @@
 """One whole transformer block of the implementation under test (norms, attention, MLP, both residuals), at
-position 0 and past 8192; (extremes) with outlier channels 10^3 times the rest in the residual stream."""
+position 0 and past 8192; (extremes) with outlier channels 5 x 10^3 times the rest in the residual stream."""
 import pytest
 
 from conformance.components import BLOCK, inputs

@@ -233,9 +233,14 @@ def test_real_logits_match_the_golden_data(request, impl_factory, dtype, real_me
 
 def test_real_model_reaches_massive_activations():
     """The real slice is only worth its time if the model is the real one: its residual stream must carry the
-    outliers trained Llama-architecture models are known for (max/median above 1000 somewhere)."""
+    outliers trained Llama-architecture models are known for (max/median above 1000 somewhere), and the synthetic
+    extremes must reach them."""
     ratios = [extremes.outlier_ratio(x) for x in real_slice.residual_inputs("float32")]
     assert max(ratios) > 1000, f"largest max/median of the residual stream is {max(ratios):.3g}: not the real model"
+    assert max(ratios) <= extremes.MIN_OUTLIER_RATIO, (
+        f"the real model's residual stream reaches max/median {max(ratios):.3g}, beyond what the synthetic extremes "
+        f"are held to ({extremes.MIN_OUTLIER_RATIO:.3g}): raise fixtures/extremes.py's OUTLIER_FACTOR and "
+        "MIN_OUTLIER_RATIO to the real magnitude")
 
 
 # ---- the real model's own files: pinned, converted once, every bad input one line --------------------------
