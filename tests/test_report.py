@@ -584,16 +584,26 @@ def test_scope_says_plainly_that_a_run_covered_part_of_the_battery(dom, document
     assert "planted bug (--mutant)" not in rows and "checkpoint (--checkpoint-dir)" not in rows
 
 
-def test_a_run_of_every_battery_module_says_it_covered_the_whole_battery(document):
-    tests = [{"nodeid": f"{m}::test_x", "outcome": "passed", "message": None} for m in BATTERY]
-    environment = {**document["environment"], "mutant": "rope_unscaled", "checkpoint_dir": "/ckpt"}
-    dom = parse(pr.render({"environment": environment, "records": [], "tests": tests}))
+def _whole_run(environment, modules):
+    """The page of a run with no records where one test of each module passed: only its scope is in question."""
+    tests = [{"nodeid": f"{m}::test_x", "outcome": "passed", "message": None} for m in modules]
+    return parse(pr.render({"environment": environment, "records": [], "tests": tests}))
+
+
+def _whole_scope(dom, coverage: str) -> dict[str, str]:
+    """The scope rows of a page that must read as a whole run: no banner note, no module left out."""
     assert dom.one("div", id="scope").attrs["data-scope"] == "whole"
     assert not dom.one("div", cls="verdict").all("span", cls="scope-note")
-    assert squash(dom.one("p", cls="coverage").text()) == (
-        f"This run covered the whole battery: all {len(BATTERY)} modules ran.")
+    assert squash(dom.one("p", cls="coverage").text()) == coverage
     rows = _scope_rows(dom)
     assert "battery modules not run" not in rows
+    return rows
+
+
+def test_a_run_of_every_battery_module_says_it_covered_the_whole_battery(document):
+    environment = {**document["environment"], "mutant": "rope_unscaled", "checkpoint_dir": "/ckpt"}
+    rows = _whole_scope(_whole_run(environment, BATTERY),
+                        f"This run covered the whole battery: all {len(BATTERY)} modules ran.")
     assert rows["planted bug (--mutant)"] == "rope_unscaled" and rows["checkpoint (--checkpoint-dir)"] == "/ckpt"
 
 
@@ -603,16 +613,10 @@ def test_battery_modules_outside_the_marker_selection_are_not_a_partial_run(docu
     slow, ecosystem = BATTERY[0], BATTERY[1]
     environment = {**document["environment"], "battery_deselected": {slow: ["slow"], ecosystem: ["ecosystem"]}}
     ran = [m for m in BATTERY if m not in (slow, ecosystem)]
-    tests = [{"nodeid": f"{m}::test_x", "outcome": "passed", "message": None} for m in ran]
-    dom = parse(pr.render({"environment": environment, "records": [], "tests": tests}))
-    assert dom.one("div", id="scope").attrs["data-scope"] == "whole"
-    assert not dom.one("div", cls="verdict").all("span", cls="scope-note")
-    assert squash(dom.one("p", cls="coverage").text()) == (
-        f"This run covered the whole battery its -m selection takes: all {len(ran)} modules ran.")
-    rows = _scope_rows(dom)
+    rows = _whole_scope(_whole_run(environment, ran),
+                        f"This run covered the whole battery its -m selection takes: all {len(ran)} modules ran.")
     assert rows["outside the -m selection"].startswith("2 modules, marked slow, ecosystem")
-    assert "battery modules not run" not in rows
-    dom = parse(pr.render({"environment": environment, "records": [], "tests": tests[1:]}))
+    dom = _whole_run(environment, ran[1:])
     banner = squash(dom.one("div", cls="verdict").one("span", cls="scope-note").text())
     assert banner == f"on part of the battery: {len(ran) - 1} of {len(ran)} modules its selection takes"
     assert _scope_rows(dom)["battery modules not run"].startswith("1 module")
