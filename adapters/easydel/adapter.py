@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from llama_spec import config as spec
-from llama_spec.convert import meta_to_hf
+from llama_spec.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis, meta_to_hf
 from llama_spec.layout import meta_weight_shapes
 
 DATA, MODEL = "data", "model"
@@ -41,17 +41,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # ---- capturing sublayer outputs ---------------------------------------------------------------------------
 
 _STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("easydel_capture", default=None)
-
-
-def _interleaved(x):
-    """EasyDeL's half layout (i, i + hd/2) -> Meta's interleaved pairs (2i, 2i+1), on the last axis."""
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], 2, hd // 2)), -1, -2), x.shape)
-
-
-def _halves(x):
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], hd // 2, 2)), -1, -2), x.shape)
 
 
 _TAPPED: dict[tuple[type, str], type] = {}
@@ -84,8 +73,8 @@ def _tap_rotary(attention, prefix: str) -> None:
             q, k = cls._apply_rotary(self, *args, **kwargs)
             store = _STORE.get()
             if store is not None:
-                store[self._suite_rope + "q_rope"] = _interleaved(q)
-                store[self._suite_rope + "k_rope"] = _interleaved(k)
+                store[self._suite_rope + "q_rope"] = halves_to_interleaved_last_axis(q)
+                store[self._suite_rope + "k_rope"] = halves_to_interleaved_last_axis(k)
             return q, k
 
         meta: Any = type(cls)
@@ -245,9 +234,9 @@ class EasyDeLLlamaAdapter:
 
         def rope(model, q, k, positions):
             rotary = self._layer(model, 0).self_attn.rotary
-            q2, k2 = rotary(query=_halves(q), key=_halves(k), positions=positions,
-                            frequencies=model.model.frequencies)
-            return _interleaved(q2), _interleaved(k2)
+            q2, k2 = rotary(query=interleaved_to_halves_last_axis(q), key=interleaved_to_halves_last_axis(k),
+                            positions=positions, frequencies=model.model.frequencies)
+            return halves_to_interleaved_last_axis(q2), halves_to_interleaved_last_axis(k2)
 
         positions = self._positions(q.shape[0], q.shape[1], int(start_pos))
         return self._jit("rope", rope)(self._replicated(q), self._replicated(k), positions)

@@ -19,6 +19,7 @@ import numpy as np
 from adapters.hf_checkpoint import tied, write_hf
 from adapters.keras_hub import checkpoint as ckpt
 from llama_spec.config import LlamaConfig
+from llama_spec.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis
 
 if os.environ.setdefault("KERAS_BACKEND", "jax") != "jax":
     raise ImportError(f"adapters.keras_hub needs KERAS_BACKEND=jax (set: {os.environ['KERAS_BACKEND']!r})")
@@ -46,17 +47,6 @@ DATA, MODEL = "data", "model"
 
 _STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("keras_hub_capture", default=None)
 _OVERRIDE: contextvars.ContextVar[Mapping | None] = contextvars.ContextVar("keras_hub_override", default=None)
-
-
-def _interleaved(x):
-    """keras-hub's half layout (i, i + hd/2) -> Meta's interleaved pairs (2i, 2i+1), on the last axis."""
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], 2, hd // 2)), -1, -2), x.shape)
-
-
-def _halves(x):
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], hd // 2, 2)), -1, -2), x.shape)
 
 
 def _first(output):
@@ -104,7 +94,7 @@ def _install_taps(backbone) -> None:
             # LlamaAttention.call applies RoPE to the query first, then to the key (its _compute_key_value).
             calls = store.setdefault(p + "rope_calls", [])
             calls.append(out)
-            store[p + ("q_rope" if len(calls) == 1 else "k_rope")] = _interleaved(out)
+            store[p + ("q_rope" if len(calls) == 1 else "k_rope")] = halves_to_interleaved_last_axis(out)
 
         _wrap(attention, attention_out)
         _wrap(attention.rotary_embedding_layer, rope)
@@ -295,8 +285,8 @@ class KerasHubLlamaAdapter:
         rotary = self._decoder(0)._self_attention_layer.rotary_embedding_layer
 
         def rope(q, k, start):
-            return (_interleaved(rotary(_halves(q), start_index=start)),
-                    _interleaved(rotary(_halves(k), start_index=start)))
+            return (halves_to_interleaved_last_axis(rotary(interleaved_to_halves_last_axis(q), start_index=start)),
+                    halves_to_interleaved_last_axis(rotary(interleaved_to_halves_last_axis(k), start_index=start)))
 
         return self._jit("rope", rope)(self._values(), self._replicated(q), self._replicated(k), jnp.int32(start_pos))
 

@@ -22,6 +22,7 @@ from penzai.toolshed import sharding_util
 
 from adapters.hf_torch import from_pretrained, from_suite_config
 from llama_spec.config import LlamaConfig
+from llama_spec.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis
 
 DATA, MODEL = "data", "model"
 PAD = -1  # the caching model's pad id: no real token (penzai treats every token equal to it as padding)
@@ -211,8 +212,9 @@ class PenzaiLlamaAdapter:
         def rope(model, q, k, start):
             attention = _blocks(model)[0].sublayers[0].delta.sublayers[1]
             positions = _positions(start, *q.shape[:2])
-            q_named = _heads_in(_halves(q), {**metadata.common_head_axes, **metadata.query_only_head_axes})
-            k_named = _heads_in(_halves(k), metadata.common_head_axes)
+            q_named = _heads_in(interleaved_to_halves_last_axis(q),
+                                {**metadata.common_head_axes, **metadata.query_only_head_axes})
+            k_named = _heads_in(interleaved_to_halves_last_axis(k), metadata.common_head_axes)
             q_out = attention.input_to_query.sublayers[1](q_named, token_positions=positions)
             k_out = attention.input_to_key.sublayers[1](k_named, token_positions=positions)
             return _heads_out(q_out), _heads_out(k_out)
@@ -249,17 +251,6 @@ def _count_blocks(taps) -> int:
     return sum(name.endswith(".block_out") for name in taps)
 
 
-def _interleaved(x):
-    """penzai's (and HF's) rotate-half layout (i, i + hd/2) -> Meta's interleaved pairs (2i, 2i+1), last axis."""
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], 2, hd // 2)), -1, -2), x.shape)
-
-
-def _halves(x):
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], hd // 2, 2)), -1, -2), x.shape)
-
-
 def _heads_in(x, head_axes: Mapping[str, int]):
     """(batch, seq, heads, hd) -> a NamedArray with penzai's head axes (kv group major, as the converter reshapes
     HF's q_proj rows) and 'projection'."""
@@ -272,7 +263,7 @@ def _heads_out(v):
     """A NamedArray with head axes and 'projection' -> (batch, seq, heads, hd) in Meta's interleaved layout."""
     names = [n for n in _HEAD_AXES if n in v.named_shape]
     x = v.untag("batch", "seq", *names, "projection").unwrap()
-    return _interleaved(jnp.reshape(x, (*x.shape[:2], -1, x.shape[-1])))
+    return halves_to_interleaved_last_axis(jnp.reshape(x, (*x.shape[:2], -1, x.shape[-1])))
 
 
 def _block_with_taps(block, x, positions, taps: dict, prefix: str):

@@ -24,6 +24,7 @@ from adapters.hf_torch import from_pretrained, from_suite_config
 from adapters.torchax.compat import import_torchax
 from fixtures.checkpoints import write_hf_checkpoint
 from llama_spec.config import LlamaConfig
+from llama_spec.convert import halves_to_interleaved_last_axis, interleaved_to_halves_last_axis
 
 torchax = import_torchax()
 from torchax.interop import JittableModule  # noqa: E402
@@ -63,24 +64,13 @@ def partition_spec(hf_name: str, shape: Sequence[int], hf_config, model_size: in
     return P()
 
 
-def _interleaved(x):
-    """HF's rotate-half layout (i, i + hd/2) -> Meta's interleaved pairs (2i, 2i+1), last axis."""
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], 2, hd // 2)), -1, -2), x.shape)
-
-
-def _halves(x):
-    hd = x.shape[-1]
-    return jnp.reshape(jnp.swapaxes(jnp.reshape(x, (*x.shape[:-1], hd // 2, 2)), -1, -2), x.shape)
-
-
 def _to_meta_heads(t):
     """(batch, heads, seq, hd) rotate-half -> (batch, seq, heads, hd) interleaved."""
-    return _interleaved(jnp.swapaxes(t, 1, 2))
+    return halves_to_interleaved_last_axis(jnp.swapaxes(t, 1, 2))
 
 
 def _to_hf_heads(x):
-    return jnp.swapaxes(_halves(x), 1, 2)
+    return jnp.swapaxes(interleaved_to_halves_last_axis(x), 1, 2)
 
 
 class _Capture:
