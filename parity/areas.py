@@ -113,14 +113,14 @@ def scope(environments: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str
 
     battery = recorded("battery") or []
     ran = [b for b in battery if any(in_battery(m, [b]) for m in modules)]
-    marked = {module: marks for env in environments for module, marks in (env.get("battery_deselected") or {}).items()
-              if all(module in (e.get("battery_deselected") or {}) for e in environments)}
-    deselected = {b: marked[b] for b in battery if b not in ran and b in marked}
+    left_out = [env.get("battery_deselected") or {} for env in environments]
+    deselected = {b: left_out[0][b] for b in battery if b not in ran and all(b in each for each in left_out)}
     not_run = [b for b in battery if b not in ran and b not in deselected]
     selections = [env.get("selection") or {} for env in environments]
     return {
         "modules": modules, "battery": battery, "ran": ran, "not_run": not_run, "deselected": deselected,
         "selected": [b for b in battery if b not in deselected],
+        "deselected_marks": sorted({mark for marks in deselected.values() for mark in marks}),
         "outside": [m for m in modules if not in_battery(m, battery)] if battery else [],
         "partial": bool(not_run), "known": bool(battery),
         "meshes": chosen("meshes", "mesh"), "dtypes": chosen("dtypes", "dtype"),

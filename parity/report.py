@@ -806,14 +806,15 @@ def render(document: Mapping[str, Any], gate: Any = None) -> str:
     return render_runs([("this run", document)], gate)
 
 
-def _write(path: str | Path, html: str) -> None:
+def write_html(path: str | Path, html: str) -> None:
+    """Write a rendered page, creating the parent folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(html, encoding="utf-8")
 
 
 def write_report(path: str | Path, document: Mapping[str, Any], gate: Any = None) -> None:
     """Render and write the report, creating the parent folder."""
-    _write(path, render(document, gate))
+    write_html(path, render(document, gate))
 
 
 def run_counts(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[int, int]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from parity.report import ReportError, load_document, plural, render_runs, run_counts
+from parity.report import ReportError, load_document, plural, render_runs, run_counts, write_html
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,12 +18,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("json", nargs="+", help="--parity-json files")
     parser.add_argument("-o", "--output", required=True, help="the HTML file to write")
     args = parser.parse_args(argv)
-    output = Path(args.output)
     try:
         documents = [(path, load_document(path)) for path in args.json]
-        html = render_runs(documents)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(html, encoding="utf-8")
+        write_html(args.output, render_runs(documents))
     except ReportError as exc:
         print(f"python -m parity.report_cli: error: {exc}", file=sys.stderr)
         return 2

@@ -32,13 +32,14 @@ def scope_lines(environment: dict[str, Any], records: list[dict], tests: list[di
     """What the run covered and its status per area (parity.areas), as the report's first screen says them."""
     covered = scope([environment], tests, records)
     if covered["known"]:
-        part = "part of the battery" if covered["partial"] else "the whole battery"
-        modules = f"{len(covered['ran'])} of {len(covered['battery'])} battery modules ({part})"
         if covered["deselected"]:
-            marks = sorted({mark for marks in covered["deselected"].values() for mark in marks})
             part = "part of what it selects" if covered["partial"] else "all it selects"
             modules = (f"{len(covered['ran'])} of the {len(covered['selected'])} battery modules its -m selects "
-                       f"({part}; {len(covered['deselected'])} more outside it: {', '.join(marks)})")
+                       f"({part}; {len(covered['deselected'])} more outside it: "
+                       f"{', '.join(covered['deselected_marks'])})")
+        else:
+            part = "part of the battery" if covered["partial"] else "the whole battery"
+            modules = f"{len(covered['ran'])} of {len(covered['battery'])} battery modules ({part})"
     else:
         count = len(covered["modules"])
         modules = f"{count} module{'' if count == 1 else 's'} (the battery's modules not recorded)"

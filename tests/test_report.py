@@ -615,7 +615,7 @@ def test_battery_modules_outside_the_marker_selection_are_not_a_partial_run(docu
     ran = [m for m in BATTERY if m not in (slow, ecosystem)]
     rows = _whole_scope(_whole_run(environment, ran),
                         f"This run covered the whole battery its -m selection takes: all {len(ran)} modules ran.")
-    assert rows["outside the -m selection"].startswith("2 modules, marked slow, ecosystem")
+    assert rows["outside the -m selection"].startswith("2 modules, marked ecosystem, slow")
     dom = _whole_run(environment, ran[1:])
     banner = squash(dom.one("div", cls="verdict").one("span", cls="scope-note").text())
     assert banner == f"on part of the battery: {len(ran) - 1} of {len(ran)} modules its selection takes"
