@@ -360,7 +360,10 @@ def test_allowed_special_like_meta(request, allowed, meta_tok, hf_tok):
     text = CORPUS["special_tokens_as_text"] + " tail <|eot_id|><|eot_id|>x"
     meta = meta_ids(meta_tok, text, allowed_special=allowed)
     hf = hf_ids(text, allowed_special=allowed)
-    what = f"encode(allowed_special={allowed!r})"
+    # the record's name is its identity in the baseline: a set's repr follows the process's hash seed, so sorted
+    shown = (repr(allowed) if isinstance(allowed, str) else
+             "frozenset({" + ", ".join(map(repr, sorted(allowed))) + "})" if allowed else "frozenset()")
+    what = f"encode(allowed_special={shown})"
     assert_same_ids(request, what, text, meta, hf, meta_tok, what)
     expected_specials = {meta_tok.special_tokens[name] for name in
                          (meta_tok.special_tokens if allowed == "all" else allowed) if name in text}
