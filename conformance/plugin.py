@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from adapters import protocol
 from adapters.protocol import BUILTIN, AdapterError, load
-from conformance import components, model_scope, mutants, support
+from conformance import components, model_scope, mutants, real_slice, support
 from fixtures.real_model import RealModelError
 from llama_spec.checkpoint import CheckpointError, load_checkpoint
 from llama_spec.layout import check_splittable, make_mesh, parse_mesh
@@ -85,9 +85,10 @@ def pytest_addoption(parser):
     group.addoption("--parity-update-baseline", action="store_true", default=False,
                     help="rewrite the --parity-baseline file from this run instead of judging against it")
     group.addoption("--checkpoint-dir", default=None, metavar="DIR",
-                    help="test this checkpoint (Meta params.json + consolidated.NN.pth, or HF config.json + "
-                         "*.safetensors; read lazily) instead of the synthetic tiny weights where a test takes "
-                         "`model_weights`")
+                    help="a real checkpoint (Meta params.json + consolidated.NN.pth, or HF config.json + "
+                         "*.safetensors, with its tokenizer files): the real slice (test_real_model.py) runs on it "
+                         "through --impl instead of the pinned SmolLM2, and the layer-by-layer checkpoint test "
+                         "reads it")
     group.addoption("--impl", default=None, metavar="MODULE:ATTR",
                     help="the JAX Llama implementation under test: every check runs on it through the adapter "
                          "protocol of adapters/protocol.py, or says 'not checked' and why "
@@ -272,9 +273,11 @@ def pytest_configure(config):
     if config.getoption("checkpoint_dir"):
         try:  # metadata only: a bad checkpoint stops the run with one line, before any test
             checkpoint, weights = load_checkpoint(config.getoption("checkpoint_dir"))
+            real_slice.use_checkpoint(config.getoption("checkpoint_dir"))  # the real slice runs on it
         except CheckpointError as err:
             raise pytest.UsageError(f"--checkpoint-dir: {err}") from None
-        configs[str(weights.config_path)] = checkpoint
+        if config.getoption("mesh"):  # named meshes must split it; on default ones, what cannot is not checked
+            configs[str(weights.config_path)] = checkpoint
     note_scope(config, battery=battery_modules(),
                battery_deselected=deselected_by_marks(config.getoption("markexpr", default="") or ""),
                meshes=_chosen(config, "mesh", MODEL_MESHES[model]),

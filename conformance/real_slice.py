@@ -1,12 +1,13 @@
 """Inputs and cached reference results of the real-model slice (conformance/test_real_model.py).
 
-The subject is a real trained model (fixtures/real_model.py: SmolLM2-135M-Instruct, dequantized to float32) on
-real chat text: the checked-in prompts of fixtures/real_text/prompts.json, each rendered by the model's own chat
-template. A case's prompts are right-padded into one batch: the model is causal, so a prompt's positions do not
-see the padding after them, and only those positions are compared (`valid`). Every reference result depends on
-(case, reference, dtype), never on the mesh, so it is computed once per process. As in support.py, the float64
-oracle computes with the weights rounded to the run dtype, so its distance to each side measures only that
-side's arithmetic.
+The slice's model is a real trained one: by default the pinned SmolLM2-135M-Instruct (fixtures/real_model.py,
+dequantized to float32), or the checkpoint `--checkpoint-dir` names (use_checkpoint, before collection). Its text
+is real chat: the checked-in prompts of fixtures/real_text/prompts.json, each rendered by the model's own chat
+template (plain text after BOS for a tokenizer without one). A case's prompts are right-padded into one batch:
+the model is causal, so a prompt's positions do not see the padding after them, and only those positions are
+compared (`valid`). Every reference result depends on (case, reference, dtype), never on the mesh, so it is
+computed once per process. As in support.py, the float64 oracle computes with the weights rounded to the run
+dtype, so its distance to each side measures only that side's arithmetic.
 """
 from __future__ import annotations
 
@@ -19,12 +20,19 @@ import numpy as np
 
 from conformance.support import rounded
 from fixtures import extremes, real_model
+from llama_spec.checkpoint import CheckpointError, load_checkpoint, load_tokenizer
+from llama_spec.config import LlamaConfig
+from llama_spec.layout import check_splittable
+from llama_spec.tokenizer import meta_tokenizer
 from parity import metrics as pm
 from reference import hf, meta, oracle
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "real_text" / "prompts.json"
-MESHES = ("1x1", "1x3")  # 9 query / 3 kv heads: the model axis splits them at 3, not at 4
-FULL_MESHES = ("2x3",)   # marker real_full
+MESHES: tuple[str, ...] = ("1x1", "1x3")  # 9 query / 3 kv heads: the model axis splits them at 3, not at 4
+FULL_MESHES: tuple[str, ...] = ("2x3",)  # marker real_full
+# The model axes tried, smallest first, for a --checkpoint-dir model's sharded mesh
+MODEL_AXES = (2, 3, 4)
+LLAMA3_VOCAB = 128256  # a checkpoint without tokenizer files but with this vocabulary is read with Llama 3's
 PAD = 2  # <|im_end|>: any id serves, the positions after a prompt's end are never compared
 
 
@@ -44,8 +52,99 @@ CASES = {
 FULL_CASES = ("chat_more", "summary", "long")
 
 
-def config():
-    return real_model.checkpoint().config
+# The checkpoint --checkpoint-dir names, or None for the pinned real model
+CHECKPOINT: Path | None = None
+
+
+PINNED_MESHES = MESHES, FULL_MESHES
+
+
+def use_checkpoint(directory: str | Path | None) -> None:
+    """Make the checkpoint in `directory` the slice's model (None: the pinned one again): its config, weights,
+    tokenizer and meshes. Called by the plugin before collection, so the test modules' mesh parameters are the
+    checkpoint's; raises CheckpointError (one line) for a directory that is not a checkpoint."""
+    global CHECKPOINT, MESHES, FULL_MESHES
+    if directory is None:
+        CHECKPOINT, (MESHES, FULL_MESHES) = None, PINNED_MESHES
+    else:
+        found, _ = load_checkpoint(directory)
+        CHECKPOINT, (MESHES, FULL_MESHES) = Path(directory), meshes_for(found)
+    for cached in (_user_checkpoint, model_weights, _user_tokenizer, prompts, tokens, weights, exact, full_forward,
+                   outlier_layers):
+        cached.cache_clear()
+
+
+def meshes_for(config: LlamaConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(default meshes, real_full meshes): 1x1 and the smallest model axis that splits the model, then 2x it."""
+    for axis in MODEL_AXES:
+        try:
+            check_splittable(config, axis)
+        except ValueError:
+            continue
+        return ("1x1", f"1x{axis}"), (f"2x{axis}",)
+    return ("1x1",), ()
+
+
+def name() -> str:
+    """What messages call the slice's model."""
+    return real_model.NAME if CHECKPOINT is None else str(CHECKPOINT)
+
+
+def has_golden_data() -> bool:
+    """The checked-in golden data holds the pinned model's log-probs, no other's."""
+    return CHECKPOINT is None
+
+
+@functools.lru_cache(maxsize=1)
+def _user_checkpoint():
+    assert CHECKPOINT is not None, "use_checkpoint first"
+    return load_checkpoint(CHECKPOINT)
+
+
+def config() -> LlamaConfig:
+    return real_model.checkpoint().config if CHECKPOINT is None else _user_checkpoint()[0]
+
+
+@functools.lru_cache(maxsize=1)
+def model_weights() -> dict[str, np.ndarray]:
+    """The slice model's float32 Meta-layout weights, read once per process (treat as read-only)."""
+    if CHECKPOINT is None:
+        return real_model.weights()
+    lazy = _user_checkpoint()[1]
+    return {n: np.ascontiguousarray(lazy[n], dtype=np.float32) for n in lazy}
+
+
+@functools.lru_cache(maxsize=1)
+def _user_tokenizer():
+    """(HF tokenizer or None, Meta tokenizer or None) of the --checkpoint-dir model; both None: no text side."""
+    import transformers  # heavy: only for a user's checkpoint
+
+    assert CHECKPOINT is not None, "use_checkpoint first"
+    if any((CHECKPOINT / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return transformers.AutoTokenizer.from_pretrained(CHECKPOINT), None
+    try:
+        meta_side = load_tokenizer(CHECKPOINT, config())
+    except CheckpointError:  # a Meta checkpoint without tokenizer.model: unavailable() says so
+        meta_side = None
+    if meta_side is None and config().vocab_size == LLAMA3_VOCAB:
+        meta_side = meta_tokenizer()
+    return None, meta_side
+
+
+def unavailable() -> str | None:
+    """Why the slice cannot run on its model (a --checkpoint-dir without any tokenizer), or None."""
+    if CHECKPOINT is None or any(_user_tokenizer()):
+        return None
+    return (f"not checked: {CHECKPOINT} ships no tokenizer (tokenizer.json or tokenizer.model) and its vocab_size "
+            f"{config().vocab_size} is not Llama 3's, so the real slice has no text to run; add the model's "
+            "tokenizer files to the directory")
+
+
+def decode(ids) -> str:
+    if CHECKPOINT is None:
+        return real_model.tokenizer().decode(ids)
+    hf_side, meta_side = _user_tokenizer()
+    return hf_side.decode(ids) if hf_side is not None else meta_side.decode(list(ids))
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,9 +153,15 @@ def prompt_texts() -> dict[str, str]:
 
 
 def chat_ids(text: str) -> list[int]:
-    """One user turn through the model's own chat template, ending with the assistant's generation prompt."""
-    encoded = real_model.tokenizer().apply_chat_template([{"role": "user", "content": text}],
-                                                         add_generation_prompt=True)
+    """One user turn through the model's own chat template, ending with the assistant's generation prompt; a
+    tokenizer without a template encodes the text after BOS."""
+    hf_side, meta_side = (real_model.tokenizer(), None) if CHECKPOINT is None else _user_tokenizer()
+    if hf_side is None:
+        assert meta_side is not None, unavailable()
+        return meta_side.encode(text, bos=True, eos=False)
+    if not hf_side.chat_template:
+        return list(hf_side(text)["input_ids"])
+    encoded = hf_side.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return list(encoded["input_ids"])
 
 
@@ -83,7 +188,7 @@ def valid(case: str, x: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def weights(dtype: str) -> dict[str, np.ndarray]:
     """The real weights as the run dtype sees them (what the oracle computes with)."""
-    return {k: rounded(v, dtype) for k, v in real_model.weights().items()}
+    return {k: rounded(v, dtype) for k, v in model_weights().items()}
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,11 +203,11 @@ def full_forward(reference: str, dtype: str, case: str):
     """The reference's (logits, intermediates) on the case, padding dropped."""
     toks = tokens(case)
     if reference == "meta":
-        ref = meta.MetaReference(config(), real_model.weights(), dtype, max_batch_size=toks.shape[0],
+        ref = meta.MetaReference(config(), model_weights(), dtype, max_batch_size=toks.shape[0],
                                  max_seq_len=toks.shape[1])
         logits, taps = ref.forward(toks, 0, capture=True)
     elif reference == "hf":
-        logits, taps = hf.HFReference(config(), real_model.weights(), dtype).forward(toks, 0, capture=True)
+        logits, taps = hf.HFReference(config(), model_weights(), dtype).forward(toks, 0, capture=True)
     else:
         raise ValueError(f"--reference {reference}: full-model references are meta and hf")
     return valid(case, logits), {k: valid(case, v) for k, v in taps.items()}
