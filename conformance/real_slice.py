@@ -51,6 +51,13 @@ CASES = {
 }
 FULL_CASES = ("chat_more", "summary", "long")
 
+# A public-domain text for perplexity, as a language model reads plain text (the tokenizer's own encoding, no chat
+# template): the opening of the Constitution of the United States (1787; a work in the public domain), from the
+# Preamble into Article I, Section 8, about 2,000 tokens. Only the golden check reads it.
+TEXT_FILE = PROMPTS_FILE.parent / "constitution.txt"
+TEXT_CASE = "constitution"
+GOLDEN_CASES = (*CASES, TEXT_CASE)
+
 
 # The checkpoint --checkpoint-dir names, or None for the pinned real model
 CHECKPOINT: Path | None = None
@@ -155,18 +162,26 @@ def prompt_texts() -> dict[str, str]:
 def chat_ids(text: str) -> list[int]:
     """One user turn through the model's own chat template, ending with the assistant's generation prompt; a
     tokenizer without a template encodes the text after BOS."""
-    hf_side, meta_side = (real_model.tokenizer(), None) if CHECKPOINT is None else _user_tokenizer()
-    if hf_side is None:
-        assert meta_side is not None, unavailable()
-        return meta_side.encode(text, bos=True, eos=False)
-    if not hf_side.chat_template:
-        return list(hf_side(text)["input_ids"])
+    hf_side = real_model.tokenizer() if CHECKPOINT is None else _user_tokenizer()[0]
+    if hf_side is None or not hf_side.chat_template:
+        return plain_ids(text)
     encoded = hf_side.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return list(encoded["input_ids"])
 
 
+def plain_ids(text: str) -> list[int]:
+    """The text as the model's tokenizer encodes plain text (with BOS where the tokenizer adds one)."""
+    hf_side, meta_side = (real_model.tokenizer(), None) if CHECKPOINT is None else _user_tokenizer()
+    if hf_side is None:
+        assert meta_side is not None, unavailable()
+        return meta_side.encode(text, bos=True, eos=False)
+    return list(hf_side(text)["input_ids"])
+
+
 @functools.lru_cache(maxsize=None)
 def prompts(case: str) -> tuple[tuple[int, ...], ...]:
+    if case == TEXT_CASE:
+        return (tuple(plain_ids(TEXT_FILE.read_text())),)
     return tuple(tuple(chat_ids(prompt_texts()[i])) for i in CASES[case].prompt_ids)
 
 
@@ -193,24 +208,30 @@ def weights(dtype: str) -> dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=4)
 def exact(dtype: str, case: str):
-    """The float64 oracle's (logits, intermediates) on the case, padding dropped."""
-    logits, taps = oracle.oracle_forward(config(), weights(dtype), tokens(case), 0, capture=True)
+    """The float64 oracle's (logits, intermediates) on the case, padding dropped (the text's: logits only)."""
+    out = oracle.oracle_forward(config(), weights(dtype), tokens(case), 0, capture=case != TEXT_CASE)
+    return _valid_pair(case, out)
+
+
+def _valid_pair(case: str, out) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A forward's logits, or (logits, intermediates), as (logits, intermediates) over the valid positions."""
+    logits, taps = out if isinstance(out, tuple) else (out, {})
     return valid(case, logits), {k: valid(case, v) for k, v in taps.items()}
 
 
 @functools.lru_cache(maxsize=4)
 def full_forward(reference: str, dtype: str, case: str):
-    """The reference's (logits, intermediates) on the case, padding dropped."""
-    toks = tokens(case)
+    """The reference's (logits, intermediates) on the case, padding dropped (the text's: logits only)."""
+    toks, capture = tokens(case), case != TEXT_CASE
     if reference == "meta":
         ref = meta.MetaReference(config(), model_weights(), dtype, max_batch_size=toks.shape[0],
                                  max_seq_len=toks.shape[1])
-        logits, taps = ref.forward(toks, 0, capture=True)
+        out = ref.forward(toks, 0, capture=capture)
     elif reference == "hf":
-        logits, taps = hf.HFReference(config(), model_weights(), dtype).forward(toks, 0, capture=True)
+        out = hf.HFReference(config(), model_weights(), dtype).forward(toks, 0, capture=capture)
     else:
         raise ValueError(f"--reference {reference}: full-model references are meta and hf")
-    return valid(case, logits), {k: valid(case, v) for k, v in taps.items()}
+    return _valid_pair(case, out)
 
 
 def peer(reference: str) -> str:
@@ -296,7 +317,7 @@ def golden() -> dict[str, dict[str, np.ndarray]]:
 
 
 def write_golden(path: Path = GOLDEN_FILE) -> None:
-    arrays = {f"{case}/{name}": value for case in CASES for name, value in golden_arrays(case).items()}
+    arrays = {f"{case}/{name}": value for case in GOLDEN_CASES for name, value in golden_arrays(case).items()}
     np.savez_compressed(path, **arrays)
 
 
@@ -316,7 +337,7 @@ def main(argv=None) -> int:
     except real_model.RealModelError as err:
         print(f"error: {err}")
         return 2
-    print(f"{GOLDEN_FILE}: {len(CASES)} cases, top-{GOLDEN_TOPK}, dtypes {', '.join(DTYPES)}")
+    print(f"{GOLDEN_FILE}: {len(GOLDEN_CASES)} cases, top-{GOLDEN_TOPK}, dtypes {', '.join(DTYPES)}")
     return 0
 
 

@@ -10,7 +10,7 @@ Checked here:
 - the KV cache: a prefill and one-token decode steps give the full forward's logits;
 - mesh invariance: 1x3 gives the 1x1 logits and intermediates.
 Greedy generation on the same model is test_generation.py's `real_chat` case. The prompts beyond the default four,
-and the 2x3 mesh, run under the marker `real_full`.
+the public-domain text (perplexity, golden check only) and the 2x3 mesh run under the marker `real_full`.
 """
 import functools
 import json
@@ -74,6 +74,23 @@ def subject_forward(request, impl_factory, mesh, dtype, case, scope):
     adapter = real_subject(request, impl_factory, mesh, dtype, component=scope["component"],
                            reference=scope["reference"])
     return support.run(request, _forward, adapter, case, **scope, what="forward(capture=True) on real text")
+
+
+@functools.lru_cache(maxsize=2)
+def _logits(adapter, case: str):
+    """The subject's logits alone (no intermediates: the public-domain text is long), padding dropped."""
+    return real_slice.valid(case, host(adapter.forward(real_slice.tokens(case), start_pos=0, capture=False)))
+
+
+def subject_logits(request, impl_factory, mesh, dtype, case, scope):
+    """The subject's logits on a case: from the forward with intermediates where the other checks share it."""
+    __tracebackhide__ = True
+    if case != real_slice.TEXT_CASE:
+        return subject_forward(request, impl_factory, mesh, dtype, case, scope)[0]
+    support.data_split(mesh, 1)
+    adapter = real_subject(request, impl_factory, mesh, dtype, component=scope["component"],
+                           reference=scope["reference"])
+    return support.run(request, _logits, adapter, case, **scope, what="forward on the public-domain text")
 
 
 def _full_model_reference(reference: str) -> None:
@@ -214,11 +231,11 @@ def _kl_per_position(expected_lp: np.ndarray, actual_lp: np.ndarray) -> np.ndarr
 
 
 @pytest.mark.parametrize("real_mesh", MESH_PARAMS)
-@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("case", [*CASE_PARAMS, pytest.param(real_slice.TEXT_CASE, marks=full)])  # 2,045 tokens
 def test_real_logits_match_the_golden_data(request, impl_factory, dtype, real_mesh, case):
     """The subject's log-probs at the golden top-20 ids against HF's kept ones (the float64 oracle's kept too, for
-    noise_ratio), no reference run; the task-level figures (perplexity on the prompts, the per-position KL
-    distribution and the share of the same top-1) go into the record's metrics."""
+    noise_ratio), no reference run; the task-level figures (perplexity on the prompts or on the public-domain
+    text, the per-position KL distribution and the share of the same top-1) go into the record's metrics."""
     mesh = real_mesh
     scope = dict(component="golden", reference="hf", dtype=dtype, mesh=mesh)
     if not real_slice.has_golden_data():
@@ -226,7 +243,7 @@ def test_real_logits_match_the_golden_data(request, impl_factory, dtype, real_me
                   f"log-probs, not {real_slice.name()}'s; the other real-slice checks run its references")
         record_not_checked(request, names=[f"real.{case}.golden_top{real_slice.GOLDEN_TOPK}"], reason=reason, **scope)
         pytest.skip(reason)
-    logits, _ = subject_forward(request, impl_factory, mesh, dtype, case, scope)
+    logits = subject_logits(request, impl_factory, mesh, dtype, case, scope)
     kept = real_slice.golden()[case]
     logprobs = pm.log_softmax(logits)
     actual = np.take_along_axis(logprobs, kept["ids"].astype(np.int64), -1)
