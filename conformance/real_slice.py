@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conformance.support import rounded
 from fixtures import extremes, real_model
@@ -25,6 +26,7 @@ from llama_spec.config import LlamaConfig
 from llama_spec.layout import check_splittable
 from llama_spec.tokenizer import meta_tokenizer
 from parity import metrics as pm
+from parity.check import record_not_checked
 from reference import hf, meta, oracle
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "real_text" / "prompts.json"
@@ -76,7 +78,7 @@ def use_checkpoint(directory: str | Path | None) -> None:
     else:
         found, _ = load_checkpoint(directory)
         CHECKPOINT, (MESHES, FULL_MESHES) = Path(directory), meshes_for(found)
-    for cached in (_user_checkpoint, model_weights, _user_tokenizer, prompts, tokens, weights, exact, full_forward,
+    for cached in (_user_checkpoint, model_weights, _tokenizers, prompts, tokens, weights, exact, full_forward,
                    outlier_layers):
         cached.cache_clear()
 
@@ -122,11 +124,12 @@ def model_weights() -> dict[str, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=1)
-def _user_tokenizer():
-    """(HF tokenizer or None, Meta tokenizer or None) of the --checkpoint-dir model; both None: no text side."""
+def _tokenizers():
+    """(HF tokenizer or None, Meta tokenizer or None) of the slice's model; both None: no text side."""
+    if CHECKPOINT is None:
+        return real_model.tokenizer(), None
     import transformers  # heavy: only for a user's checkpoint
 
-    assert CHECKPOINT is not None, "use_checkpoint first"
     if any((CHECKPOINT / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return transformers.AutoTokenizer.from_pretrained(CHECKPOINT), None
     try:
@@ -140,17 +143,23 @@ def _user_tokenizer():
 
 def unavailable() -> str | None:
     """Why the slice cannot run on its model (a --checkpoint-dir without any tokenizer), or None."""
-    if CHECKPOINT is None or any(_user_tokenizer()):
+    if any(_tokenizers()):
         return None
     return (f"not checked: {CHECKPOINT} ships no tokenizer (tokenizer.json or tokenizer.model) and its vocab_size "
             f"{config().vocab_size} is not Llama 3's, so the real slice has no text to run; add the model's "
             "tokenizer files to the directory")
 
 
+def skip_unless_text(request, *, component: str, names: list[str], **scope) -> None:
+    """End a check not checked (recorded) when the slice's model has no text side."""
+    reason = unavailable()
+    if reason:
+        record_not_checked(request, component=component, names=names, reason=reason, **scope)
+        pytest.skip(reason)
+
+
 def decode(ids) -> str:
-    if CHECKPOINT is None:
-        return real_model.tokenizer().decode(ids)
-    hf_side, meta_side = _user_tokenizer()
+    hf_side, meta_side = _tokenizers()
     return hf_side.decode(ids) if hf_side is not None else meta_side.decode(list(ids))
 
 
@@ -162,7 +171,7 @@ def prompt_texts() -> dict[str, str]:
 def chat_ids(text: str) -> list[int]:
     """One user turn through the model's own chat template, ending with the assistant's generation prompt; a
     tokenizer without a template encodes the text after BOS."""
-    hf_side = real_model.tokenizer() if CHECKPOINT is None else _user_tokenizer()[0]
+    hf_side = _tokenizers()[0]
     if hf_side is None or not hf_side.chat_template:
         return plain_ids(text)
     encoded = hf_side.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
@@ -171,7 +180,7 @@ def chat_ids(text: str) -> list[int]:
 
 def plain_ids(text: str) -> list[int]:
     """The text as the model's tokenizer encodes plain text (with BOS where the tokenizer adds one)."""
-    hf_side, meta_side = (real_model.tokenizer(), None) if CHECKPOINT is None else _user_tokenizer()
+    hf_side, meta_side = _tokenizers()
     if hf_side is None:
         assert meta_side is not None, unavailable()
         return meta_side.encode(text, bos=True, eos=False)

@@ -341,13 +341,6 @@ def test_builtin_greedy_generate_is_the_suites_decoding_loop(builtin_only, tp_mo
         np.testing.assert_array_equal(np.stack(ours.step_logits), np.stack(suites.step_logits), err_msg=what)
 
 
-def _skip_unless_the_slice_has_text(request, **scope) -> None:
-    reason = real_slice.unavailable()
-    if reason:
-        record_not_checked(request, component="generation", names=["real_chat"], reason=reason, **scope)
-        pytest.skip(reason)
-
-
 @pytest.mark.real_full  # HF's bf16 generate alone takes about a minute on 2 cores
 @pytest.mark.parametrize("real_mesh", real_slice.MESHES)
 def test_real_model_generates_like_reference(request, engines, reference, dtype, real_mesh):
@@ -355,7 +348,8 @@ def test_real_model_generates_like_reference(request, engines, reference, dtype,
     slice's meshes, against Meta's and HF's own loops."""
     if reference == "oracle":
         pytest.skip("the float64 oracle has no decoding loop; generation parity runs against meta and hf")
-    _skip_unless_the_slice_has_text(request, dtype=dtype, reference=reference, mesh=real_mesh)
+    real_slice.skip_unless_text(request, component="generation", names=["real_chat"], dtype=dtype,
+                                reference=reference, mesh=real_mesh)
     assert_generation_parity(request, engines, "real_chat", actual=real_mesh, expected=reference, dtype=dtype,
                              reference=reference, mesh=real_mesh)
 
@@ -363,7 +357,8 @@ def test_real_model_generates_like_reference(request, engines, reference, dtype,
 @pytest.mark.real_full
 def test_real_model_generates_alike_on_every_mesh(request, engines, dtype):
     sharded = real_slice.MESHES[-1]
-    _skip_unless_the_slice_has_text(request, dtype=dtype, reference="1x1", mesh=sharded)
+    real_slice.skip_unless_text(request, component="generation", names=["real_chat"], dtype=dtype, reference="1x1",
+                                mesh=sharded)
     if sharded == "1x1":
         pytest.skip(f"not checked: no model axis of {real_slice.MODEL_AXES} splits {real_slice.name()}")
     assert_generation_parity(request, engines, "real_chat", actual=sharded, expected="1x1", dtype=dtype,

@@ -45,11 +45,8 @@ def real_subject(request, factory, mesh: str, dtype: str, *, component: str, ref
     """The --impl factory built from the slice model's weights on `mesh` (once per process); a build that raises is
     a failed record of `component`; a model the slice has no text for ends not checked."""
     __tracebackhide__ = True
-    reason = real_slice.unavailable()
-    if reason:
-        record_not_checked(request, component=component, names=[f"real.{component}"], reason=reason,
-                           reference=reference, dtype=dtype, mesh=mesh)
-        pytest.skip(reason)
+    real_slice.skip_unless_text(request, component=component, names=[f"real.{component}"], reference=reference,
+                                dtype=dtype, mesh=mesh)
     return support.built_once(
         request, ("real", protocol.name_of(factory), mesh, dtype), lambda: protocol.build(
             factory, real_slice.config(), real_slice.model_weights(), make_mesh(mesh), dtype, max_batch_size=4,
